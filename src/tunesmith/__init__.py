@@ -1,0 +1,43 @@
+"""tunesmith: fine-tune pre-trained models with every strategy through one training loop."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "RunConfig",
+    "TunesmithError",
+    "evaluate",
+    "load_config",
+    "predict",
+    "train",
+]
+
+if TYPE_CHECKING:
+    from tunesmith.api import evaluate, load_config, predict, train
+    from tunesmith.config import RunConfig
+    from tunesmith.errors import ConfigError, DataError, TunesmithError
+
+# Heavy modules (torch, transformers) load on first use, so `import tunesmith` stays cheap.
+_LAZY = {
+    "train": "tunesmith.api",
+    "evaluate": "tunesmith.api",
+    "predict": "tunesmith.api",
+    "load_config": "tunesmith.api",
+    "RunConfig": "tunesmith.config",
+    "ConfigError": "tunesmith.errors",
+    "DataError": "tunesmith.errors",
+    "TunesmithError": "tunesmith.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")

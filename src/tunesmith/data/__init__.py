@@ -1,0 +1,1 @@
+"""Reading data files into rows, turning rows into examples, and splitting them reproducibly."""

@@ -1,0 +1,70 @@
+"""From `data:` config to examples: read files (or packaged data), split off validation, sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunesmith.config import DataConfig
+from tunesmith.data.readers import Row, read_rows
+from tunesmith.data.records import Example, check_known_labels, resolve_labels, to_examples
+from tunesmith.data.split import sample, split_by_hash
+from tunesmith.runs import file_sha256
+from tunesmith.zoo import PACKAGED_DATA, packaged_data_rows
+
+__all__ = ["Splits", "load_splits", "read_examples"]
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    validation: list[Example] | None
+    test: list[Example] | None
+    labels: list[str]
+    # source name -> content hash (sha256 of the file, or the packaged carrier's file)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+def read_examples(source: str, cfg: DataConfig, require_labels: bool = True) -> list[Example]:
+    """Examples from a data file or a packaged data set name (e.g. rotten-tomatoes)."""
+    rows = _rows(source, cfg)
+    return to_examples(
+        rows, cfg.text_field, cfg.label_field, cfg.text_pair_field, cfg.label_map, require_labels
+    )
+
+
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    """Train / validation / test examples and the label order, every label checked."""
+    train = read_examples(cfg.train, cfg)
+    validation: list[Example] | None = None
+    if isinstance(cfg.validation, float):
+        train, validation = split_by_hash(train, cfg.validation)
+    elif isinstance(cfg.validation, str):
+        validation = read_examples(cfg.validation, cfg)
+    if cfg.limit is not None:
+        train = sample(train, cfg.limit, seed)
+    test = read_examples(cfg.test, cfg) if cfg.test else None
+    labels = resolve_labels(train, cfg.labels)
+    if validation is not None:
+        check_known_labels(validation, labels, "validation")
+    if test is not None:
+        check_known_labels(test, labels, "test")
+    sources = [s for s in (cfg.train, cfg.validation, cfg.test) if isinstance(s, str)]
+    return Splits(train, validation, test, labels, {s: source_hash(s) for s in sources})
+
+
+def source_hash(source: str) -> str:
+    if source in PACKAGED_DATA and not Path(source).exists():
+        from tunesmith.zoo import carrier_path
+
+        return file_sha256(carrier_path(PACKAGED_DATA[source]))
+    return file_sha256(source)
+
+
+def _rows(source: str, cfg: DataConfig) -> list[Row]:
+    if source in PACKAGED_DATA and not Path(source).exists():
+        rows = [Row(data=data, where=where) for data, where in packaged_data_rows(source)]
+        if cfg.column_map:
+            rows = [Row({cfg.column_map.get(k, k): v for k, v in r.data.items()}, r.where) for r in rows]
+        return rows
+    return read_rows(source, cfg.column_map)

@@ -1,0 +1,1 @@
+"""Metrics per objective."""

@@ -1,0 +1,65 @@
+"""Streamed evaluation: batches through the model, metrics updated per batch (no logits kept)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from tunesmith.training.batching import eval_batches
+
+__all__ = ["evaluate_items", "predict_items"]
+
+
+@torch.no_grad()
+def evaluate_items(
+    model: Any,
+    objective: Any,
+    items: Sequence[dict[str, Any]],
+    batch_size: int,
+    autocast: Callable[[], Any],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Metrics of `model` over labelled `items` (model left in the mode it was in)."""
+    metrics = objective.new_metrics()
+    for batch in _batches(objective, items, batch_size, device):
+        with autocast():
+            logits = _forward(model, objective, batch)
+        metrics.update(logits, batch["labels"])
+    return metrics.compute()  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def predict_items(
+    model: Any,
+    objective: Any,
+    items: Sequence[dict[str, Any]],
+    batch_size: int,
+    autocast: Callable[[], Any],
+    device: torch.device,
+) -> torch.Tensor:
+    """Class probabilities (N, C) in input order."""
+    probs = torch.empty((len(items), len(objective.labels)))
+    lengths = [objective.length(it) for it in items]
+    for ids in eval_batches(lengths, batch_size):
+        batch = {k: v.to(device) for k, v in objective.collate([items[i] for i in ids]).items()}
+        with autocast():
+            logits = _forward(model, objective, batch)
+        probs[ids] = logits.float().softmax(-1).cpu()
+    return probs
+
+
+def _batches(objective: Any, items: Sequence[dict[str, Any]], batch_size: int, device: torch.device):
+    lengths = [objective.length(it) for it in items]
+    for ids in eval_batches(lengths, batch_size):
+        yield {k: v.to(device) for k, v in objective.collate([items[i] for i in ids]).items()}
+
+
+def _forward(model: Any, objective: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return model(**objective.model_inputs(batch))  # type: ignore[no-any-return]
+    finally:
+        model.train(was_training)

@@ -1,0 +1,53 @@
+"""Streaming metrics: updated batch by batch, so evaluation never holds all logits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ConfusionMetrics", "higher_is_better"]
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in ("loss", "perplexity")
+
+
+class ConfusionMetrics:
+    """Accuracy, macro-F1, per-class F1, mean loss and the confusion matrix (rows: true label)."""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = list(labels)
+        self.matrix = torch.zeros((len(labels), len(labels)), dtype=torch.long)
+        self.loss_sum = 0.0
+        self.count = 0
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch: logits (B, C), labels (B,) with -1 for unlabelled rows (skipped)."""
+        keep = labels >= 0
+        if not bool(keep.any()):
+            return
+        logits, labels = logits[keep].float(), labels[keep]
+        self.loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        preds = logits.argmax(-1)
+        flat = labels * len(self.labels) + preds
+        self.matrix += torch.bincount(flat, minlength=self.matrix.numel()).view_as(self.matrix)
+        self.count += int(labels.numel())
+
+    def compute(self) -> dict[str, Any]:
+        m = self.matrix.double()
+        tp = m.diag()
+        precision = tp / m.sum(0).clamp(min=1)
+        recall = tp / m.sum(1).clamp(min=1)
+        f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        present = m.sum(1) > 0
+        return {
+            "accuracy": float(tp.sum() / max(self.count, 1)),
+            "macro_f1": float(f1[present].mean()) if bool(present.any()) else 0.0,
+            "loss": self.loss_sum / max(self.count, 1),
+            "count": self.count,
+            "f1_per_class": {label: float(f1[i]) for i, label in enumerate(self.labels)},
+            "confusion": {"labels": self.labels, "matrix": self.matrix.tolist()},
+        }

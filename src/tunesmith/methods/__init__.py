@@ -1,0 +1,102 @@
+"""Methods change the model: which weights train and what is added (DESIGN §4).
+
+Each method lives in its own module and registers itself by name. The loop talks to a method only
+through the `Method` protocol below and never asks which method is active.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from torch import nn
+
+from tunesmith.models.classifier import TextClassifier
+from tunesmith.registry import METHODS
+
+__all__ = ["BaseMethod", "Method", "build_method", "freeze_backbone", "method_descriptions", "param_groups"]
+
+
+class Method(Protocol):
+    name: str
+    default_lr: float
+    # True when nothing before the head trains: the loop may cache pooled backbone features.
+    frozen_backbone: bool
+
+    def apply(self, model: TextClassifier) -> None:
+        """Prepare `model` in place: wrap or add modules, set `requires_grad` on what trains."""
+
+    def param_groups(
+        self, model: TextClassifier, lr: float, head_lr: float, weight_decay: float
+    ) -> list[dict]:
+        """Optimizer parameter groups over every parameter this method will ever train."""
+
+    def on_epoch_start(self, model: TextClassifier, epoch: int) -> None:
+        """Hook for schedules that change what trains (gradual unfreezing)."""
+
+    def noop_reason(self, model: TextClassifier) -> str | None:
+        """Why the added weights are still an identity (None when they moved or cannot tell)."""
+
+
+class BaseMethod:
+    """Defaults for the optional hooks; methods override what they need."""
+
+    name = "base"
+    default_lr = 1e-4
+    frozen_backbone = False
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def param_groups(
+        self, model: TextClassifier, lr: float, head_lr: float, weight_decay: float
+    ) -> list[dict]:
+        return param_groups(model, lr, head_lr, weight_decay)
+
+    def on_epoch_start(self, model: TextClassifier, epoch: int) -> None:
+        return None
+
+    def noop_reason(self, model: TextClassifier) -> str | None:
+        return None
+
+
+def freeze_backbone(model: TextClassifier) -> None:
+    """Freeze every backbone weight; the new head stays trainable."""
+    for param in model.backbone.parameters():
+        param.requires_grad_(False)
+    for param in model.head.parameters():
+        param.requires_grad_(True)
+
+
+def build_method(cfg: Any) -> Method:
+    """The registered method for a method config section."""
+    _register_all()
+    return METHODS[cfg.name](cfg)  # type: ignore[no-any-return]
+
+
+def method_descriptions() -> dict[str, str]:
+    """name -> one-line description, in registration order."""
+    _register_all()
+    return {name: (factory.__doc__ or "").strip().splitlines()[0] for name, factory in METHODS.items()}
+
+
+def param_groups(
+    model: TextClassifier, lr: float, head_lr: float, weight_decay: float, lr_scale: Any = None
+) -> list[dict]:
+    """Trainable parameters grouped by (learning rate, weight decay).
+
+    Biases and norm weights get no weight decay (the usual AdamW practice). `lr_scale(name)` may
+    give a per-parameter LR multiplier (layer-wise decay).
+    """
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        base = head_lr if name.startswith("head.") else lr * (lr_scale(name) if lr_scale else 1.0)
+        decay = 0.0 if param.ndim < 2 or "norm" in name.lower() else weight_decay
+        groups.setdefault((base, decay), []).append(param)
+    return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
+
+
+def _register_all() -> None:
+    # Importing the modules runs their @register_method decorators.
+    from tunesmith.methods import adapter, freeze, full, ia3, lora, prompt  # noqa: F401

@@ -1,0 +1,95 @@
+"""Freezing strategies: feature extraction (only the new head trains, on features computed once)
+and partial fine-tuning (the top blocks train; Yosinski et al. 2014 on how transferable each layer
+is; gradual unfreezing from ULMFiT, Howard & Ruder 2018)."""
+
+from __future__ import annotations
+
+import re
+
+from tunesmith.config import FeatureExtractionConfig, PartialConfig
+from tunesmith.errors import ConfigError
+from tunesmith.methods import BaseMethod, freeze_backbone, param_groups
+from tunesmith.methods.full import layer_decay_scale
+from tunesmith.models.classifier import TextClassifier
+from tunesmith.models.load import block_index, find_blocks
+from tunesmith.registry import register_method
+
+
+@register_method("feature-extraction")
+class FeatureExtractionMethod(BaseMethod):
+    """Freeze the backbone; train only the new head on cached features (fastest, fewest weights)."""
+
+    name = "feature-extraction"
+    default_lr = 2e-3
+    frozen_backbone = True
+
+    def __init__(self, cfg: FeatureExtractionConfig) -> None:
+        super().__init__(cfg)
+
+    def apply(self, model: TextClassifier) -> None:
+        freeze_backbone(model)
+
+
+@register_method("partial")
+class PartialMethod(BaseMethod):
+    """Freeze the embeddings and the bottom blocks (or all but a regex); train the rest and the head."""
+
+    name = "partial"
+    default_lr = 5e-5
+
+    def __init__(self, cfg: PartialConfig) -> None:
+        super().__init__(cfg)
+        self.cfg: PartialConfig = cfg
+
+    def apply(self, model: TextClassifier) -> None:
+        freeze_backbone(model)
+        if self.cfg.trainable_regex is not None:
+            self._unfreeze_regex(model, self.cfg.trainable_regex)
+            return
+        blocks_name, blocks = find_blocks(model.backbone)
+        frozen = self.frozen_blocks(len(blocks))
+        for name, param in model.backbone.named_parameters():
+            index = block_index(name, blocks_name)
+            param.requires_grad_(
+                (index is not None and index >= frozen) or (index is None and "embed" not in name)
+            )
+
+    def frozen_blocks(self, depth: int) -> int:
+        frozen = self.cfg.freeze_layers if self.cfg.freeze_layers is not None else max(depth - 2, 0)
+        if frozen > depth:
+            raise ConfigError(f"method.freeze_layers={frozen}: the model has only {depth} blocks")
+        return frozen
+
+    def on_epoch_start(self, model: TextClassifier, epoch: int) -> None:
+        """Gradual unfreezing: the top block first, one more every `unfreeze_every` epochs."""
+        if self.cfg.unfreeze_every is None or self.cfg.trainable_regex is not None:
+            return
+        blocks_name, blocks = find_blocks(model.backbone)
+        depth, frozen = len(blocks), self.frozen_blocks(len(blocks))
+        lowest_open = max(depth - 1 - epoch // self.cfg.unfreeze_every, frozen)
+        for name, param in model.backbone.named_parameters():
+            index = block_index(name, blocks_name)
+            if index is not None and index >= frozen:
+                param.requires_grad_(index >= lowest_open)
+
+    def param_groups(
+        self, model: TextClassifier, lr: float, head_lr: float, weight_decay: float
+    ) -> list[dict]:
+        decay = self.cfg.layer_lr_decay
+        scale = layer_decay_scale(model, decay) if decay < 1 and self.cfg.trainable_regex is None else None
+        return param_groups(model, lr, head_lr, weight_decay, scale)
+
+    @staticmethod
+    def _unfreeze_regex(model: TextClassifier, pattern: str) -> None:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"method.trainable_regex={pattern!r}: not a valid regex ({exc})") from None
+        matched = [name for name, _ in model.backbone.named_parameters() if regex.search(name)]
+        if not matched:
+            sample = ", ".join(name for name, _ in list(model.backbone.named_parameters())[:4])
+            raise ConfigError(
+                f"method.trainable_regex={pattern!r} matches no parameter (names look like {sample})"
+            )
+        for name, param in model.backbone.named_parameters():
+            param.requires_grad_(name in matched)

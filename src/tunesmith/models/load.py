@@ -1,0 +1,93 @@
+"""Load a pre-trained backbone and tokenizer: packaged short name, local directory or hub id."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunesmith.config import ModelConfig
+from tunesmith.errors import ConfigError
+from tunesmith.models.classifier import TextClassifier
+from tunesmith.zoo import PACKAGED_MODELS, resolve_model_path
+
+__all__ = ["build_classifier", "find_blocks", "linear_names", "load_backbone", "load_tokenizer"]
+
+
+def load_backbone(cfg: ModelConfig) -> nn.Module:
+    """The pre-trained encoder (`AutoModel`), in fp32 and train mode."""
+    from transformers import AutoModel
+
+    path = _resolve(cfg)
+    try:
+        model = AutoModel.from_pretrained(path, revision=cfg.revision, dtype=torch.float32)
+    except OSError as exc:
+        raise ConfigError(_load_error(cfg.name, exc)) from None
+    model.train()
+    return model
+
+
+def load_tokenizer(cfg: ModelConfig):  # -> PreTrainedTokenizerBase
+    from transformers import AutoTokenizer
+
+    path = _resolve(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=cfg.revision)
+    except OSError as exc:
+        raise ConfigError(_load_error(cfg.name, exc)) from None
+
+
+def build_classifier(cfg: ModelConfig, num_labels: int, seed: int) -> TextClassifier:
+    """Backbone + pooling + a new head of `num_labels` outputs, initialised from `seed`."""
+    backbone = load_backbone(cfg)
+    hidden = int(getattr(backbone.config, "hidden_size", 0) or getattr(backbone.config, "dim", 0))
+    if not hidden:
+        raise ConfigError(f"model.name={cfg.name}: cannot tell the hidden size from its config")
+    if getattr(backbone, "pooler", None) is not None:
+        setattr(backbone, "pooler", None)  # the head pools token states itself; an unused pooler would never train
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return TextClassifier(backbone, hidden, num_labels, cfg.pooling, cfg.head_dropout)
+
+
+def find_blocks(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated transformer blocks: the longest `ModuleList` (name, module)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in backbone.named_modules():
+        if isinstance(module, nn.ModuleList) and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None or len(best[1]) == 0:
+        raise ConfigError(f"{type(backbone).__name__}: found no stack of transformer blocks")
+    return best
+
+
+def linear_names(root: nn.Module, prefix: str = "") -> list[str]:
+    """Full names of every `nn.Linear` under `root`."""
+    return [
+        f"{prefix}{name}" for name, module in root.named_modules() if isinstance(module, nn.Linear) and name
+    ]
+
+
+def block_index(param_name: str, blocks_name: str) -> int | None:
+    """Which block a parameter name belongs to (None outside the blocks)."""
+    match = re.search(re.escape(blocks_name) + r"\.(\d+)\.", param_name)
+    return int(match.group(1)) if match else None
+
+
+def _resolve(cfg: ModelConfig) -> str:
+    path = resolve_model_path(cfg.name)
+    looks_local = path.startswith((".", "/", "~")) or (os.sep in path and Path(path).exists())
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"model.name={cfg.name}: no such directory")
+    return str(Path(path).expanduser()) if looks_local else path
+
+
+def _load_error(name: str, exc: Exception) -> str:
+    known = ", ".join(PACKAGED_MODELS)
+    return (
+        f"model.name={name}: could not load it ({str(exc).splitlines()[0]}). Give a packaged short name "
+        f"({known}), a local Hugging Face directory, or a hub id (which needs a network)."
+    )

@@ -1,0 +1,79 @@
+"""Sequence classification: cross-entropy over a new head; accuracy, macro-F1, confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.records import Example
+from tunesmith.eval.metrics import ConfusionMetrics
+
+__all__ = ["ClassificationObjective", "Item"]
+
+# One tokenised example: input_ids (and token_type_ids) as lists, label index, or cached features.
+Item = dict[str, Any]
+
+
+class ClassificationObjective:
+    name = "classification"
+
+    def __init__(self, tokenizer: Any, labels: Sequence[str], max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.labels = list(labels)
+        self.index = {label: i for i, label in enumerate(self.labels)}
+        self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def encode(self, examples: Sequence[Example], chunk: int = 1024) -> list[Item]:
+        """Tokenise examples (truncated to max_length) into items the collate step pads."""
+        items: list[Item] = []
+        for start in range(0, len(examples), chunk):
+            part = examples[start : start + chunk]
+            pairs = [e.text_pair for e in part] if part and part[0].text_pair is not None else None
+            enc = self.tokenizer(
+                [e.text for e in part], pairs, truncation=True, max_length=self.max_length, padding=False
+            )
+            for i, example in enumerate(part):
+                item: Item = {"input_ids": enc["input_ids"][i]}
+                if pairs is not None and "token_type_ids" in enc:
+                    item["token_type_ids"] = enc["token_type_ids"][i]
+                item["label"] = self.index[example.label] if example.label is not None else -1
+                items.append(item)
+        return items
+
+    @staticmethod
+    def length(item: Item) -> int:
+        return len(item["input_ids"]) if "input_ids" in item else 1
+
+    def collate(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
+        """Pad a list of items to the longest one: input_ids/attention_mask (B, T), labels (B,)."""
+        labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
+        if "features" in items[0]:
+            return {"features": torch.stack([it["features"] for it in items]), "labels": labels}
+        width = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, it in enumerate(items):
+            ids[row, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
+            mask[row, : len(it["input_ids"])] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "token_type_ids" in items[0]:
+            types = torch.zeros_like(ids)
+            for row, it in enumerate(items):
+                types[row, : len(it["token_type_ids"])] = torch.tensor(it["token_type_ids"])
+            batch["token_type_ids"] = types
+        return batch
+
+    @staticmethod
+    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    @staticmethod
+    def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def new_metrics(self) -> ConfusionMetrics:
+        return ConfusionMetrics(self.labels)

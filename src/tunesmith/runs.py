@@ -1,0 +1,210 @@
+"""Run directories (DESIGN §8): resolved config, manifest, metrics log, checkpoints, final weights.
+
+Every file that matters is written atomically (temp file + rename), so a crash never leaves a
+half-written file that a later run trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunesmith.errors import ConfigError
+
+__all__ = [
+    "Run",
+    "atomic_write_text",
+    "config_hash",
+    "create_run",
+    "file_sha256",
+    "list_runs",
+    "open_run",
+    "read_json",
+    "write_json",
+]
+
+PACKAGES = ("tunesmith", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy")
+
+
+@dataclass(frozen=True)
+class Run:
+    dir: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.dir / "final"
+
+    def config(self) -> dict[str, Any]:
+        return yaml.safe_load((self.dir / "config.yaml").read_text(encoding="utf-8"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one line to metrics.jsonl (flushed, so a crash keeps every line before it)."""
+        line = json.dumps({"time": round(time.time(), 3), **record}, default=_jsonable)
+        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def create_run(parent: str | Path, name: str, config: dict[str, Any]) -> Run:
+    """A new `parent/<name>-<timestamp>` directory holding the resolved config."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(parent) / f"{name}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    atomic_write_text(path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    return Run(path)
+
+
+def open_run(path: str | Path) -> Run:
+    run = Run(Path(path))
+    if not (run.dir / "config.yaml").is_file():
+        raise ConfigError(f"{path}: not a run directory (no config.yaml); `tunesmith runs ls` lists runs")
+    return run
+
+
+def list_runs(parent: str | Path) -> list[Run]:
+    root = Path(parent)
+    if not root.is_dir():
+        return []
+    return sorted((Run(p) for p in root.iterdir() if (p / "config.yaml").is_file()), key=lambda r: r.dir.name)
+
+
+def write_manifest(run: Run, seed: int, data_files: dict[str, str], model_dir: str | None) -> None:
+    manifest = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed,
+        "packages": {name: _version(name) for name in PACKAGES},
+        "python": platform.python_version(),
+        "git_sha": _git_sha(),
+        "hardware": _hardware(),
+        "data": data_files,
+        "base_model": {"path": model_dir, "sha256": dir_sha256(model_dir) if model_dir else None},
+    }
+    write_json(run.dir / "manifest.json", manifest)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def config_hash(config: dict[str, Any], ignore: Iterable[str] = ("output",)) -> str:
+    """Hash of the resolved config, leaving out sections that do not change the result."""
+    kept = {k: v for k, v in config.items() if k not in set(ignore)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dir_sha256(path: str | Path) -> str | None:
+    """Hash of a model directory's weight and config files (None for a hub id)."""
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(root.rglob("*")):
+        if file.is_file() and file.suffix in (".safetensors", ".bin", ".json", ".txt", ".model", ".gguf"):
+            digest.update(str(file.relative_to(root)).encode())
+            digest.update(file_sha256(file).encode())
+    return digest.hexdigest()
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _hardware() -> dict[str, Any]:
+    import psutil
+    import torch
+
+    info: dict[str, Any] = {
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "cuda": torch.cuda.is_available(),
+    }
+    if info["cuda"]:
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")

@@ -1,0 +1,141 @@
+"""Checkpoints for exact resume, and the trained weights of a run.
+
+A checkpoint directory holds the trainable weights (safetensors), optimizer and scheduler state,
+every RNG state, the data position and the config/data hashes. It is written into a temporary
+directory and renamed into place, so a directory named `step-N` is always complete.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tunesmith.errors import ConfigError
+from tunesmith.runs import read_json, write_json
+
+__all__ = [
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_trainable",
+    "rng_state",
+    "save_checkpoint",
+    "save_trainable",
+    "set_rng_state",
+    "trainable_state",
+]
+
+KEEP_LAST = 2
+
+
+def trainable_state(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named parameters, detached, contiguous, on the CPU (what a run's weights are)."""
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().cpu().contiguous() for name in names}
+
+
+def save_trainable(model: nn.Module, names: list[str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(trainable_state(model, names), str(tmp))
+    tmp.replace(path)
+
+
+def load_trainable(model: nn.Module, names: list[str], path: Path) -> None:
+    """Load saved trainable weights; any missing or unexpected key is an error, never a no-op."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: trained weights not found (was the run finished? try --resume)")
+    state = load_file(str(path))
+    missing = sorted(set(names) - set(state))
+    unexpected = sorted(set(state) - set(names))
+    if missing or unexpected:
+        raise ConfigError(
+            f"{path}: weights do not fit the model built from the run's config "
+            f"(missing: {_few(missing)}; unexpected: {_few(unexpected)}). "
+            "Was the file written by another method or model?"
+        )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            if params[name].shape != state[name].shape:
+                raise ConfigError(
+                    f"{path}: {name} has shape {tuple(state[name].shape)}, the model wants "
+                    f"{tuple(params[name].shape)}"
+                )
+            params[name].copy_(state[name])
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    model: nn.Module,
+    names: list[str],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+) -> Path:
+    """Write `folder/step-<step>` atomically; keep the last KEEP_LAST step checkpoints."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
+    try:
+        save_trainable(model, names, tmp / "trainable.safetensors")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+            tmp / "training_state.pt",
+        )
+        write_json(tmp / "state.json", {"step": step, **state})
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(folder.glob("step-*"))[:-KEEP_LAST]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, names: list[str], optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG from `path`; return its state.json."""
+    load_trainable(model, names, path / "trainable.safetensors")
+    blob = torch.load(path / "training_state.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return read_json(path / "state.json")  # type: ignore[no-any-return]
+
+
+def _few(names: list[str]) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -1,0 +1,242 @@
+"""The one training loop (DESIGN §7), on accelerate.
+
+Reads top to bottom: set up precision and device, cache frozen work, build the optimizer and
+schedule, optionally restore a checkpoint, then step through epochs of length-grouped batches with
+gradient accumulation, clipping, periodic validation, early stopping and atomic checkpoints.
+The loop never asks which method or objective is active: it talks to them through their protocols.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tunesmith.config import EvalConfig, TrainConfig
+from tunesmith.errors import ConfigError
+from tunesmith.eval.evaluate import evaluate_items
+from tunesmith.eval.metrics import higher_is_better
+from tunesmith.runs import Run, read_json
+from tunesmith.training.batching import epoch_batches
+from tunesmith.training.cache import cache_features
+from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint
+from tunesmith.training.checkpoint import save_trainable as save_weights
+
+__all__ = ["LoopResult", "make_autocast", "resolve_precision", "train_loop"]
+
+StepCallback = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    train_seconds: float
+    samples: int
+    tokens: int
+    best: dict[str, Any] | None = None
+    stopped_early: bool = False
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> 'bf16' on a GPU with bf16 or a CPU with AVX-512 BF16 / AMX, else 'fp32'."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+def make_autocast(device: torch.device, precision: str) -> Callable[[], AbstractContextManager[Any]]:
+    """bf16 autocast: matmuls in bf16, master weights, loss and gradients stay fp32."""
+    enabled = precision == "bf16"
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_loop(
+    *,
+    model: Any,
+    method: Any,
+    objective: Any,
+    train_items: Sequence[dict[str, Any]],
+    val_items: Sequence[dict[str, Any]] | None,
+    cfg: TrainConfig,
+    eval_cfg: EvalConfig,
+    run: Run,
+    names: list[str],
+    fingerprint: dict[str, str],
+    resume: bool = False,
+    callbacks: Sequence[StepCallback] = (),
+) -> LoopResult:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    autocast = make_autocast(device, resolve_precision(cfg.precision))
+    model.to(device)
+    started = time.perf_counter()
+    lengths = [objective.length(it) for it in train_items]
+
+    # Frozen work done once: a frozen backbone's pooled features are computed a single time.
+    if method.frozen_backbone:
+        train_items, val_items = _cache(
+            model, objective, train_items, val_items, cfg, eval_cfg, autocast, run
+        )
+
+    n_batches = math.ceil(len(train_items) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    optimizer, scheduler = _optimizer(model, method, cfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "bad_evals": 0, **fingerprint}
+    if resume:
+        state = _restore(run, model, names, optimizer, scheduler, fingerprint)
+    step = int(state.get("step", 0))
+    result = LoopResult(steps=step, train_seconds=0.0, samples=0, tokens=0, best=state["best"])
+    watch = cfg.early_stopping.metric if cfg.early_stopping else eval_cfg.metric
+    bar = tqdm(
+        total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True
+    )
+    paused = 0.0  # seconds spent validating or checkpointing, left out of the throughput
+    running: list[float] = []
+    model.train()
+
+    while step < total_steps and not result.stopped_early:
+        epoch = state["epoch"]
+        method.on_epoch_start(model, epoch)
+        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
+        b = state["batch"]
+        while b < len(batches) and step < total_steps:
+            group = batches[b : b + cfg.grad_accum]  # micro-batches of one optimizer step
+            for ids in group:
+                batch = {k: v.to(device) for k, v in objective.collate([train_items[i] for i in ids]).items()}
+                with autocast():
+                    logits = model(**objective.model_inputs(batch))
+                    loss = objective.loss(logits, batch) / len(group)
+                accelerator.backward(loss)
+                running.append(float(loss.detach()) * len(group))
+                result.samples += len(ids)
+                result.tokens += sum(lengths[i] for i in ids)
+            if cfg.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, b = step + 1, b + len(group)
+            state.update(step=step, epoch=epoch, batch=b)
+
+            record: dict[str, Any] = {"step": step, "epoch": round(epoch + b / len(batches), 4)}
+            if step % cfg.log_every == 0 or step == total_steps:
+                record.update(loss=sum(running) / len(running), lr=scheduler.get_last_lr()[0])
+                running.clear()
+                run.log({"kind": "train", **record})
+            epoch_end = b >= len(batches)
+            due_eval = val_items is not None and (
+                (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_end)
+            )
+            t0 = time.perf_counter()
+            if due_eval:
+                assert val_items is not None
+                metrics = evaluate_items(model, objective, val_items, eval_cfg.batch_size, autocast, device)
+                _track_best(metrics, watch, step, state, cfg, run, model, names, result)
+                run.log({"kind": "eval", "step": step, "epoch": record["epoch"], "metrics": metrics})
+                result.evals.append({"step": step, **metrics})
+                bar.set_postfix({watch: f"{metrics.get(watch, float('nan')):.4f}"})
+            due_save = step % cfg.save_every == 0 if cfg.save_every else (due_eval or epoch_end)
+            if due_save and step < total_steps:
+                save_checkpoint(run.checkpoints, step, model, names, optimizer, scheduler, state)
+            paused += time.perf_counter() - t0
+            if "loss" in record:
+                bar.set_postfix_str(f"loss={record['loss']:.4f}", refresh=False)
+            bar.update(1)
+            for callback in callbacks:
+                callback(step, record)
+            if result.stopped_early:
+                break
+        if b >= len(batches):
+            state.update(epoch=epoch + 1, batch=0)
+
+    bar.close()
+    result.steps = step
+    result.train_seconds = time.perf_counter() - started - paused
+    result.best = state["best"]
+    if cfg.early_stopping and state["best"] is not None:
+        load_trainable(model, names, run.checkpoints / "best.safetensors")
+    return result
+
+
+def _cache(model, objective, train_items, val_items, cfg, eval_cfg, autocast, run):
+    max_bytes = cfg.cache_max_mb * 2**20
+    spill = run.dir / "cache"
+    train_cached = cache_features(
+        model, train_items, objective.collate, eval_cfg.batch_size, autocast, max_bytes, spill, "train"
+    )
+    val_cached = None
+    if val_items is not None:
+        val_cached = cache_features(
+            model, val_items, objective.collate, eval_cfg.batch_size, autocast, max_bytes, spill, "validation"
+        )
+    return train_cached, val_cached
+
+
+def _optimizer(model: Any, method: Any, cfg: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    lr = cfg.lr if cfg.lr is not None else method.default_lr
+    groups = method.param_groups(model, lr, cfg.head_lr or lr, cfg.weight_decay)
+    if not groups:
+        raise ConfigError(f"method.name={method.name}: no parameter is trainable")
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    warmup = round(cfg.warmup_ratio * total_steps)
+    scheduler = get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+    return optimizer, scheduler
+
+
+def _track_best(metrics, watch, step, state, cfg, run, model, names, result) -> None:
+    if watch not in metrics:
+        raise ConfigError(f"early_stopping.metric={watch}: not reported; choose one of {sorted(metrics)}")
+    value = float(metrics[watch])
+    best = state["best"]
+    min_delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
+    better = best is None or (
+        value > best["value"] + min_delta if higher_is_better(watch) else value < best["value"] - min_delta
+    )
+    if better:
+        state["best"] = {"step": step, "metric": watch, "value": value}
+        state["bad_evals"] = 0
+        save_weights(model, names, run.checkpoints / "best.safetensors")
+    else:
+        state["bad_evals"] += 1
+        if cfg.early_stopping and state["bad_evals"] >= cfg.early_stopping.patience:
+            result.stopped_early = True
+            run.log({"kind": "early_stop", "step": step, "best": state["best"]})
+
+
+def _restore(run: Run, model, names, optimizer, scheduler, fingerprint: dict[str, str]) -> dict[str, Any]:
+    latest = latest_checkpoint(run.checkpoints)
+    if latest is None:
+        raise ConfigError(f"{run.dir}: no complete checkpoint to resume from; start the run again")
+    saved = read_json(latest / "state.json")
+    for key, value in fingerprint.items():
+        if saved.get(key) != value:
+            what = "config" if key == "config_hash" else "data"
+            raise ConfigError(
+                f"--resume {run.dir}: the {what} differs from the interrupted run's ({key} {saved.get(key)} "
+                f"!= {value}); resume with the same config and data, or start a new run"
+            )
+    return load_checkpoint(latest, model, names, optimizer, scheduler)

