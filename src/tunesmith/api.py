@@ -82,6 +82,7 @@ def train(
     _write_plan(run, cfg, splits, model, names, method)
     if resume is None:
         write_manifest(run, cfg.train.seed, splits.hashes, resolve_model_path(cfg.model.name))
+    baseline = _final_metrics(cfg, objective, model, splits) if cfg.eval.baseline else None
     started = time.perf_counter()
     outcome = train_loop(
         model=model,
@@ -103,6 +104,8 @@ def train(
     objective.tokenizer.save_pretrained(run.final / "tokenizer")
     write_json(run.final / "labels.json", splits.labels)
     metrics = _final_metrics(cfg, objective, model, splits)
+    if baseline is not None:
+        metrics["baseline"] = baseline
     metrics["train"] = {
         "steps": outcome.steps,
         "train_seconds": round(outcome.train_seconds, 3),

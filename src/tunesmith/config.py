@@ -230,6 +230,7 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     batch_size: int = Field(64, gt=0)
+    baseline: bool = Field(False, description="Also evaluate before training (new head untrained).")
     metric: str = Field("accuracy", description="Metric that picks the best checkpoint.")
 
 

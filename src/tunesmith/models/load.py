@@ -47,7 +47,7 @@ def build_classifier(cfg: ModelConfig, num_labels: int, seed: int) -> TextClassi
     if not hidden:
         raise ConfigError(f"model.name={cfg.name}: cannot tell the hidden size from its config")
     if getattr(backbone, "pooler", None) is not None:
-        setattr(backbone, "pooler", None)  # the head pools token states itself; an unused pooler would never train
+        backbone.pooler = None  # the head pools token states itself; an unused pooler would never train
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return TextClassifier(backbone, hidden, num_labels, cfg.pooling, cfg.head_dropout)
