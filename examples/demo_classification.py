@@ -41,9 +41,7 @@ def main() -> int:
     table.add_row("after LoRA fine-tuning", f"{after['accuracy']:.4f}", f"{after['macro_f1']:.4f}")
     console.print(table)
     console.print(f"trainable parameters: {info['trainable_parameters']:,}")
-    console.print(
-        f"training: {info['steps']} steps, {info['samples_per_second']:.1f} samples/s ({info['precision']})"
-    )
+    console.print(f"training: {info['steps']} steps, {info['samples_per_second']:.1f} samples/s ({info['precision']})")
     console.print(f"wall time: {wall:.0f} s   peak memory: {info['peak_rss_mb']:.0f} MB")
     console.print(f"run directory: {result.run_dir}")
     return 0

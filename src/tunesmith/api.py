@@ -171,9 +171,9 @@ def predict(
         {
             "text": ex.text,
             "label": labels[int(p.argmax())],
-            "scores": {lab: float(v) for lab, v in zip(labels, p)},
+            "scores": {lab: float(v) for lab, v in zip(labels, p, strict=True)},
         }
-        for ex, p in zip(examples, probs)
+        for ex, p in zip(examples, probs, strict=True)
     ]
 
 
@@ -213,9 +213,7 @@ def _refuse_noop(method: Method, model: TextClassifier) -> None:
         raise ConfigError(f"method.name={method.name}: {reason}; check train.lr, train.epochs and the data")
 
 
-def _as_config(
-    config: RunConfig | str | Path | None, overrides: list[str] | None, sections: dict
-) -> RunConfig:
+def _as_config(config: RunConfig | str | Path | None, overrides: list[str] | None, sections: dict) -> RunConfig:
     if isinstance(config, RunConfig):
         if not overrides and not sections:
             return config
@@ -235,9 +233,7 @@ def _open_or_create(cfg: RunConfig, resume: str | Path | None) -> Run:
     return create_run(cfg.output.dir, name, cfg.to_dict())
 
 
-def _write_plan(
-    run: Run, cfg: RunConfig, splits: Splits, model: TextClassifier, names: list[str], method
-) -> None:
+def _write_plan(run: Run, cfg: RunConfig, splits: Splits, model: TextClassifier, names: list[str], method) -> None:
     n_batches = math.ceil(len(splits.train) / cfg.train.batch_size)
     steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * math.ceil(n_batches / cfg.train.grad_accum))
     params = dict(model.named_parameters())

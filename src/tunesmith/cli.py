@@ -43,9 +43,7 @@ def train(
 
 
 @app.command()
-def validate(
-    config: Annotated[Path, typer.Argument(help="Run config (YAML).")], overrides: Overrides = None
-) -> None:
+def validate(config: Annotated[Path, typer.Argument(help="Run config (YAML).")], overrides: Overrides = None) -> None:
     """Check a config (every error at once) and print it resolved, with defaults filled in."""
     import yaml
 

@@ -179,12 +179,8 @@ class DataConfig(_Section):
     text_pair_field: str | None = Field(None, description="Second text for pair tasks (NLI, QA).")
     label_field: str = "label"
     labels: list[str] | None = Field(None, description="Label order (default: sorted labels seen in train).")
-    label_map: dict[str, str] = Field(
-        default_factory=dict, description="Rename labels, e.g. fresh: positive."
-    )
-    column_map: dict[str, str] = Field(
-        default_factory=dict, description="Rename fields: {file_name: our_name}."
-    )
+    label_map: dict[str, str] = Field(default_factory=dict, description="Rename labels, e.g. fresh: positive.")
+    column_map: dict[str, str] = Field(default_factory=dict, description="Rename fields: {file_name: our_name}.")
     max_length: int = Field(128, gt=1, description="Truncate token sequences to this length.")
     limit: int | None = Field(None, gt=0, description="Use a reproducible sample of this many training rows.")
 

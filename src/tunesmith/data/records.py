@@ -112,9 +112,7 @@ def resolve_labels(train: Sequence[Example], configured: Sequence[str] | None = 
         return sorted(first_seen)
     repeated = sorted(label for label, count in Counter(configured).items() if count > 1)
     if repeated:
-        raise DataError(
-            f"data.labels lists {', '.join(map(repr, repeated))} more than once; list each label once"
-        )
+        raise DataError(f"data.labels lists {', '.join(map(repr, repeated))} more than once; list each label once")
     unknown = [f"{label!r} (e.g. {where})" for label, where in first_seen.items() if label not in configured]
     if unknown:
         raise DataError(
@@ -209,9 +207,7 @@ def _label_text(value: Any, field: str) -> str:
 def _field(row: Row, field: str, setting: str) -> Any:
     if field not in row.data:
         present = ", ".join(row.data) or "none"
-        raise _RowError(
-            f"missing field {field!r} (fields present: {present}); set {setting} or data.column_map"
-        )
+        raise _RowError(f"missing field {field!r} (fields present: {present}); set {setting} or data.column_map")
     return row.data[field]
 
 

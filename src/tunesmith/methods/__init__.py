@@ -25,9 +25,7 @@ class Method(Protocol):
     def apply(self, model: TextClassifier) -> None:
         """Prepare `model` in place: wrap or add modules, set `requires_grad` on what trains."""
 
-    def param_groups(
-        self, model: TextClassifier, lr: float, head_lr: float, weight_decay: float
-    ) -> list[dict]:
+    def param_groups(self, model: TextClassifier, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups over every parameter this method will ever train."""
 
     def on_epoch_start(self, model: TextClassifier, epoch: int) -> None:
@@ -47,9 +45,7 @@ class BaseMethod:
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
 
-    def param_groups(
-        self, model: TextClassifier, lr: float, head_lr: float, weight_decay: float
-    ) -> list[dict]:
+    def param_groups(self, model: TextClassifier, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
         return param_groups(model, lr, head_lr, weight_decay)
 
     def on_epoch_start(self, model: TextClassifier, epoch: int) -> None:

@@ -48,9 +48,7 @@ class AdapterMethod(BaseMethod):
 
     def apply(self, model: TextClassifier) -> None:
         freeze_backbone(model)
-        targets = match_targets(
-            model.backbone, self.cfg.target_modules, OUTPUT_PROJECTIONS, "method.target_modules"
-        )
+        targets = match_targets(model.backbone, self.cfg.target_modules, OUTPUT_PROJECTIONS, "method.target_modules")
         for name in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.backbone.get_submodule(parent_name)

@@ -50,9 +50,7 @@ class PartialMethod(BaseMethod):
         frozen = self.frozen_blocks(len(blocks))
         for name, param in model.backbone.named_parameters():
             index = block_index(name, blocks_name)
-            param.requires_grad_(
-                (index is not None and index >= frozen) or (index is None and "embed" not in name)
-            )
+            param.requires_grad_((index is not None and index >= frozen) or (index is None and "embed" not in name))
 
     def frozen_blocks(self, depth: int) -> int:
         frozen = self.cfg.freeze_layers if self.cfg.freeze_layers is not None else max(depth - 2, 0)
@@ -72,9 +70,7 @@ class PartialMethod(BaseMethod):
             if index is not None and index >= frozen:
                 param.requires_grad_(index >= lowest_open)
 
-    def param_groups(
-        self, model: TextClassifier, lr: float, head_lr: float, weight_decay: float
-    ) -> list[dict]:
+    def param_groups(self, model: TextClassifier, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
         decay = self.cfg.layer_lr_decay
         scale = layer_decay_scale(model, decay) if decay < 1 and self.cfg.trainable_regex is None else None
         return param_groups(model, lr, head_lr, weight_decay, scale)
@@ -88,8 +84,6 @@ class PartialMethod(BaseMethod):
         matched = [name for name, _ in model.backbone.named_parameters() if regex.search(name)]
         if not matched:
             sample = ", ".join(name for name, _ in list(model.backbone.named_parameters())[:4])
-            raise ConfigError(
-                f"method.trainable_regex={pattern!r} matches no parameter (names look like {sample})"
-            )
+            raise ConfigError(f"method.trainable_regex={pattern!r} matches no parameter (names look like {sample})")
         for name, param in model.backbone.named_parameters():
             param.requires_grad_(name in matched)

@@ -38,8 +38,6 @@ class FullMethod(BaseMethod):
         for param in model.parameters():
             param.requires_grad_(True)
 
-    def param_groups(
-        self, model: TextClassifier, lr: float, head_lr: float, weight_decay: float
-    ) -> list[dict]:
+    def param_groups(self, model: TextClassifier, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
         scale = layer_decay_scale(model, self.cfg.layer_lr_decay) if self.cfg.layer_lr_decay < 1 else None
         return param_groups(model, lr, head_lr, weight_decay, scale)

@@ -27,9 +27,7 @@ class IA3Method(BaseMethod):
         import peft
 
         attn = match_targets(model.backbone, self.cfg.target_modules, KEYS_VALUES, "method.target_modules")
-        ffn = match_targets(
-            model.backbone, self.cfg.feedforward_modules, FFN_OUTPUT, "method.feedforward_modules"
-        )
+        ffn = match_targets(model.backbone, self.cfg.feedforward_modules, FFN_OUTPUT, "method.feedforward_modules")
         peft_cfg = peft.IA3Config(target_modules=sorted(set(attn) | set(ffn)), feedforward_modules=ffn)
         model.backbone = peft.get_peft_model(model.backbone, peft_cfg)
         for param in model.head.parameters():

@@ -47,7 +47,7 @@ def build_classifier(cfg: ModelConfig, num_labels: int, seed: int) -> TextClassi
     if not hidden:
         raise ConfigError(f"model.name={cfg.name}: cannot tell the hidden size from its config")
     if getattr(backbone, "pooler", None) is not None:
-        backbone.pooler = None  # the head pools token states itself; an unused pooler would never train
+        backbone.pooler = None  # type: ignore[assignment]  # the head pools token states itself; an unused pooler would never train
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return TextClassifier(backbone, hidden, num_labels, cfg.pooling, cfg.head_dropout)
@@ -66,9 +66,7 @@ def find_blocks(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def linear_names(root: nn.Module, prefix: str = "") -> list[str]:
     """Full names of every `nn.Linear` under `root`."""
-    return [
-        f"{prefix}{name}" for name, module in root.named_modules() if isinstance(module, nn.Linear) and name
-    ]
+    return [f"{prefix}{name}" for name, module in root.named_modules() if isinstance(module, nn.Linear) and name]
 
 
 def block_index(param_name: str, blocks_name: str) -> int | None:

@@ -66,8 +66,7 @@ def load_trainable(model: nn.Module, names: list[str], path: Path) -> None:
         for name in names:
             if params[name].shape != state[name].shape:
                 raise ConfigError(
-                    f"{path}: {name} has shape {tuple(state[name].shape)}, the model wants "
-                    f"{tuple(params[name].shape)}"
+                    f"{path}: {name} has shape {tuple(state[name].shape)}, the model wants {tuple(params[name].shape)}"
                 )
             params[name].copy_(state[name])
 

@@ -91,9 +91,7 @@ def train_loop(
 
     # Frozen work done once: a frozen backbone's pooled features are computed a single time.
     if method.frozen_backbone:
-        train_items, val_items = _cache(
-            model, objective, train_items, val_items, cfg, eval_cfg, autocast, run
-        )
+        train_items, val_items = _cache(model, objective, train_items, val_items, cfg, eval_cfg, autocast, run)
 
     n_batches = math.ceil(len(train_items) / cfg.batch_size)
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
@@ -107,9 +105,7 @@ def train_loop(
     step = int(state.get("step", 0))
     result = LoopResult(steps=step, train_seconds=0.0, samples=0, tokens=0, best=state["best"])
     watch = cfg.early_stopping.metric if cfg.early_stopping else eval_cfg.metric
-    bar = tqdm(
-        total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True
-    )
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     paused = 0.0  # seconds spent validating or checkpointing, left out of the throughput
     running: list[float] = []
     model.train()
@@ -201,9 +197,7 @@ def _optimizer(model: Any, method: Any, cfg: TrainConfig, total_steps: int):
         raise ConfigError(f"method.name={method.name}: no parameter is trainable")
     optimizer = torch.optim.AdamW(groups, lr=lr)
     warmup = round(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler(
-        cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
-    )
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     return optimizer, scheduler
 
 
