@@ -47,7 +47,8 @@ def build_classifier(cfg: ModelConfig, num_labels: int, seed: int) -> TextClassi
     if not hidden:
         raise ConfigError(f"model.name={cfg.name}: cannot tell the hidden size from its config")
     if getattr(backbone, "pooler", None) is not None:
-        backbone.pooler = None  # type: ignore[assignment]  # the head pools token states itself; an unused pooler would never train
+        # The head pools token states itself; an unused pooler would never train.
+        backbone.pooler = None  # type: ignore[assignment]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return TextClassifier(backbone, hidden, num_labels, cfg.pooling, cfg.head_dropout)
