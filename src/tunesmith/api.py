@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tunesmith.config import RunConfig, config_from_dict
+from tunesmith.config import RunConfig, config_from_dict, read_yaml_config
 from tunesmith.config import load_config as _load_config
 from tunesmith.data.load import Splits, load_splits, read_examples
 from tunesmith.data.records import check_known_labels
@@ -221,7 +221,7 @@ def _as_config(config: RunConfig | str | Path | None, overrides: list[str] | Non
     elif config is None:
         data = {}
     else:
-        data = _load_config(config).to_dict()
+        data = read_yaml_config(config)
     data.update(sections)
     return _load_config(data, overrides)
 

@@ -36,6 +36,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "load_config",
+    "read_yaml_config",
 ]
 
 
@@ -274,17 +275,22 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
     if isinstance(source, dict):
         data, origin = dict(source), "config"
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
-        origin = str(path)
+        data, origin = read_yaml_config(source), str(source)
     return config_from_dict(apply_overrides(data, overrides or []), origin=origin)
+
+
+def read_yaml_config(source: str | Path) -> dict[str, Any]:
+    """The raw mapping in a YAML config file (not yet validated)."""
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+    return data
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "config") -> RunConfig:
@@ -302,7 +308,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. train.lr=1e-4")
         value = yaml.safe_load(raw) if raw.strip() else None
-        set_path(out, key.strip().split("."), value)
+        parts = key.strip().split(".")
+        method = out.get("method")
+        if parts == ["method", "name"] and isinstance(method, dict) and method.get("name") != value:
+            out["method"] = {}  # another method: the old method's options do not apply to it
+        set_path(out, parts, value)
     return out
 
 
