@@ -58,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,7 @@ def carrier_file(module: str, relpath: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"carrier package {module!r} is not installed: run `make setup`")
-    return Path(list(spec.submodule_search_locations)[0]) / relpath
+    return Path(next(iter(spec.submodule_search_locations))) / relpath
 
 
 def model_dir() -> Path:
@@ -288,7 +288,7 @@ def run_reference(workload: Workload, variant: str, paths: DataPaths) -> dict[st
         seconds = time.perf_counter() - start
     accuracy = held_out_accuracy(model, collator, test_examples, bf16=variant == "bf16")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"train_seconds": seconds, "accuracy": accuracy, "precision": variant, "trainable_params": trainable}
+    return {"train_seconds": seconds, "accuracy": accuracy, "precision": variant, "trainable": trainable}
 
 
 # --- tunesmith side ----------------------------------------------------------------------------
@@ -372,7 +372,8 @@ def spawn_worker(tool: Tool, workload: Workload, paths: DataPaths, repeat: int) 
     out = paths.dir / f"{tool.label}-{workload.name}-{repeat}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tool", tool.label]
     cmd += ["--workloads", workload.name, "--data-dir", str(paths.dir), "--out", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["TOKENIZERS_PARALLELISM"] = "false"
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr or proc.stdout)[-3000:]
@@ -536,7 +537,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="Repeats per configuration (median).")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="Comma-separated workloads.")
-    parser.add_argument("--tools", default="reference,tunesmith", help=f"Comma-separated: {', '.join(TOOLS)}.")
+    parser.add_argument("--tools", default="reference,tunesmith", help=f"Comma-separated of {', '.join(TOOLS)}.")
     parser.add_argument("--train-size", type=int, default=3000)
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="Smoke test: 600 / 300 rows, 1 repeat.")

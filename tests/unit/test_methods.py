@@ -48,7 +48,17 @@ CONFIGS: dict[str, BaseModel] = {
     "ia3": IA3Config(),
 }
 METHODS = list(CONFIGS)
-IDENTITY_AT_INIT = ["lora", "adapter", "ia3"]  # methods whose added weights start as a no-op
+# Options that change what a method adds, checked by the same invariants as the methods above.
+VARIANTS: dict[str, BaseModel] = {
+    "lora-dora": LoraConfig(r=8, use_dora=True),
+    "lora-rslora": LoraConfig(r=8, use_rslora=True),
+    "adapter-gelu": AdapterConfig(bottleneck=8, activation="gelu"),
+    "prompt-tuning-text-init": PromptTuningConfig(num_virtual_tokens=5, init_text="good movie"),
+    "prefix-tuning-projection": PrefixTuningConfig(num_virtual_tokens=5, projection=True),
+}
+CASES = {**CONFIGS, **VARIANTS}
+# Methods whose added weights start as a no-op.
+IDENTITY_AT_INIT = ["lora", "adapter", "ia3", "lora-dora", "lora-rslora", "adapter-gelu"]
 
 # The tiny BERT of conftest.make_tiny_bert: its sizes, and parameter counts worked out by hand.
 V, P, TYPES = len(VOCAB), 64, 2  # vocabulary, max_position_embeddings, token types
@@ -78,6 +88,17 @@ EXPECTED_COUNTS: dict[str, tuple[int, int]] = {
     "prompt-tuning": (VIRTUAL * H + HEAD, VIRTUAL * H),
     "prefix-tuning": (VIRTUAL * 2 * LAYERS * H + HEAD, VIRTUAL * 2 * LAYERS * H),  # key + value per layer
     "ia3": (LAYERS * IA3_PER_BLOCK + HEAD, LAYERS * IA3_PER_BLOCK),
+}
+# DoRA adds a magnitude per output feature of each adapted linear: q, k, v, o (H each), FFN in and out.
+DORA_PER_BLOCK = LORA_PER_BLOCK + 4 * H + FF + H
+# Projected prefixes: embeddings (n, H) -> Linear(H, H) -> tanh -> Linear(H, 2 * layers * H).
+PROJECTED_PREFIX = VIRTUAL * H + (H * H + H) + (H * 2 * LAYERS * H + 2 * LAYERS * H)
+EXPECTED_COUNTS |= {
+    "lora-dora": (LAYERS * DORA_PER_BLOCK + HEAD, LAYERS * DORA_PER_BLOCK),
+    "lora-rslora": EXPECTED_COUNTS["lora"],
+    "adapter-gelu": EXPECTED_COUNTS["adapter"],
+    "prompt-tuning-text-init": EXPECTED_COUNTS["prompt-tuning"],
+    "prefix-tuning-projection": (PROJECTED_PREFIX + HEAD, PROJECTED_PREFIX),
 }
 
 
@@ -144,14 +165,15 @@ def batch(tiny_bert: Path) -> dict[str, torch.Tensor]:
 def test_matrix_covers_every_registered_method() -> None:
     assert set(CONFIGS) == set(METHOD_NAMES) == set(method_descriptions())
     assert all(CONFIGS[name].name == name for name in CONFIGS)  # type: ignore[attr-defined]
+    assert set(EXPECTED_COUNTS) == set(CASES)
 
 
 # --- 1. trainable weights change, frozen ones do not ----------------------------------------------
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_trainable_weights_change_and_frozen_do_not(name: str, tiny_bert: Path, batch: dict[str, torch.Tensor]) -> None:
-    model, method = _build(tiny_bert, CONFIGS[name])
+    model, method = _build(tiny_bert, CASES[name])
     trainable = set(_trainable(model))
     # The optimizer sees exactly the trainable parameters (a frozen one in it would still decay).
     in_groups = {id(p) for g in method.param_groups(model, 1e-2, 1e-2, 0.01) for p in g["params"]}
@@ -178,9 +200,9 @@ def test_hand_counted_backbone_matches_the_tiny_bert(tiny_bert: Path) -> None:
     assert _count(model, trainable_only=False) == BACKBONE + HEAD == 20386
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_trainable_parameter_count_is_exact(name: str, tiny_bert: Path) -> None:
-    model, _ = _build(tiny_bert, CONFIGS[name])
+    model, _ = _build(tiny_bert, CASES[name])
     trainable, added = EXPECTED_COUNTS[name]
     assert _count(model, trainable_only=True) == trainable
     assert _count(model, trainable_only=False) == BACKBONE + HEAD + added
@@ -198,7 +220,7 @@ def test_lora_count_follows_chosen_targets(tiny_bert: Path) -> None:
 @pytest.mark.parametrize("name", IDENTITY_AT_INIT)
 def test_adapter_at_init_equals_the_base(name: str, tiny_bert: Path, batch: dict[str, torch.Tensor]) -> None:
     base = build_classifier(ModelConfig(name=str(tiny_bert)), LABELS, seed=0).eval()
-    model, _ = _build(tiny_bert, CONFIGS[name])
+    model, _ = _build(tiny_bert, CASES[name])
     model.eval()
     assert len(_trainable(model)) > 2  # something was added beside the head
     with torch.no_grad():
@@ -211,16 +233,16 @@ def test_adapter_at_init_equals_the_base(name: str, tiny_bert: Path, batch: dict
 # --- 4. save / load round trip --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_save_load_round_trip(name: str, tiny_bert: Path, batch: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    model, method = _build(tiny_bert, CONFIGS[name], seed=0)
+    model, method = _build(tiny_bert, CASES[name], seed=0)
     _train_steps(model, method, batch, steps=3)
     names = _trainable(model)
     path = tmp_path / "trainable.safetensors"
     save_trainable(model, names, path)
     want = _logits(model, batch)
 
-    fresh, _ = _build(tiny_bert, CONFIGS[name], seed=1)  # different RNG: loading must do all the work
+    fresh, _ = _build(tiny_bert, CASES[name], seed=1)  # different RNG: loading must do all the work
     assert _trainable(fresh) == names
     assert not torch.allclose(_logits(fresh, batch), want)
     load_trainable(fresh, names, path)
@@ -253,7 +275,7 @@ def test_lora_weights_of_another_rank_do_not_load(tiny_bert: Path, tmp_path: Pat
 
 @pytest.mark.parametrize("name", IDENTITY_AT_INIT)
 def test_noop_reason_until_trained(name: str, tiny_bert: Path, batch: dict[str, torch.Tensor]) -> None:
-    model, method = _build(tiny_bert, CONFIGS[name])
+    model, method = _build(tiny_bert, CASES[name])
     reason = method.noop_reason(model)
     assert reason is not None and "never trained" in reason
     _train_steps(model, method, batch, steps=3)
