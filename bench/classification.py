@@ -14,10 +14,15 @@ sorted by the SHA-1 of their text, and cut into 3,000 training and the next 1,00
 Method of measurement. Every (tool, variant, workload, repeat) runs in a fresh
 `python bench/classification.py --worker ...` subprocess, so peak memory is per run. Within a
 repeat the tools alternate (reference fp32, tunesmith, reference bf16; the order rotates each
-repeat) to spread machine noise; the report gives medians over repeats.
+repeat) to spread machine noise; the report gives medians over repeats. Before each run the harness
+waits (`--wait-idle`) for other processes to leave the CPU, and records how many cores they used
+while the run went on (`foreign_load`, from /proc/stat minus the worker's own CPU time); runs above
+0.2 cores are flagged, since two cores shared with anything else give meaningless timings.
 
 - Training time: wall time around `trainer.train()` only (reference), or tunesmith's own
-  `metrics["train"]["train_seconds"]`; model loading, tokenisation and evaluation are outside it.
+  `metrics["train"]["train_seconds"]` (which includes caching frozen features and leaves out its
+  validation and checkpoint writes); model loading, tokenisation and the final evaluation are
+  outside both. `wall_seconds` (the whole worker: imports, load, train, evaluate) is kept too.
 - Throughput: samples/s = epochs * n_train / seconds; tokens/s = epochs * T / seconds, where T is
   the number of non-pad tokens of the training set after truncation to 128 (special tokens
   included). Both tools use the same formula; tunesmith's self-reported values are kept as well.
@@ -66,6 +71,9 @@ SEED = 42
 MAX_LENGTH = 128
 BATCH_SIZE = 32
 EVAL_BATCH_SIZE = 64
+WARMUP_RATIO = 0.06
+WEIGHT_DECAY = 0.01
+MAX_GRAD_NORM = 1.0
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
 # Every linear layer inside the encoder blocks (query, key, value, attention.output.dense,
 # intermediate.dense, output.dense), but not the pooler's dense: peft full-matches a string.
@@ -113,10 +121,21 @@ TOOLS["reference"] = TOOLS["reference-fp32"] + TOOLS["reference-bf16"]
 
 @dataclass(frozen=True)
 class DataPaths:
+    """The files one benchmark shares between its workers, all in one temp dir."""
+
     dir: Path
-    train: Path
-    test: Path
-    meta: Path
+
+    @property
+    def train(self) -> Path:
+        return self.dir / "train.jsonl"
+
+    @property
+    def test(self) -> Path:
+        return self.dir / "heldout.jsonl"
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / "meta.json"
 
 
 # --- packaged model and data -------------------------------------------------------------------
@@ -178,7 +197,7 @@ def count_tokens(texts: list[str]) -> int:
 def prepare_data(root: Path, n_train: int, n_test: int) -> DataPaths:
     """Write train/held-out JSONL and a meta file (sizes, token count) under `root`."""
     train, test = split_reviews(read_reviews(), n_train, n_test)
-    paths = DataPaths(root, root / "train.jsonl", root / "heldout.jsonl", root / "meta.json")
+    paths = DataPaths(root)
     write_jsonl(paths.train, train)
     write_jsonl(paths.test, test)
     meta = {
@@ -190,10 +209,6 @@ def prepare_data(root: Path, n_train: int, n_test: int) -> DataPaths:
     }
     paths.meta.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return paths
-
-
-def data_paths(root: Path) -> DataPaths:
-    return DataPaths(root, root / "train.jsonl", root / "heldout.jsonl", root / "meta.json")
 
 
 # --- reference side: Trainer (+ peft) ----------------------------------------------------------
@@ -232,9 +247,9 @@ def reference_args(workload: Workload, variant: str, output_dir: str) -> Any:
         num_train_epochs=workload.epochs,
         learning_rate=workload.lr,
         lr_scheduler_type="linear",
-        warmup_steps=0.06,  # transformers 5: a float < 1 is a ratio of the total steps
-        weight_decay=0.01,
-        max_grad_norm=1.0,
+        warmup_steps=WARMUP_RATIO,  # transformers 5: a float < 1 is a ratio of the total steps
+        weight_decay=WEIGHT_DECAY,
+        max_grad_norm=MAX_GRAD_NORM,
         seed=SEED,
         report_to=[],
         save_strategy="no",
@@ -301,33 +316,37 @@ def tunesmith_method(workload: Workload) -> dict[str, Any]:
 
 
 def tunesmith_precision() -> str:
-    """tunesmith's default ("auto"): bf16 autocast where the CPU has bf16."""
+    """tunesmith's default ("auto"): bf16 autocast where the CPU has bf16 (if it does not report it)."""
     import torch
 
     return "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
+
+
+def tunesmith_train_section(workload: Workload) -> dict[str, Any]:
+    """The `train:` section; precision is left at tunesmith's default."""
+    return {
+        "epochs": workload.epochs,
+        "lr": workload.lr,
+        "batch_size": BATCH_SIZE,
+        "warmup_ratio": WARMUP_RATIO,
+        "weight_decay": WEIGHT_DECAY,
+        "seed": SEED,
+        "max_grad_norm": MAX_GRAD_NORM,
+        "scheduler": "linear",
+    }
 
 
 def run_tunesmith(workload: Workload, paths: DataPaths) -> dict[str, Any]:
     """Fine-tune through tunesmith's Python API; training time is the one it reports."""
     import tunesmith
 
-    train = {
-        "epochs": workload.epochs,
-        "lr": workload.lr,
-        "batch_size": BATCH_SIZE,
-        "warmup_ratio": 0.06,
-        "weight_decay": 0.01,
-        "seed": SEED,
-        "max_grad_norm": 1.0,
-        "scheduler": "linear",
-    }
     data = {"train": str(paths.train), "validation": None, "test": str(paths.test), "max_length": MAX_LENGTH}
     with tempfile.TemporaryDirectory() as out:
         result = tunesmith.train(
             model=str(model_dir()),
             method=tunesmith_method(workload),
             data=data,
-            train=train,
+            train=tunesmith_train_section(workload),
             output={"dir": out},
         )
         metrics = result.metrics
@@ -335,8 +354,9 @@ def run_tunesmith(workload: Workload, paths: DataPaths) -> dict[str, Any]:
     return {
         "train_seconds": float(reported["train_seconds"]),
         "accuracy": float(metrics["test"]["accuracy"]),
-        "precision": tunesmith_precision(),
-        "reported": {k: reported.get(k) for k in ("samples_per_second", "tokens_per_second")},
+        "precision": reported.get("precision") or tunesmith_precision(),
+        "trainable": reported.get("trainable_parameters"),
+        "reported": {k: reported.get(k) for k in ("samples_per_second", "tokens_per_second", "wall_seconds")},
     }
 
 
@@ -345,6 +365,11 @@ def run_tunesmith(workload: Workload, paths: DataPaths) -> dict[str, Any]:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_worker(tool: Tool, workload: Workload, paths: DataPaths, out: Path) -> None:
@@ -363,24 +388,50 @@ def run_worker(tool: Tool, workload: Workload, paths: DataPaths, out: Path) -> N
         samples_per_second=workload.epochs * meta["n_train"] / seconds,
         tokens_per_second=workload.epochs * meta["train_tokens"] / seconds,
         peak_rss_mb=peak_rss_mb(),
+        cpu_seconds=own_cpu_seconds(),
     )
     out.write_text(json.dumps(result), encoding="utf-8")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores, every process), from /proc/stat."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_idle(max_seconds: float, threshold: float = 0.25) -> float:
+    """Wait (up to `max_seconds`) until other processes use < `threshold` cores; returns the wait."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_seconds:
+        before = machine_busy_seconds()
+        time.sleep(2.0)
+        if (machine_busy_seconds() - before) / 2.0 < threshold:
+            break
+    return time.perf_counter() - start
+
+
 def spawn_worker(tool: Tool, workload: Workload, paths: DataPaths, repeat: int) -> dict[str, Any]:
-    """Run one configuration in a fresh subprocess; a failure is recorded, never hidden."""
+    """Run one configuration in a fresh subprocess; a failure is recorded, never hidden.
+
+    `foreign_load` is the CPU (in cores) that other processes used while the worker ran: the
+    machine's busy time minus the worker's own, over the worker's wall time. Above ~0.2 the run
+    shared its cores and its timings are suspect.
+    """
     out = paths.dir / f"{tool.label}-{workload.name}-{repeat}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tool", tool.label]
     cmd += ["--workloads", workload.name, "--data-dir", str(paths.dir), "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["TOKENIZERS_PARALLELISM"] = "false"
+    busy, start = machine_busy_seconds(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    busy, wall = machine_busy_seconds() - busy, time.perf_counter() - start
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr or proc.stdout)[-3000:]
         print(f"  FAILED {tool.label} {workload.name} (exit {proc.returncode}):\n{tail}", file=sys.stderr)
         return {"tool": tool.label, "workload": workload.name, "repeat": repeat, "error": tail}
     result = json.loads(out.read_text(encoding="utf-8"))
-    result["repeat"] = repeat
+    result.update(repeat=repeat, foreign_load=(busy - result["cpu_seconds"]) / wall)
     return result
 
 
@@ -414,6 +465,7 @@ def train_flops(workload: Workload, tool: Tool, train_tokens: int) -> float:
     return 2 * n * train_tokens * passes
 
 
+NOISY_LOAD = 0.2  # cores used by other processes during a run, above which its timing is suspect
 METRICS = ("train_seconds", "samples_per_second", "tokens_per_second", "peak_rss_mb", "accuracy", "mfu")
 
 
@@ -452,7 +504,9 @@ def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def markdown(summary: dict[str, Any], meta: dict[str, Any], repeats: int) -> str:
+def markdown(summary: dict[str, Any], runs: list[dict[str, Any]], meta: dict[str, Any], repeats: int) -> str:
+    noisy = [r for r in runs if r.get("foreign_load", 0.0) > NOISY_LOAD]
+    failed = [r for r in runs if "error" in r]
     lines = [
         f"Data: {meta['n_train']} train / {meta['n_test']} held-out reviews, {meta['train_tokens']} train "
         f"tokens; medians of {repeats} repeat(s); {platform.processor() or platform.machine()}, "
@@ -476,6 +530,10 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any], repeats: int) -> str
                 lines.append(
                     f"| {ref} | {r['throughput']:.2f} | {r['memory']:.2f} | {r['accuracy_points']:+.1f} |"
                 )
+    if noisy:
+        lines += ["", f"Warning: {len(noisy)} run(s) shared the CPU with other processes (> {NOISY_LOAD} cores)."]
+    if failed:
+        lines += ["", f"Failed: {', '.join(sorted({r['tool'] + '/' + r['workload'] for r in failed}))}."]
     return "\n".join(lines)
 
 
@@ -499,7 +557,9 @@ def selected_workloads(spec: str) -> list[Workload]:
     return [WORKLOADS[n] for n in spec.split(",")]
 
 
-def run_all(tools: list[Tool], workloads: list[Workload], paths: DataPaths, repeats: int) -> list[dict]:
+def run_all(
+    tools: list[Tool], workloads: list[Workload], paths: DataPaths, repeats: int, wait_idle: float
+) -> list[dict[str, Any]]:
     """Every run in its own process; tools alternate within a repeat, their order rotating."""
     runs = []
     for repeat in range(repeats):
@@ -507,15 +567,24 @@ def run_all(tools: list[Tool], workloads: list[Workload], paths: DataPaths, repe
         for workload in workloads:
             for tool in order:
                 print(f"repeat {repeat + 1}/{repeats}  {workload.name:<18} {tool.label} ...", flush=True)
+                waited = wait_for_idle(wait_idle)
                 run = spawn_worker(tool, workload, paths, repeat)
+                run["waited_for_idle_seconds"] = waited
                 runs.append(run)
-                if "error" not in run:
-                    print(
-                        f"  {run['train_seconds']:.1f} s train, {run['samples_per_second']:.1f} samples/s, "
-                        f"{run['peak_rss_mb']:.0f} MB, accuracy {run['accuracy']:.3f}",
-                        flush=True,
-                    )
+                print_run(run)
     return runs
+
+
+def print_run(run: dict[str, Any]) -> None:
+    if "error" in run:
+        return
+    print(
+        f"  {run['train_seconds']:.1f} s train ({run['wall_seconds']:.0f} s in all), "
+        f"{run['samples_per_second']:.1f} samples/s, {run['tokens_per_second']:.0f} tokens/s, "
+        f"{run['peak_rss_mb']:.0f} MB, accuracy {run['accuracy']:.3f}, "
+        f"other processes {run['foreign_load']:.2f} cores",
+        flush=True,
+    )
 
 
 def environment() -> dict[str, Any]:
@@ -540,6 +609,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tools", default="reference,tunesmith", help=f"Comma-separated of {', '.join(TOOLS)}.")
     parser.add_argument("--train-size", type=int, default=3000)
     parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=300.0,
+        help="Before each run, wait up to this many seconds for other processes to leave the CPU.",
+    )
     parser.add_argument("--quick", action="store_true", help="Smoke test: 600 / 300 rows, 1 repeat.")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tool", help=argparse.SUPPRESS)
@@ -556,15 +631,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         (tool,) = selected_tools(args.tool)
         (workload,) = selected_workloads(args.workloads)
-        run_worker(tool, workload, data_paths(args.data_dir), args.out)
+        run_worker(tool, workload, DataPaths(args.data_dir), args.out)
         return 0
     tools, workloads = selected_tools(args.tools), selected_workloads(args.workloads)
     with tempfile.TemporaryDirectory(prefix="tunesmith-bench-") as tmp:
         paths = prepare_data(Path(tmp), args.train_size, args.test_size)
         meta = json.loads(paths.meta.read_text(encoding="utf-8"))
-        runs = run_all(tools, workloads, paths, args.repeats)
+        runs = run_all(tools, workloads, paths, args.repeats, args.wait_idle)
     summary = summarize(runs, meta)
-    table = markdown(summary, meta, args.repeats)
+    table = markdown(summary, runs, meta, args.repeats)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"classification-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": environment(), "data": meta}

@@ -114,7 +114,7 @@ class AdapterConfig(_Section):
 
     name: Literal["adapter"] = "adapter"
     bottleneck: int = Field(64, gt=0, description="Width of the down-projection.")
-    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="Nonlinearity in the bottleneck.")
     target_modules: list[str] | None = Field(
         None, description="Output projections to wrap (default: attention and FFN outputs)."
     )
@@ -124,7 +124,7 @@ class PromptTuningConfig(_Section):
     """Learned soft-prompt vectors prepended to the input (Lester et al. 2021), through peft."""
 
     name: Literal["prompt-tuning"] = "prompt-tuning"
-    num_virtual_tokens: int = Field(20, gt=0)
+    num_virtual_tokens: int = Field(20, gt=0, description="Length of the soft prompt.")
     init_text: str | None = Field(None, description="Initialise the prompt from this text's embeddings.")
 
 
@@ -132,7 +132,7 @@ class PrefixTuningConfig(_Section):
     """Learned per-layer key/value prefixes (Li & Liang 2021), through peft."""
 
     name: Literal["prefix-tuning"] = "prefix-tuning"
-    num_virtual_tokens: int = Field(20, gt=0)
+    num_virtual_tokens: int = Field(20, gt=0, description="Length of the prefix at every layer.")
     projection: bool = Field(False, description="Reparameterise prefixes through an MLP while training.")
 
 
@@ -140,8 +140,8 @@ class IA3Config(_Section):
     """Learned scaling vectors on keys, values and FFN activations (Liu et al. 2022), through peft."""
 
     name: Literal["ia3"] = "ia3"
-    target_modules: list[str] | None = None
-    feedforward_modules: list[str] | None = None
+    target_modules: list[str] | None = Field(None, description="Modules to scale (default: keys, values, FFN out).")
+    feedforward_modules: list[str] | None = Field(None, description="Which targets scale their input (FFN).")
 
 
 MethodConfig = Annotated[
@@ -176,9 +176,9 @@ class DataConfig(_Section):
         0.1, description="A file, or a fraction of train split off by a stable, stratified hash."
     )
     test: str | None = Field(None, description="An optional held-out file, evaluated once at the end.")
-    text_field: str = "text"
+    text_field: str = Field("text", description="Field holding the text.")
     text_pair_field: str | None = Field(None, description="Second text for pair tasks (NLI, QA).")
-    label_field: str = "label"
+    label_field: str = Field("label", description="Field holding the label (string or integer).")
     labels: list[str] | None = Field(None, description="Label order (default: sorted labels seen in train).")
     label_map: dict[str, str] = Field(default_factory=dict, description="Rename labels, e.g. fresh: positive.")
     column_map: dict[str, str] = Field(default_factory=dict, description="Rename fields: {file_name: our_name}.")
@@ -196,7 +196,7 @@ class DataConfig(_Section):
 class EarlyStoppingConfig(_Section):
     metric: str = Field("accuracy", description="Validation metric to watch (accuracy, macro_f1, loss).")
     patience: int = Field(2, gt=0, description="Evaluations without improvement before stopping.")
-    min_delta: float = Field(0.0, ge=0.0)
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
 
 
 class TrainConfig(_Section):
@@ -206,27 +206,29 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (default: the method's own).")
     head_lr: float | None = Field(None, gt=0, description="LR of the new head (default: lr).")
-    weight_decay: float = Field(0.01, ge=0.0)
-    batch_size: int = Field(32, gt=0)
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not on biases and norms).")
+    batch_size: int = Field(32, gt=0, description="Rows per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (null = off).")
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="LR decay after warmup.")
+    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="Share of steps spent warming the LR up.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast with fp32 master weights where the hardware has bf16 (auto)."
     )
-    seed: int = 42
+    seed: int = Field(42, description="Seeds the head, the data order and dropout.")
     group_by_length: bool = Field(True, description="Batch rows of similar length to cut padding.")
     eval_every: int | None = Field(None, gt=0, description="Validate every N steps (default: each epoch).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (default: each eval).")
-    log_every: int = Field(10, gt=0)
-    early_stopping: EarlyStoppingConfig | None = None
+    log_every: int = Field(10, gt=0, description="Write a metrics.jsonl line every N steps.")
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None, description="Stop when validation stops improving, and keep the best weights."
+    )
     cache_max_mb: int = Field(1024, gt=0, description="Cached frozen features above this spill to disk.")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice).")
 
 
 class EvalConfig(_Section):
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="Rows per evaluation batch.")
     baseline: bool = Field(False, description="Also evaluate before training (new head untrained).")
     metric: str = Field("accuracy", description="Metric that picks the best checkpoint.")
 

@@ -8,6 +8,7 @@ load strictly; an adapter that never trained is reported; each method trains end
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,15 @@ def _logits(model: TextClassifier, batch: dict[str, torch.Tensor]) -> torch.Tens
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """These models are tiny: one thread is fastest, and immune to oversubscribed CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def batch(tiny_bert: Path) -> dict[str, torch.Tensor]:
     """16 labelled reviews, padded: input_ids/attention_mask (16, T), labels (16,)."""
@@ -171,7 +181,7 @@ def test_matrix_covers_every_registered_method() -> None:
 # --- 1. trainable weights change, frozen ones do not ----------------------------------------------
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", list(CASES))
 def test_trainable_weights_change_and_frozen_do_not(name: str, tiny_bert: Path, batch: dict[str, torch.Tensor]) -> None:
     model, method = _build(tiny_bert, CASES[name])
     trainable = set(_trainable(model))
@@ -200,7 +210,7 @@ def test_hand_counted_backbone_matches_the_tiny_bert(tiny_bert: Path) -> None:
     assert _count(model, trainable_only=False) == BACKBONE + HEAD == 20386
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", list(CASES))
 def test_trainable_parameter_count_is_exact(name: str, tiny_bert: Path) -> None:
     model, _ = _build(tiny_bert, CASES[name])
     trainable, added = EXPECTED_COUNTS[name]
@@ -212,6 +222,23 @@ def test_lora_count_follows_chosen_targets(tiny_bert: Path) -> None:
     model, _ = _build(tiny_bert, LoraConfig(r=4, target_modules=["query", "value"]))
     assert _count(model, trainable_only=True) == LAYERS * 2 * 4 * (H + H) + HEAD
     assert all(".query." in n or ".value." in n or n.startswith("head.") for n in _trainable(model))
+
+
+@pytest.mark.parametrize(("rslora", "scale"), [(False, 16 / 8), (True, 16 / math.sqrt(8))])
+def test_lora_scaling_follows_the_config(rslora: bool, scale: float, tiny_bert: Path) -> None:
+    model, _ = _build(tiny_bert, LoraConfig(r=8, alpha=16, use_rslora=rslora))
+    scalings = [m.scaling["default"] for m in model.modules() if hasattr(m, "lora_A")]
+    assert len(scalings) == LAYERS * 6
+    assert all(math.isclose(s, scale) for s in scalings)
+
+
+def test_prompt_init_text_starts_from_its_token_embeddings(tiny_bert: Path) -> None:
+    base = build_classifier(ModelConfig(name=str(tiny_bert)), LABELS, seed=0)
+    model, _ = _build(tiny_bert, CASES["prompt-tuning-text-init"])
+    prompt = next(p for n, p in model.named_parameters() if "prompt_encoder" in n)
+    # "[CLS] good movie [SEP]" repeated to fill the 5 virtual tokens.
+    ids = [VOCAB.index(w) for w in ["[CLS]", "good", "movie", "[SEP]", "[CLS]"]]
+    assert torch.equal(prompt, base.backbone.embeddings.word_embeddings.weight[ids])
 
 
 # --- 3. identity at init --------------------------------------------------------------------------
@@ -233,7 +260,7 @@ def test_adapter_at_init_equals_the_base(name: str, tiny_bert: Path, batch: dict
 # --- 4. save / load round trip --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", list(CASES))
 def test_save_load_round_trip(name: str, tiny_bert: Path, batch: dict[str, torch.Tensor], tmp_path: Path) -> None:
     model, method = _build(tiny_bert, CASES[name], seed=0)
     _train_steps(model, method, batch, steps=3)
@@ -403,7 +430,7 @@ def test_train_and_predict_end_to_end(name: str, base_config: dict[str, Any]) ->
         "method": CONFIGS[name].model_dump(),
         "train": {**base_config["train"], "epochs": 1, "precision": "fp32"},
     }
-    result = tunesmith.train(config)
+    result = tunesmith.train(**config)
 
     assert (result.run_dir / "final" / "trainable.safetensors").is_file()
     assert result.metrics["train"]["trainable_parameters"] == EXPECTED_COUNTS[name][0]

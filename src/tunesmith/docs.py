@@ -1,0 +1,64 @@
+"""The README's config reference, generated from the schema (a test keeps the README in step).
+
+Regenerate with `python -m tunesmith.docs` and paste between the README's reference markers.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from tunesmith import config as c
+
+__all__ = ["config_reference"]
+
+SECTIONS: list[tuple[str, type[BaseModel]]] = [
+    ("model", c.ModelConfig),
+    ("data", c.DataConfig),
+    ("train", c.TrainConfig),
+    ("train.early_stopping", c.EarlyStoppingConfig),
+    ("eval", c.EvalConfig),
+    ("output", c.OutputConfig),
+    *((f"method (name: {name})", cls) for name, cls in c._METHOD_BY_NAME.items()),
+]
+
+
+def config_reference() -> str:
+    """Markdown: one table per config section, with each key's type, default and meaning."""
+    parts = []
+    for title, model in SECTIONS:
+        rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            if name == "name" and title.startswith("method"):
+                continue
+            rows.append(f"| `{name}` | {_type(field.annotation)} | {_default(field)} | {field.description or ''} |")
+        if len(rows) > 2:
+            parts.append(f"**`{title}`**\n\n" + "\n".join(rows))
+        else:
+            parts.append(f"**`{title}`**: no options.")
+    return "\n\n".join(parts) + "\n"
+
+
+def _type(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        text = " | ".join(repr(a) for a in typing.get_args(annotation))
+    else:
+        text = str(annotation).replace("typing.", "").replace("tunesmith.config.", "")
+        text = text.replace("<class '", "").replace("'>", "")
+    return text.replace("|", "\\|")
+
+
+def _default(field: Any) -> str:
+    if field.default is PydanticUndefined and field.default_factory is None:
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "(its section's defaults)"
+    return f"`{value!r}`"
+
+
+if __name__ == "__main__":
+    print(config_reference())
