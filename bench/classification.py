@@ -471,7 +471,7 @@ METRICS = ("train_seconds", "samples_per_second", "tokens_per_second", "peak_rss
 
 def summarize(runs: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     """Medians per (workload, tool), then tunesmith's ratios against each reference variant."""
-    tools = {t.label: t for ts in TOOLS.values() for t in ts}
+    tools = {t.label: t for name in ("reference-fp32", "reference-bf16", "tunesmith") for t in TOOLS[name]}
     summary: dict[str, Any] = {}
     for run in runs:
         if "error" not in run:

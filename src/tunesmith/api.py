@@ -50,7 +50,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
 
 
 def train(
-    config: RunConfig | str | Path | None = None,
+    config: RunConfig | dict[str, Any] | str | Path | None = None,
     /,
     *,
     overrides: list[str] | None = None,
@@ -61,7 +61,7 @@ def train(
     """Fine-tune a model and write a run directory.
 
     Args:
-        config: a RunConfig, a YAML path, or None to build one from `sections`
+        config: a RunConfig, a dict, a YAML path, or None to build one from `sections`
             (e.g. `train(model="minilm-l6", method="lora", data={"train": "x.jsonl"})`).
         overrides: `key.sub=value` strings applied on top.
         resume: an interrupted run directory to continue from its last checkpoint.
@@ -202,9 +202,20 @@ def peak_rss_mb() -> float:
 def _build(cfg: RunConfig, num_labels: int) -> tuple[TextClassifier, Method, list[str]]:
     model = build_classifier(cfg.model, num_labels, cfg.train.seed)
     method = build_method(cfg.method)
+    _check_positions(cfg, model, method)
     method.apply(model)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     return model, method, names
+
+
+def _check_positions(cfg: RunConfig, model: TextClassifier, method: Method) -> None:
+    limit = getattr(getattr(model.backbone, "config", None), "max_position_embeddings", None)
+    needed = cfg.data.max_length + method.extra_positions
+    if limit is not None and needed > limit:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} + {method.extra_positions} virtual tokens of method.name="
+            f"{method.name} is {needed} positions, but the model has {limit}; lower data.max_length"
+        )
 
 
 def _refuse_noop(method: Method, model: TextClassifier) -> None:
@@ -213,13 +224,15 @@ def _refuse_noop(method: Method, model: TextClassifier) -> None:
         raise ConfigError(f"method.name={method.name}: {reason}; check train.lr, train.epochs and the data")
 
 
-def _as_config(config: RunConfig | str | Path | None, overrides: list[str] | None, sections: dict) -> RunConfig:
+def _as_config(config: RunConfig | dict | str | Path | None, overrides: list[str] | None, sections: dict) -> RunConfig:
     if isinstance(config, RunConfig):
         if not overrides and not sections:
             return config
         data = config.to_dict()
     elif config is None:
         data = {}
+    elif isinstance(config, dict):
+        data = dict(config)
     else:
         data = read_yaml_config(config)
     data.update(sections)

@@ -90,8 +90,13 @@ class PartialConfig(_Section):
 
     @model_validator(mode="after")
     def _one_selector(self) -> PartialConfig:
-        if self.freeze_layers is not None and self.trainable_regex is not None:
-            raise ValueError("set freeze_layers or trainable_regex, not both")
+        if self.trainable_regex is not None:
+            if self.freeze_layers is not None:
+                raise ValueError("set freeze_layers or trainable_regex, not both")
+            if self.unfreeze_every is not None or self.layer_lr_decay < 1:
+                raise ValueError(
+                    "unfreeze_every and layer_lr_decay work on blocks; they cannot combine with trainable_regex"
+                )
         return self
 
 

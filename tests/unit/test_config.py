@@ -98,3 +98,10 @@ def test_config_is_frozen() -> None:
     cfg = load_config({"model": "m", "data": {"train": "x"}})
     with pytest.raises(ValueError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_partial_regex_cannot_combine_with_block_options() -> None:
+    for extra in ({"unfreeze_every": 1}, {"layer_lr_decay": 0.8}):
+        method = {"name": "partial", "trainable_regex": "layer", **extra}
+        with pytest.raises(ConfigError, match="cannot combine with trainable_regex"):
+            load_config({"model": "m", "method": method, "data": {"train": "x"}})

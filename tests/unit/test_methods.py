@@ -8,7 +8,6 @@ load strictly; an adapter that never trained is reported; each method trains end
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,15 +150,6 @@ def _train_steps(
 def _logits(model: TextClassifier, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     model.eval()
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """These models are tiny: one thread is fastest, and immune to oversubscribed CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -434,10 +424,28 @@ def test_train_and_predict_end_to_end(name: str, base_config: dict[str, Any]) ->
 
     assert (result.run_dir / "final" / "trainable.safetensors").is_file()
     assert result.metrics["train"]["trainable_parameters"] == EXPECTED_COUNTS[name][0]
-    assert result.metrics["train"]["steps"] == math.ceil(72 / 8)  # 96 rows, a quarter held out
+    held_out = result.metrics["validation"]["count"]
+    assert result.metrics["train"]["steps"] == math.ceil((96 - held_out) / 8)  # one epoch, batches of 8
     predictions = tunesmith.predict(result.run_dir, ["good movie"])
     assert len(predictions) == 1
     scores = predictions[0]["scores"]
     assert set(scores) == {"negative", "positive"}
     assert math.isclose(sum(scores.values()), 1.0, abs_tol=1e-5)
     assert predictions[0]["label"] == max(scores, key=scores.__getitem__)
+
+
+def test_prompt_tuning_that_overflows_the_positions_is_a_config_error(base_config: dict) -> None:
+    cfg = {**base_config, "method": {"name": "prompt-tuning", "num_virtual_tokens": 20}}
+    cfg["data"] = {**cfg["data"], "max_length": 60}  # 20 + 60 > the tiny BERT's 64 positions
+    with pytest.raises(ConfigError, match="80 positions, but the model has 64"):
+        tunesmith.train(cfg)
+
+
+def test_ia3_vectors_get_no_weight_decay(tiny_bert: Path) -> None:
+    model, method = _build(tiny_bert, IA3Config(), seed=0)
+    groups = method.param_groups(model, 1e-3, 1e-3, 0.1)
+    ia3 = {id(p) for n, p in model.named_parameters() if "ia3_l" in n}
+    assert ia3
+    for group in groups:
+        if any(id(p) in ia3 for p in group["params"]):
+            assert group["weight_decay"] == 0.0

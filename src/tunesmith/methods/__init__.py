@@ -21,6 +21,8 @@ class Method(Protocol):
     default_lr: float
     # True when nothing before the head trains: the loop may cache pooled backbone features.
     frozen_backbone: bool
+    # Positions the method adds in front of every input (prompt tuning's virtual tokens).
+    extra_positions: int
 
     def apply(self, model: TextClassifier) -> None:
         """Prepare `model` in place: wrap or add modules, set `requires_grad` on what trains."""
@@ -41,6 +43,7 @@ class BaseMethod:
     name = "base"
     default_lr = 1e-4
     frozen_backbone = False
+    extra_positions = 0
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -80,7 +83,8 @@ def param_groups(
 ) -> list[dict]:
     """Trainable parameters grouped by (learning rate, weight decay).
 
-    Biases and norm weights get no weight decay (the usual AdamW practice). `lr_scale(name)` may
+    Biases, norm weights and IA3 scaling vectors get no weight decay: decay pulls towards zero,
+    which for a scaling vector means switching the layer off, not returning to the base. `lr_scale(name)` may
     give a per-parameter LR multiplier (layer-wise decay).
     """
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
@@ -88,7 +92,8 @@ def param_groups(
         if not param.requires_grad:
             continue
         base = head_lr if name.startswith("head.") else lr * (lr_scale(name) if lr_scale else 1.0)
-        decay = 0.0 if param.ndim < 2 or "norm" in name.lower() else weight_decay
+        no_decay = param.ndim < 2 or "norm" in name.lower() or "ia3_l" in name
+        decay = 0.0 if no_decay else weight_decay
         groups.setdefault((base, decay), []).append(param)
     return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
 

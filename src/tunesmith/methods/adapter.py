@@ -54,7 +54,7 @@ class AdapterMethod(BaseMethod):
             parent = model.backbone.get_submodule(parent_name)
             inner = getattr(parent, child)
             wrapped = Bottleneck(inner, self.cfg.bottleneck, self.cfg.activation)
-            wrapped.to(inner.weight.device)
+            wrapped.to(device=inner.weight.device, dtype=inner.weight.dtype)
             setattr(parent, child, wrapped)
         for name, param in model.backbone.named_parameters():
             param.requires_grad_(".adapter_" in name)

@@ -36,6 +36,7 @@ class PromptTuningMethod(BaseMethod):
     def __init__(self, cfg: PromptTuningConfig) -> None:
         super().__init__(cfg)
         self.cfg: PromptTuningConfig = cfg
+        self.extra_positions = cfg.num_virtual_tokens
 
     def apply(self, model: TextClassifier) -> None:
         import peft
