@@ -108,6 +108,7 @@ def train_loop(
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     paused = 0.0  # seconds spent validating or checkpointing, left out of the throughput
     running: list[float] = []
+    postfix: dict[str, str] = {}  # the progress bar shows the latest loss and validation metric
     model.train()
 
     while step < total_steps and not result.stopped_early:
@@ -150,13 +151,14 @@ def train_loop(
                 _track_best(metrics, watch, step, state, cfg, run, model, names, result)
                 run.log({"kind": "eval", "step": step, "epoch": record["epoch"], "metrics": metrics})
                 result.evals.append({"step": step, **metrics})
-                bar.set_postfix({watch: f"{metrics.get(watch, float('nan')):.4f}"})
+                postfix[watch] = f"{metrics.get(watch, float('nan')):.4f}"
             due_save = step % cfg.save_every == 0 if cfg.save_every else (due_eval or epoch_end)
             if due_save and step < total_steps:
                 save_checkpoint(run.checkpoints, step, model, names, optimizer, scheduler, state)
             paused += time.perf_counter() - t0
             if "loss" in record:
-                bar.set_postfix_str(f"loss={record['loss']:.4f}", refresh=False)
+                postfix["loss"] = f"{record['loss']:.4f}"
+            bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             for callback in callbacks:
                 callback(step, record)
