@@ -27,7 +27,12 @@ def epoch_batches(
         chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     shuffle = torch.randperm(len(batches), generator=gen).tolist()
-    return [batches[i] for i in shuffle]
+    batches = [batches[i] for i in shuffle]
+    # The longest batch goes first (as in Hugging Face's length-grouped sampler): the allocator
+    # then sizes its pools once, and later, smaller batches reuse them instead of fragmenting.
+    longest = max(range(len(batches)), key=lambda j: max(lengths[i] for i in batches[j]))
+    batches.insert(0, batches.pop(longest))
+    return batches
 
 
 def eval_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
