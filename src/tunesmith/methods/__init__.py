@@ -21,6 +21,9 @@ class Method(Protocol):
     default_lr: float
     # True when nothing before the head trains: the loop may cache pooled backbone features.
     frozen_backbone: bool
+    # Blocks 0..frozen_blocks-1 and the embeddings never train and run without dropout: the loop may
+    # cache the token states entering block `frozen_blocks` (0 = nothing to cache). Set by `apply`.
+    frozen_blocks: int
     # Positions the method adds in front of every input (prompt tuning's virtual tokens).
     extra_positions: int
 
@@ -43,6 +46,7 @@ class BaseMethod:
     name = "base"
     default_lr = 1e-4
     frozen_backbone = False
+    frozen_blocks = 0
     extra_positions = 0
 
     def __init__(self, cfg: Any) -> None:

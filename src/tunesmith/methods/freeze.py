@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+from torch import nn
+
 from tunesmith.config import FeatureExtractionConfig, PartialConfig
 from tunesmith.errors import ConfigError
 from tunesmith.methods import BaseMethod, freeze_backbone, param_groups
@@ -43,16 +45,25 @@ class PartialMethod(BaseMethod):
 
     def apply(self, model: TextClassifier) -> None:
         freeze_backbone(model)
+        self.frozen_blocks = 0
         if self.cfg.trainable_regex is not None:
             self._unfreeze_regex(model, self.cfg.trainable_regex)
             return
         blocks_name, blocks = find_blocks(model.backbone)
-        frozen = self.frozen_blocks(len(blocks))
+        frozen = self._frozen_count(len(blocks))
         for name, param in model.backbone.named_parameters():
             index = block_index(name, blocks_name)
             param.requires_grad_((index is not None and index >= frozen) or (index is None and "embed" not in name))
+        _no_dropout_below(model, blocks_name, frozen)
+        # The loop may run the frozen prefix once and cache its output, but only when every trainable
+        # backbone weight sits in blocks >= frozen: a trainable weight outside the block stack (a final
+        # norm, say) could run before block `frozen` in some architecture, and caching would stop it training.
+        outside = [
+            n for n, p in model.backbone.named_parameters() if p.requires_grad and block_index(n, blocks_name) is None
+        ]
+        self.frozen_blocks = frozen if not outside else 0
 
-    def frozen_blocks(self, depth: int) -> int:
+    def _frozen_count(self, depth: int) -> int:
         frozen = self.cfg.freeze_layers if self.cfg.freeze_layers is not None else max(depth - 2, 0)
         if frozen > depth:
             raise ConfigError(f"method.freeze_layers={frozen}: the model has only {depth} blocks")
@@ -63,7 +74,7 @@ class PartialMethod(BaseMethod):
         if self.cfg.unfreeze_every is None or self.cfg.trainable_regex is not None:
             return
         blocks_name, blocks = find_blocks(model.backbone)
-        depth, frozen = len(blocks), self.frozen_blocks(len(blocks))
+        depth, frozen = len(blocks), self._frozen_count(len(blocks))
         lowest_open = max(depth - 1 - epoch // self.cfg.unfreeze_every, frozen)
         for name, param in model.backbone.named_parameters():
             index = block_index(name, blocks_name)
@@ -87,3 +98,21 @@ class PartialMethod(BaseMethod):
             raise ConfigError(f"method.trainable_regex={pattern!r} matches no parameter (names look like {sample})")
         for name, param in model.backbone.named_parameters():
             param.requires_grad_(name in matched)
+
+
+def _no_dropout_below(model: TextClassifier, blocks_name: str, frozen: int) -> None:
+    """Run the embeddings and blocks 0..frozen-1 without dropout, in training too.
+
+    Those weights never train, so their output is a fixed function of the input, as in feature
+    extraction; that is what lets the loop compute it once and cache it, and setting `p = 0` makes an
+    uncached run compute exactly the same thing. `p = 0` rather than eval mode, because the loop's
+    `model.train()` would switch eval mode back off; BERT-family attention reads its dropout
+    module's `p` at call time, so this covers attention dropout too. Dropout with `p = 0` returns its
+    input unchanged and draws no random numbers, so the blocks above see the same dropout masks either way.
+    """
+    for name, module in model.backbone.named_modules():
+        index = block_index(name + ".", blocks_name)
+        if isinstance(module, nn.Dropout) and (
+            (index is not None and index < frozen) or (index is None and "embed" in name)
+        ):
+            module.p = 0.0

@@ -13,8 +13,11 @@ from tunesmith.eval.metrics import ConfusionMetrics
 
 __all__ = ["ClassificationObjective", "Item"]
 
-# One tokenised example: input_ids (and token_type_ids) as lists, label index, or cached features.
+# One tokenised example: input_ids (and token_type_ids) as lists and a label index; or, once cached
+# (training/cache.py), pooled `features` (H,) or token states `hidden` (T, H) with their `start_block`.
 Item = dict[str, Any]
+
+PAD_MULTIPLE = 8
 
 
 class ClassificationObjective:
@@ -46,14 +49,18 @@ class ClassificationObjective:
 
     @staticmethod
     def length(item: Item) -> int:
-        return len(item["input_ids"]) if "input_ids" in item else 1
+        if "input_ids" in item:
+            return len(item["input_ids"])
+        return len(item["hidden"]) if "hidden" in item else 1
 
     def collate(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
         """Pad a list of items to the longest one: input_ids/attention_mask (B, T), labels (B,)."""
         labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
         if "features" in items[0]:
             return {"features": torch.stack([it["features"] for it in items]), "labels": labels}
-        width = max(len(it["input_ids"]) for it in items)
+        if "hidden" in items[0]:
+            return self._collate_hidden(items, labels)
+        width = self.padded_width(max(len(it["input_ids"]) for it in items))
         ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
         for row, it in enumerate(items):
@@ -66,6 +73,32 @@ class ClassificationObjective:
                 types[row, : len(it["token_type_ids"])] = torch.tensor(it["token_type_ids"])
             batch["token_type_ids"] = types
         return batch
+
+    def _collate_hidden(self, items: Sequence[Item], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cached token states zero-padded as token ids are: hidden (B, T, H), attention_mask (B, T).
+
+        The same width as uncached batches gives the blocks above the same shapes, so their dropout
+        draws the same masks and a cached run trains exactly as an uncached one.
+        """
+        start = {it["start_block"] for it in items}
+        assert len(start) == 1, f"one batch mixes states cached at blocks {sorted(start)}"
+        width = self.padded_width(max(len(it["hidden"]) for it in items))
+        hidden = torch.zeros((len(items), width, items[0]["hidden"].shape[1]), dtype=items[0]["hidden"].dtype)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, it in enumerate(items):
+            hidden[row, : len(it["hidden"])] = it["hidden"]
+            mask[row, : len(it["hidden"])] = 1
+        # A 0-d tensor, so the batch stays a dict of tensors that moves to the device as a whole.
+        return {"hidden": hidden, "attention_mask": mask, "start_block": torch.tensor(start.pop()), "labels": labels}
+
+    def padded_width(self, longest: int) -> int:
+        """Pad to a multiple of PAD_MULTIPLE (never past max_length).
+
+        Fewer distinct shapes let the CPU matmul library (oneDNN) reuse its cached kernels and
+        buffers: with one shape per length, its cache grew peak memory by ~25% in a LoRA run.
+        """
+        rounded = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+        return min(rounded, max(longest, self.max_length))
 
     @staticmethod
     def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from tunesmith.eval.evaluate import evaluate_items
 from tunesmith.eval.metrics import higher_is_better
 from tunesmith.runs import Run, read_json
 from tunesmith.training.batching import epoch_batches
-from tunesmith.training.cache import cache_features
+from tunesmith.training.cache import cache_features, cache_hidden
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint
 from tunesmith.training.checkpoint import save_trainable as save_weights
 
@@ -89,9 +89,9 @@ def train_loop(
     started = time.perf_counter()
     lengths = [objective.length(it) for it in train_items]
 
-    # Frozen work done once: a frozen backbone's pooled features are computed a single time.
-    if method.frozen_backbone:
-        train_items, val_items = _cache(model, objective, train_items, val_items, cfg, eval_cfg, autocast, run)
+    # Frozen work done once: what runs before the first trainable weight is computed a single time.
+    if method.frozen_backbone or method.frozen_blocks > 0:
+        train_items, val_items = _cache(model, method, objective, train_items, val_items, cfg, eval_cfg, autocast, run)
 
     n_batches = math.ceil(len(train_items) / cfg.batch_size)
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
@@ -176,18 +176,22 @@ def train_loop(
     return result
 
 
-def _cache(model, objective, train_items, val_items, cfg, eval_cfg, autocast, run):
+def _cache(model, method, objective, train_items, val_items, cfg, eval_cfg, autocast, run):
+    """Pooled features of a frozen backbone, else the token states entering block `method.frozen_blocks`
+    (items stay as they are where the model cannot be split there)."""
     max_bytes = cfg.cache_max_mb * 2**20
     spill = run.dir / "cache"
-    train_cached = cache_features(
-        model, train_items, objective.collate, eval_cfg.batch_size, autocast, max_bytes, spill, "train"
-    )
-    val_cached = None
-    if val_items is not None:
-        val_cached = cache_features(
-            model, val_items, objective.collate, eval_cfg.batch_size, autocast, max_bytes, spill, "validation"
-        )
-    return train_cached, val_cached
+
+    def cache(items, name):
+        if method.frozen_backbone:
+            return cache_features(
+                model, items, objective.collate, eval_cfg.batch_size, autocast, max_bytes, spill, name
+            )
+        k = method.frozen_blocks
+        hidden = cache_hidden(model, items, objective.collate, eval_cfg.batch_size, autocast, max_bytes, spill, name, k)
+        return items if hidden is None else hidden
+
+    return cache(train_items, "train"), (None if val_items is None else cache(val_items, "validation"))
 
 
 def _optimizer(model: Any, method: Any, cfg: TrainConfig, total_steps: int):
