@@ -33,8 +33,10 @@ while the run went on (`foreign_load`, from /proc/stat minus the worker's own CP
   tunesmith runs at its default precision (bf16 autocast on CPUs that have it).
 
 Estimated MFU = useful training FLOPs / train seconds / peak, with peak 175 GFLOP/s (fp32) or
-400 GFLOP/s (bf16). N = weights of the matmuls inside the encoder blocks (embeddings, pooler, head
-and attention-score FLOPs left out: per-sequence or small at these lengths); T as above.
+400 GFLOP/s (bf16) unless `--peak-gflops-*` says otherwise; the rate a plain encoder-sized matmul
+reaches on the machine is measured and printed beside it, for scale. N = weights of the matmuls
+inside the encoder blocks (embeddings, pooler, head and attention-score FLOPs left out: per-sequence
+or small at these lengths); T as above.
 - full: 6 N per token per epoch (forward 2N, backward 4N).
 - lora: (4 N + 6 N_lora) per token per epoch: forward 2N, backward 2N for activation gradients
   through the frozen weights (no weight gradients), LoRA matrices 6 N_lora.
@@ -78,7 +80,9 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
 # Every linear layer inside the encoder blocks (query, key, value, attention.output.dense,
 # intermediate.dense, output.dense), but not the pooler's dense: peft full-matches a string.
 LORA_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)"
-PEAK_FLOPS = {"fp32": 175e9, "bf16": 400e9}
+# Nominal peaks for the MFU estimate (override with --peak-gflops-*); the measured matmul rate of
+# the machine is recorded beside them.
+PEAK_GFLOPS = {"fp32": 175.0, "bf16": 400.0}
 # tunesmith caches the frozen backbone's features once per run (DESIGN §4, train/cache.py).
 TUNESMITH_CACHES_FROZEN_FEATURES = True
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -264,9 +268,7 @@ def encode(tokenizer: Any, rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     label_ids = {"negative": 0, "positive": 1}
     encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=MAX_LENGTH)
     keys = list(encoded.keys())
-    return [
-        {**{k: encoded[k][i] for k in keys}, "labels": label_ids[row["label"]]} for i, row in enumerate(rows)
-    ]
+    return [{**{k: encoded[k][i] for k in keys}, "labels": label_ids[row["label"]]} for i, row in enumerate(rows)]
 
 
 def held_out_accuracy(model: Any, collator: Any, examples: list[dict[str, Any]], bf16: bool) -> float:
@@ -469,15 +471,18 @@ NOISY_LOAD = 0.2  # cores used by other processes during a run, above which its 
 METRICS = ("train_seconds", "samples_per_second", "tokens_per_second", "peak_rss_mb", "accuracy", "mfu")
 
 
-def summarize(runs: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
-    """Medians per (workload, tool), then tunesmith's ratios against each reference variant."""
+def summarize(runs: list[dict[str, Any]], meta: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
+    """Medians per (workload, tool), then tunesmith's ratios against each reference variant.
+
+    Each successful run gets its estimated `mfu` added in place (it is saved with the runs).
+    """
     tools = {t.label: t for name in ("reference-fp32", "reference-bf16", "tunesmith") for t in TOOLS[name]}
     summary: dict[str, Any] = {}
     for run in runs:
         if "error" not in run:
             workload, tool = WORKLOADS[run["workload"]], tools[run["tool"]]
             flops = train_flops(workload, tool, meta["train_tokens"])
-            run["mfu"] = flops / run["train_seconds"] / PEAK_FLOPS[run["precision"]]
+            run["mfu"] = flops / run["train_seconds"] / (peaks[run["precision"]] * 1e9)
     for name in WORKLOADS:
         medians = {}
         for label in tools:
@@ -504,14 +509,11 @@ def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def markdown(summary: dict[str, Any], runs: list[dict[str, Any]], meta: dict[str, Any], repeats: int) -> str:
+def markdown(summary: dict[str, Any], runs: list[dict[str, Any]], header: list[str]) -> str:
+    """README-ready tables: one per workload, then tunesmith's ratios; `header` lines go first."""
     noisy = [r for r in runs if r.get("foreign_load", 0.0) > NOISY_LOAD]
     failed = [r for r in runs if "error" in r]
-    lines = [
-        f"Data: {meta['n_train']} train / {meta['n_test']} held-out reviews, {meta['train_tokens']} train "
-        f"tokens; medians of {repeats} repeat(s); {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPU(s).",
-    ]
+    lines = list(header)
     for name, part in summary.items():
         w = WORKLOADS[name]
         lines += ["", f"### {name}: {w.description}, {w.epochs} epoch(s), lr {w.lr:g}", ""]
@@ -527,9 +529,7 @@ def markdown(summary: dict[str, Any], runs: list[dict[str, Any]], meta: dict[str
             lines += ["", "| tunesmith vs | throughput (×) | peak memory (×) | accuracy (Δ points) |"]
             lines += ["|---|---:|---:|---:|"]
             for ref, r in part["ratios"].items():
-                lines.append(
-                    f"| {ref} | {r['throughput']:.2f} | {r['memory']:.2f} | {r['accuracy_points']:+.1f} |"
-                )
+                lines.append(f"| {ref} | {r['throughput']:.2f} | {r['memory']:.2f} | {r['accuracy_points']:+.1f} |")
     if noisy:
         lines += ["", f"Warning: {len(noisy)} run(s) shared the CPU with other processes (> {NOISY_LOAD} cores)."]
     if failed:
@@ -587,11 +587,39 @@ def print_run(run: dict[str, Any]) -> None:
     )
 
 
+def matmul_gflops(dtype_name: str, size: tuple[int, int, int] = (2048, 384, 1536)) -> float:
+    """Measured rate of one encoder-sized matmul (B*T, H) @ (H, 4H): what this CPU really reaches."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    m, k, n = size
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b  # warm-up (kernel selection)
+    start, repeats = time.perf_counter(), 30
+    for _ in range(repeats):
+        a @ b
+    return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
+
+
+def header_lines(meta: dict[str, Any], args: argparse.Namespace, env: dict[str, Any]) -> list[str]:
+    measured = env["matmul_gflops"]
+    return [
+        f"Data: {meta['n_train']} train / {meta['n_test']} held-out reviews, {meta['train_tokens']} train "
+        f"tokens; medians of {args.repeats} repeat(s); {env['cpu_count']} CPU(s), torch {env['torch']}, "
+        f"transformers {env['transformers']}. Always answering the majority class scores "
+        f"{max(meta['test_positive_share'], 1 - meta['test_positive_share']):.3f} on the held-out set.",
+        f"Est. MFU against {args.peak_gflops_fp32:g} (fp32) / {args.peak_gflops_bf16:g} (bf16) GFLOP/s; "
+        f"a plain matmul measures {measured['fp32']:.0f} / {measured['bf16']:.0f} GFLOP/s here.",
+    ]
+
+
 def environment() -> dict[str, Any]:
     import torch
     import transformers
 
     return {
+        "matmul_gflops": {name: matmul_gflops(name) for name in ("fp32", "bf16")},
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -615,6 +643,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=300.0,
         help="Before each run, wait up to this many seconds for other processes to leave the CPU.",
     )
+    parser.add_argument("--peak-gflops-fp32", type=float, default=PEAK_GFLOPS["fp32"], help="For the MFU.")
+    parser.add_argument("--peak-gflops-bf16", type=float, default=PEAK_GFLOPS["bf16"], help="For the MFU.")
     parser.add_argument("--quick", action="store_true", help="Smoke test: 600 / 300 rows, 1 repeat.")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tool", help=argparse.SUPPRESS)
@@ -637,12 +667,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tunesmith-bench-") as tmp:
         paths = prepare_data(Path(tmp), args.train_size, args.test_size)
         meta = json.loads(paths.meta.read_text(encoding="utf-8"))
+        env = environment()  # measures matmul rates: before the runs, while nothing else of ours runs
         runs = run_all(tools, workloads, paths, args.repeats, args.wait_idle)
-    summary = summarize(runs, meta)
-    table = markdown(summary, runs, meta, args.repeats)
+    summary = summarize(runs, meta, {"fp32": args.peak_gflops_fp32, "bf16": args.peak_gflops_bf16})
+    table = markdown(summary, runs, header_lines(meta, args, env))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"classification-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": environment(), "data": meta}
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": env, "data": meta}
     record.update(runs=runs, summary=summary, markdown=table)
     out.write_text(json.dumps(record, indent=2), encoding="utf-8")
     print("\n" + table + f"\n\nWritten to {out}")
