@@ -29,6 +29,7 @@ from tunesmith.training.batching import epoch_batches
 from tunesmith.training.cache import cache_features, cache_hidden
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint
 from tunesmith.training.checkpoint import save_trainable as save_weights
+from tunesmith.training.dropout import use_fast_dropout
 
 __all__ = ["LoopResult", "make_autocast", "resolve_precision", "train_loop"]
 
@@ -86,6 +87,8 @@ def train_loop(
     device = accelerator.device
     autocast = make_autocast(device, resolve_precision(cfg.precision))
     model.to(device)
+    if device.type == "cpu":
+        use_fast_dropout(model)  # torch's per-element Bernoulli draw was a third of a CPU LoRA step
     started = time.perf_counter()
     lengths = [objective.length(it) for it in train_items]
 
