@@ -41,3 +41,13 @@ def test_module_is_identity_in_eval_and_swaps_every_dropout() -> None:
     x = torch.randn(8, 4)
     assert torch.equal(model(x), model[0](x))
     assert torch.equal(fast_dropout(x, 1.0), torch.zeros_like(x))
+
+
+def test_gradient_is_the_same_mask_and_scale() -> None:
+    x = torch.randn(64, 32, requires_grad=True)
+    torch.manual_seed(3)
+    y = fast_dropout(x, 0.25)
+    y.sum().backward()
+    assert x.grad is not None
+    expected = (y != 0).float() / (1 - round(0.25 * 32768) / 32768)
+    assert torch.allclose(x.grad, expected)

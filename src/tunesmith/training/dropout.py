@@ -9,6 +9,8 @@ so seeding and exact resume behave as with `nn.Dropout`. GPUs keep torch's own k
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -26,9 +28,24 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
     lanes = words.view(torch.int16)[:n].view(x.shape)
     threshold = round(p * _LEVELS)
-    keep = (lanes & 0x7FFF) >= threshold
-    scale = _LEVELS / (_LEVELS - threshold)
-    return x * keep.to(x.dtype) * scale
+    keep = (lanes & 0x7FFF) >= threshold  # bool, 1 byte per element
+    return _MaskedScale.apply(x, keep, _LEVELS / (_LEVELS - threshold))
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x * keep * scale that saves only the 1-byte mask for backward (as torch's dropout does),
+    not a mask in x's dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None, None
 
 
 class FastDropout(nn.Dropout):
