@@ -29,7 +29,7 @@ class ConfusionMetrics:
         keep = labels >= 0
         if not bool(keep.any()):
             return
-        logits, labels = logits[keep].float(), labels[keep]
+        logits, labels = logits[keep].float().cpu(), labels[keep].cpu()  # the counts live on the CPU
         self.loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         preds = logits.argmax(-1)
         flat = labels * len(self.labels) + preds
