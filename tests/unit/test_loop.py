@@ -49,8 +49,10 @@ def test_resumed_run_ends_with_the_same_weights(base_config: dict, tmp_path: Pat
     assert not (broken / "final").exists()
     assert sorted(p.name for p in (broken / "checkpoints").glob("step-*")) == ["step-0000006", "step-0000009"]
 
+    (broken / "checkpoints" / ".tmp-half-written").mkdir()  # as a kill during a save leaves it
     resumed = tunesmith.train(broken / "config.yaml", resume=broken)
     assert resumed.run_dir == broken
+    assert not (broken / "checkpoints" / ".tmp-half-written").exists()
     expected, got = _weights(whole.run_dir), _weights(broken)
     assert expected.keys() == got.keys()
     for name in expected:

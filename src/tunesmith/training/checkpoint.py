@@ -118,6 +118,9 @@ def save_checkpoint(
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint; half-written ones (a kill during a save) are removed."""
+    for partial in folder.glob(".tmp-*"):
+        shutil.rmtree(partial, ignore_errors=True)
     done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file())
     return done[-1] if done else None
 
