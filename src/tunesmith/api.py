@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tunesmith.config import RunConfig, config_from_dict, read_yaml_config
+from tunesmith.config import RunConfig, apply_overrides, config_from_dict, read_yaml_config
 from tunesmith.config import load_config as _load_config
 from tunesmith.data.load import Splits, load_splits, read_examples
 from tunesmith.data.records import check_known_labels
@@ -225,6 +225,7 @@ def _refuse_noop(method: Method, model: TextClassifier) -> None:
 
 
 def _as_config(config: RunConfig | dict | str | Path | None, overrides: list[str] | None, sections: dict) -> RunConfig:
+    origin = "config"
     if isinstance(config, RunConfig):
         if not overrides and not sections:
             return config
@@ -234,9 +235,9 @@ def _as_config(config: RunConfig | dict | str | Path | None, overrides: list[str
     elif isinstance(config, dict):
         data = dict(config)
     else:
-        data = read_yaml_config(config)
+        data, origin = read_yaml_config(config), str(config)
     data.update(sections)
-    return _load_config(data, overrides)
+    return config_from_dict(apply_overrides(data, overrides or []), origin=origin)
 
 
 def _open_or_create(cfg: RunConfig, resume: str | Path | None) -> Run:

@@ -89,6 +89,7 @@ def test_unknown_method_and_key(tmp_path: Path, base_config: dict, monkeypatch, 
     code, out = run_cli(monkeypatch, capsys, "train", config, "method.name=lorra", "train.epoch=2")
     assert code == 2
     assert "unknown method 'lorra'; did you mean 'lora'?" in out
+    assert f"error: {config}: " in out  # the message names the config file
 
 
 def test_method_that_does_not_fit_the_model(tmp_path: Path, base_config: dict, monkeypatch, capsys) -> None:
