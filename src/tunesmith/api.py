@@ -9,23 +9,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from tunesmith.build import build_model, build_objective, prepare_tokenizer, refuse_noop
 from tunesmith.config import RunConfig, apply_overrides, config_from_dict, read_yaml_config
 from tunesmith.config import load_config as _load_config
-from tunesmith.data.load import Splits, load_splits, read_examples
+from tunesmith.data.load import Splits, load_splits, read_examples, read_sft_examples
 from tunesmith.data.records import check_known_labels
 from tunesmith.errors import ConfigError
+from tunesmith.eval.answers import answer_prompts, exact_match, split_prompt
 from tunesmith.eval.evaluate import evaluate_items, predict_items
-from tunesmith.methods import Method, build_method
-from tunesmith.models.classifier import TextClassifier
-from tunesmith.models.load import build_classifier, load_tokenizer
-from tunesmith.objectives.classification import ClassificationObjective
+from tunesmith.methods import Method
+from tunesmith.models.generate import Sampling
+from tunesmith.models.load import load_tokenizer
 from tunesmith.runs import Run, config_hash, create_run, open_run, read_json, write_json, write_manifest
 from tunesmith.training.checkpoint import load_trainable, save_trainable
 from tunesmith.training.loop import StepCallback, make_autocast, resolve_precision, train_loop
-from tunesmith.zoo import resolve_model_path
+from tunesmith.zoo import model_source_path
 
-__all__ = ["RunResult", "evaluate", "load_config", "load_trained", "predict", "train"]
+__all__ = ["RunResult", "evaluate", "generate", "generate_file", "load_config", "load_trained", "predict", "train"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,8 @@ class Trained:
     """A trained run, loaded for inference."""
 
     config: RunConfig
-    model: TextClassifier
-    objective: ClassificationObjective
+    model: nn.Module  # TextClassifier or CausalLM
+    objective: Any  # ClassificationObjective or SftObjective
     run: Run
 
 
@@ -74,22 +76,26 @@ def train(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    splits = load_splits(cfg.data, cfg.train.seed)
-    objective = ClassificationObjective(load_tokenizer(cfg.model), splits.labels, cfg.data.max_length)
-    model, method, names = _build(cfg, len(splits.labels))
+    splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
+    objective = build_objective(cfg, prepare_tokenizer(cfg), splits.labels)
+    model, method, names = build_model(cfg, len(splits.labels))
     run = _open_or_create(cfg, resume)
     fingerprint = {"config_hash": config_hash(cfg.to_dict()), "data_hash": config_hash(splits.hashes, ())}
-    _write_plan(run, cfg, splits, model, names, method)
+    train_items = objective.encode(splits.train, "train", pack_rows=True)
+    val_items = objective.encode(splits.validation, "validation") if splits.validation else None
+    _write_plan(run, cfg, splits, model, names, method, objective, len(train_items))
     if resume is None:
-        write_manifest(run, cfg.train.seed, splits.hashes, resolve_model_path(cfg.model.name))
+        write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name))
+    if cfg.task == "sft" and splits.validation:
+        objective.sample_prompts = [p for p, _ in map(split_prompt, splits.validation) if p][: cfg.eval.samples]
     baseline = _final_metrics(cfg, objective, model, splits) if cfg.eval.baseline else None
     started = time.perf_counter()
     outcome = train_loop(
         model=model,
         method=method,
         objective=objective,
-        train_items=objective.encode(splits.train),
-        val_items=objective.encode(splits.validation) if splits.validation else None,
+        train_items=train_items,
+        val_items=val_items,
         cfg=cfg.train,
         eval_cfg=cfg.eval,
         run=run,
@@ -98,11 +104,12 @@ def train(
         resume=resume is not None,
         callbacks=callbacks or [],
     )
-    _refuse_noop(method, model)
+    refuse_noop(method, model)
     model.eval()
     save_trainable(model, names, run.final / "trainable.safetensors")
     objective.tokenizer.save_pretrained(run.final / "tokenizer")
-    write_json(run.final / "labels.json", splits.labels)
+    if cfg.task == "classification":
+        write_json(run.final / "labels.json", splits.labels)
     metrics = _final_metrics(cfg, objective, model, splits)
     if baseline is not None:
         metrics["baseline"] = baseline
@@ -124,21 +131,87 @@ def train(
     return RunResult(run.dir, metrics)
 
 
-def evaluate(run_dir: str | Path, data: str | Path, batch_size: int | None = None) -> dict[str, Any]:
-    """Metrics of a trained run on a labelled data file (its labels must be known to the run)."""
+def evaluate(
+    run_dir: str | Path, data: str | Path, batch_size: int | None = None, generations: str | Path | None = None
+) -> dict[str, Any]:
+    """Metrics of a trained run on a data file.
+
+    Classification: accuracy, macro-F1, confusion matrix (labels must be known to the run).
+    sft: loss, perplexity and token accuracy on the completions, and exact match of greedy answers
+    against them; the answers are written as JSONL to `generations` (default: beside the run,
+    `generations-<data file stem>.jsonl`).
+    """
     trained = load_trained(run_dir)
-    examples = read_examples(str(data), trained.config.data)
-    check_known_labels(examples, trained.objective.labels, str(data))
+    cfg = trained.config
+    device = _device()
+    trained.model.to(device)
+    autocast = make_autocast(device, resolve_precision(cfg.train.precision))
+    size = batch_size or cfg.eval.batch_size
+    if cfg.task == "sft":
+        examples = read_sft_examples(str(data), cfg.data)
+        items = trained.objective.encode(examples, "eval")
+        metrics = evaluate_items(trained.model, trained.objective, items, size, autocast, device)
+        metrics["rows"] = trained.objective.counts["eval"]
+        tok = trained.objective.tokenizer
+        template = trained.objective.resolved_template()
+        scores, records = exact_match(trained.model, tok, template, examples, cfg.eval.max_new_tokens, size, autocast)
+        metrics.update(scores)
+        out = Path(generations) if generations else trained.run.dir / f"generations-{Path(data).stem}.jsonl"
+        _write_jsonl(out, records)
+        metrics["generations"] = str(out)
+        return metrics
+    labelled = read_examples(str(data), cfg.data)
+    check_known_labels(labelled, trained.objective.labels, str(data))
+    items = trained.objective.encode(labelled)
+    return evaluate_items(trained.model, trained.objective, items, size, autocast, device)
+
+
+def generate(
+    run_dir: str | Path,
+    prompts: list[str] | list[list[dict[str, str]]],
+    sampling: Sampling | None = None,
+    on_token: Any = None,
+) -> list[str]:
+    """Completions of an instruction-tuned run for text prompts or chat conversations
+    (`[{role, content}, ...]`), rendered exactly as training rendered its rows."""
+    trained = load_trained(run_dir)
+    if trained.config.task != "sft":
+        raise ConfigError(f"{run_dir}: generate needs an sft run; this one is {trained.config.task}")
+    return generate_with(trained, prompts, sampling or Sampling(), on_token)
+
+
+def generate_file(run_dir: str | Path, data: str | Path, sampling: Sampling | None = None) -> list[dict[str, Any]]:
+    """{prompt, output} for every row of a data file (completions, if present, are not used)."""
+    trained = load_trained(run_dir)
+    examples = read_sft_examples(str(data), trained.config.data, require_completion=False)
+    prompts: list[Any] = [
+        e.text if e.text is not None else [{"role": m.role, "content": m.content} for m in split_prompt(e)[0]]
+        for e in examples
+    ]
+    outputs = generate_with(trained, prompts, sampling or Sampling())
+    shown = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+    return [{"prompt": p, "output": o} for p, o in zip(shown, outputs, strict=True)]
+
+
+def generate_with(trained: Trained, prompts: list, sampling: Sampling, on_token: Any = None) -> list[str]:
+    """As `generate`, for a run already loaded (the chat loop keeps one). `on_token(row, id)` sees
+    each token as it is chosen."""
+    from tunesmith.data.sft import Message
+
     device = _device()
     trained.model.to(device)
     autocast = make_autocast(device, resolve_precision(trained.config.train.precision))
-    return evaluate_items(
+    rendered = [p if isinstance(p, str) else tuple(Message(m["role"], m["content"]) for m in p) for p in prompts]
+    objective = trained.objective
+    return answer_prompts(
         trained.model,
-        trained.objective,
-        trained.objective.encode(examples),
-        batch_size or trained.config.eval.batch_size,
+        objective.tokenizer,
+        objective.resolved_template(),
+        rendered,
+        sampling,
+        trained.config.eval.batch_size,
         autocast,
-        device,
+        on_token,
     )
 
 
@@ -149,6 +222,8 @@ def predict(
     from tunesmith.data.records import Example
 
     trained = load_trained(run_dir)
+    if trained.config.task != "classification":
+        raise ConfigError(f"{run_dir}: predict is for classification runs; use generate for {trained.config.task}")
     if (texts is None) == (data is None):
         raise ConfigError("predict: give either texts or a data file, not both")
     if data is not None:
@@ -181,47 +256,22 @@ def load_trained(run_dir: str | Path) -> Trained:
     """Rebuild a run's model from its config and load its trained weights (strictly)."""
     run = open_run(run_dir)
     cfg = config_from_dict(run.config(), origin=str(run.dir / "config.yaml"))
-    labels_path = run.final / "labels.json"
-    if not labels_path.is_file():
+    weights = run.final / "trainable.safetensors"
+    if not weights.is_file():
         raise ConfigError(f"{run.dir}: the run has no final weights (interrupted? resume it with --resume)")
-    labels = read_json(labels_path)
-    model, method, names = _build(cfg, len(labels))
-    load_trainable(model, names, run.final / "trainable.safetensors")
-    _refuse_noop(method, model)
+    labels = read_json(run.final / "labels.json") if cfg.task == "classification" else []
+    model, method, names = build_model(cfg, len(labels))
+    load_trainable(model, names, weights)
+    refuse_noop(method, model)
     model.eval()
-    tokenizer = _load_run_tokenizer(run, cfg)
-    return Trained(cfg, model, ClassificationObjective(tokenizer, labels, cfg.data.max_length), run)
+    tokenizer = prepare_tokenizer(cfg, _load_run_tokenizer(run, cfg))
+    return Trained(cfg, model, build_objective(cfg, tokenizer, labels), run)
 
 
 def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _build(cfg: RunConfig, num_labels: int) -> tuple[TextClassifier, Method, list[str]]:
-    model = build_classifier(cfg.model, num_labels, cfg.train.seed)
-    method = build_method(cfg.method)
-    _check_positions(cfg, model, method)
-    method.apply(model)
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    return model, method, names
-
-
-def _check_positions(cfg: RunConfig, model: TextClassifier, method: Method) -> None:
-    limit = getattr(getattr(model.backbone, "config", None), "max_position_embeddings", None)
-    needed = cfg.data.max_length + method.extra_positions
-    if limit is not None and needed > limit:
-        raise ConfigError(
-            f"data.max_length={cfg.data.max_length} + {method.extra_positions} virtual tokens of method.name="
-            f"{method.name} is {needed} positions, but the model has {limit}; lower data.max_length"
-        )
-
-
-def _refuse_noop(method: Method, model: TextClassifier) -> None:
-    reason = method.noop_reason(model)
-    if reason:
-        raise ConfigError(f"method.name={method.name}: {reason}; check train.lr, train.epochs and the data")
 
 
 def _as_config(config: RunConfig | dict | str | Path | None, overrides: list[str] | None, sections: dict) -> RunConfig:
@@ -247,8 +297,17 @@ def _open_or_create(cfg: RunConfig, resume: str | Path | None) -> Run:
     return create_run(cfg.output.dir, name, cfg.to_dict())
 
 
-def _write_plan(run: Run, cfg: RunConfig, splits: Splits, model: TextClassifier, names: list[str], method) -> None:
-    n_batches = math.ceil(len(splits.train) / cfg.train.batch_size)
+def _write_plan(
+    run: Run,
+    cfg: RunConfig,
+    splits: Splits,
+    model: nn.Module,
+    names: list[str],
+    method: Method,
+    objective,
+    n_items: int,
+) -> None:
+    n_batches = math.ceil(n_items / cfg.train.batch_size)
     steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * math.ceil(n_batches / cfg.train.grad_accum))
     params = dict(model.named_parameters())
     plan = {
@@ -265,6 +324,10 @@ def _write_plan(run: Run, cfg: RunConfig, splits: Splits, model: TextClassifier,
         "total_parameters": sum(p.numel() for p in params.values()),
         "trainable_names": names,
     }
+    if cfg.task == "sft":
+        plan["rows_encoded"] = objective.counts
+        plan["template"] = objective.resolved_template()
+        _report_dropped(objective.counts)
     write_json(run.dir / "plan.json", plan)
 
 
@@ -274,9 +337,35 @@ def _final_metrics(cfg: RunConfig, objective, model, splits: Splits) -> dict[str
     metrics: dict[str, Any] = {}
     for name, examples in (("validation", splits.validation), ("test", splits.test)):
         if examples:
-            items = objective.encode(examples)
+            items = objective.encode(examples, name)
             metrics[name] = evaluate_items(model, objective, items, cfg.eval.batch_size, autocast, device)
+            if cfg.task == "sft":
+                rows = examples[: cfg.eval.exact_match_rows] if cfg.eval.exact_match_rows else examples
+                template = objective.resolved_template()
+                scores, _ = exact_match(
+                    model, objective.tokenizer, template, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, autocast
+                )
+                metrics[name].update(scores)
     return metrics
+
+
+def _report_dropped(counts: dict[str, dict[str, int]]) -> None:
+    """One line on stderr for every split that lost or cut rows (also in plan.json)."""
+    import sys
+
+    for split, c in counts.items():
+        lost = {k: c.get(k, 0) for k in ("truncated", "dropped_overlong", "no_trainable_token") if c.get(k, 0)}
+        if lost:
+            detail = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in lost.items())
+            print(f"{split}: {c['rows']} rows, {detail} (see data.overlong, data.max_length)", file=sys.stderr)
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    import json
+
+    from tunesmith.runs import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _load_run_tokenizer(run: Run, cfg: RunConfig):

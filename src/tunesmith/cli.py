@@ -57,13 +57,16 @@ def validate(config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
-    data: Annotated[Path, typer.Option(help="Labelled data file to evaluate on.")],
+    data: Annotated[Path, typer.Option(help="Labelled data file (sft: rows with completions) to evaluate on.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    generations: Annotated[
+        Path | None, typer.Option(help="sft: where to write the greedy answers (JSONL; default in the run dir).")
+    ] = None,
 ) -> None:
-    """Evaluate a trained run on a labelled data file."""
+    """Evaluate a trained run on a data file (sft: loss, perplexity, exact match; answers written)."""
     from tunesmith import api
 
-    metrics = api.evaluate(run_dir, data)
+    metrics = api.evaluate(run_dir, data, generations=generations)
     if as_json:
         print(json.dumps(metrics, indent=2))
         return
@@ -93,6 +96,97 @@ def predict(
         console.print(f"{row['label']}  ({row['scores'][row['label']]:.3f})")
     else:
         sys.stdout.write(lines)
+
+
+MaxNew = Annotated[int, typer.Option(help="Most new tokens per answer.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of tokens with this mass.")]
+Seed = Annotated[int, typer.Option(help="Sampling seed.")]
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished sft run directory.")],
+    prompt: Annotated[str | None, typer.Argument(help="The prompt (rendered as training rendered rows).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data file: answer every row's prompt (JSONL out).")] = None,
+    max_new_tokens: MaxNew = 128,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
+) -> None:
+    """Generate a completion for a prompt (streamed), or for every prompt of a data file."""
+    from tunesmith import api
+    from tunesmith.models.generate import Sampling
+
+    if (prompt is None) == (data is None):
+        raise TunesmithError("give one prompt or --data FILE")
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    if data is not None:
+        for row in api.generate_file(run_dir, data, sampling):
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
+    trained = api.load_trained(run_dir)
+    _stream(trained, [prompt], sampling)
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="A finished sft run directory.")],
+    system: Annotated[str | None, typer.Option(help="A system message to start the conversation.")] = None,
+    max_new_tokens: MaxNew = 256,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.9,
+    seed: Seed = 0,
+) -> None:
+    """Talk to a trained model: the chat template applied, tokens streamed. /reset starts over, /exit ends."""
+    from tunesmith import api
+    from tunesmith.models.generate import Sampling
+
+    trained = api.load_trained(run_dir)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    err_console.print("chat: /reset starts over, /exit (or Ctrl-D) ends")
+    turn = 0
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = list(start)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        sys.stdout.write("model> ")
+        reply = _stream(trained, [history], Sampling(max_new_tokens, temperature, top_p, seed + turn))
+        history.append({"role": "assistant", "content": reply})
+        turn += 1
+
+
+def _stream(trained: Any, prompts: list, sampling: Any) -> str:
+    """Generate for one prompt, printing the text as tokens arrive; returns the whole answer."""
+    from tunesmith import api
+
+    tokenizer = trained.objective.tokenizer
+    tokens: list[int] = []
+    shown = ""
+
+    def on_token(_row: int, token: int) -> None:
+        nonlocal shown
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown) :])
+            sys.stdout.flush()
+            shown = text
+
+    answer = api.generate_with(trained, prompts, sampling, on_token)[0]
+    sys.stdout.write(answer[len(shown) :] + "\n")
+    sys.stdout.flush()
+    return answer
 
 
 @app.command()
@@ -154,7 +248,7 @@ def _print_result(run_dir: Path, metrics: dict[str, Any]) -> None:
     t = metrics["train"]
     console.print(
         f"trained {t['steps']} steps in {t['train_seconds']:.1f}s "
-        f"({t['samples_per_second']:.1f} samples/s, {t['precision']}), "
+        f"({t['samples_per_second']:.1f} samples/s, {t['tokens_per_second']:.0f} tokens/s, {t['precision']}), "
         f"{t['trainable_parameters']:,} trainable parameters, peak memory {t['peak_rss_mb']:.0f} MB"
     )
     console.print(f"run directory: [bold]{run_dir}[/bold]")
@@ -164,7 +258,7 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
     table = Table(title=title, box=None)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("accuracy", "macro_f1", "loss", "count"):
+    for key in ("accuracy", "macro_f1", "loss", "perplexity", "token_accuracy", "exact_match", "count"):
         if key in metrics:
             value = metrics[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))

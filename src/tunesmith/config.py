@@ -187,7 +187,18 @@ class DataConfig(_Section):
     labels: list[str] | None = Field(None, description="Label order (default: sorted labels seen in train).")
     label_map: dict[str, str] = Field(default_factory=dict, description="Rename labels, e.g. fresh: positive.")
     column_map: dict[str, str] = Field(default_factory=dict, description="Rename fields: {file_name: our_name}.")
-    max_length: int = Field(128, gt=1, description="Truncate token sequences to this length.")
+    max_length: int = Field(128, gt=1, description="Longest token sequence; longer rows follow `overlong`.")
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="Rows longer than max_length: cut them, leave them out, or stop (counted)."
+    )
+    template: Literal["auto", "chat", "plain"] = Field(
+        "auto",
+        description="sft: render rows with the tokenizer's chat template (auto: when it has one), or plain text.",
+    )
+    train_on_prompt: bool = Field(False, description="sft: also train on prompt tokens, not only completions.")
+    packing: bool = Field(
+        False, description="sft: pack short rows into max_length sequences (each row attends only to itself)."
+    )
     limit: int | None = Field(None, gt=0, description="Use a reproducible sample of this many training rows.")
 
     @field_validator("validation")
@@ -199,7 +210,9 @@ class DataConfig(_Section):
 
 
 class EarlyStoppingConfig(_Section):
-    metric: str = Field("accuracy", description="Validation metric to watch (accuracy, macro_f1, loss).")
+    metric: str | None = Field(
+        None, description="Validation metric to watch (default: eval.metric; accuracy, macro_f1, loss, perplexity)."
+    )
     patience: int = Field(2, gt=0, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
 
@@ -230,12 +243,22 @@ class TrainConfig(_Section):
     )
     cache_max_mb: int = Field(1024, gt=0, description="Cached frozen features above this spill to disk.")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute block activations in the backward pass: less memory, ~30% more compute."
+    )
 
 
 class EvalConfig(_Section):
     batch_size: int = Field(64, gt=0, description="Rows per evaluation batch.")
     baseline: bool = Field(False, description="Also evaluate before training (new head untrained).")
-    metric: str = Field("accuracy", description="Metric that picks the best checkpoint.")
+    metric: str | None = Field(
+        None, description="Metric that picks the best checkpoint (default: accuracy; loss for sft)."
+    )
+    samples: int = Field(3, ge=0, description="sft: validation prompts generated and logged at each evaluation.")
+    max_new_tokens: int = Field(64, gt=0, description="sft: longest generated answer in evaluation.")
+    exact_match_rows: int | None = Field(
+        200, gt=0, description="sft: validation/test rows answered greedily for exact match (null = all)."
+    )
 
 
 class OutputConfig(_Section):
@@ -247,7 +270,9 @@ class RunConfig(_Section):
     """A whole run. `model`, `method` and `output` accept a plain string as shorthand."""
 
     model: ModelConfig
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "sft"] = Field(
+        "classification", description="classification (text -> label) or sft (instruction tuning a causal LM)."
+    )
     method: MethodConfig = Field(default_factory=lambda: LoraConfig())
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)

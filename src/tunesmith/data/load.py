@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tunesmith.config import DataConfig
 from tunesmith.data.readers import Row, read_rows
 from tunesmith.data.records import Example, check_known_labels, resolve_labels, to_examples
+from tunesmith.data.sft import SftExample, to_sft_examples
 from tunesmith.data.split import sample, split_by_hash
 from tunesmith.runs import file_sha256
 from tunesmith.zoo import PACKAGED_DATA, packaged_data_rows
 
-__all__ = ["Splits", "load_splits", "read_examples"]
+__all__ = ["Splits", "load_splits", "read_examples", "read_sft_examples"]
 
 
 @dataclass
 class Splits:
-    train: list[Example]
-    validation: list[Example] | None
-    test: list[Example] | None
-    labels: list[str]
+    train: list[Any]  # Example (classification) or SftExample (sft)
+    validation: list[Any] | None
+    test: list[Any] | None
+    labels: list[str]  # empty for sft
     # source name -> content hash (sha256 of the file, or the packaged carrier's file)
     hashes: dict[str, str] = field(default_factory=dict)
 
@@ -31,23 +34,31 @@ def read_examples(source: str, cfg: DataConfig, require_labels: bool = True) -> 
     return to_examples(rows, cfg.text_field, cfg.label_field, cfg.text_pair_field, cfg.label_map, require_labels)
 
 
-def load_splits(cfg: DataConfig, seed: int) -> Splits:
+def read_sft_examples(source: str, cfg: DataConfig, require_completion: bool = True) -> list[SftExample]:
+    """Instruction-tuning rows (prompt/completion, Alpaca, chat messages or plain text)."""
+    return to_sft_examples(_rows(source, cfg), require_completion)
+
+
+def load_splits(cfg: DataConfig, seed: int, task: str = "classification") -> Splits:
     """Train / validation / test examples and the label order, every label checked."""
-    train = read_examples(cfg.train, cfg)
-    validation: list[Example] | None = None
+    read: Callable[[str, DataConfig], list[Any]] = read_sft_examples if task == "sft" else read_examples
+    train = read(cfg.train, cfg)
+    validation: list[Any] | None = None
     if isinstance(cfg.validation, float):
         train, validation = split_by_hash(train, cfg.validation)
     elif isinstance(cfg.validation, str):
-        validation = read_examples(cfg.validation, cfg)
+        validation = read(cfg.validation, cfg)
     if cfg.limit is not None:
         train = sample(train, cfg.limit, seed)
-    test = read_examples(cfg.test, cfg) if cfg.test else None
+    test = read(cfg.test, cfg) if cfg.test else None
+    sources = [s for s in (cfg.train, cfg.validation, cfg.test) if isinstance(s, str)]
+    if task == "sft":
+        return Splits(train, validation, test, [], {s: source_hash(s) for s in sources})
     labels = resolve_labels(train, cfg.labels)
     if validation is not None:
         check_known_labels(validation, labels, "validation")
     if test is not None:
         check_known_labels(test, labels, "test")
-    sources = [s for s in (cfg.train, cfg.validation, cfg.test) if isinstance(s, str)]
     return Splits(train, validation, test, labels, {s: source_hash(s) for s in sources})
 
 

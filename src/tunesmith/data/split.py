@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from tunesmith.data.records import Example
 from tunesmith.errors import DataError
+
+_E = TypeVar("_E")  # a classification Example or an instruction-tuning SftExample
 
 __all__ = ["sample", "split_by_hash", "stable_hash"]
 
@@ -22,9 +25,7 @@ def stable_hash(text: str, salt: str = "") -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_by_hash(
-    examples: Sequence[Example], fraction: float, salt: str = "split"
-) -> tuple[list[Example], list[Example]]:
+def split_by_hash(examples: Sequence[_E], fraction: float, salt: str = "split") -> tuple[list[_E], list[_E]]:
     """Split off about `fraction` of each label's examples, chosen by hash.
 
     Within each label (unlabelled examples form one group) the `round(fraction * n)` examples with the
@@ -48,7 +49,7 @@ def split_by_hash(
     keys = [_key(ex) for ex in examples]
     groups: dict[str | None, list[int]] = {}
     for index, ex in enumerate(examples):
-        groups.setdefault(ex.label, []).append(index)
+        groups.setdefault(getattr(ex, "label", None), []).append(index)
     picked: set[str] = set()
     kept: set[str] = set()
     for indices in groups.values():
@@ -63,7 +64,7 @@ def split_by_hash(
     return first_list, second_list
 
 
-def sample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
+def sample(examples: Sequence[_E], n: int, seed: int) -> list[_E]:
     """A reproducible sample of `n` examples (all of them when `n >= len(examples)`).
 
     The `n` examples with the lowest `stable_hash(text, salt=f"sample-{seed}")`, in input order.
@@ -102,6 +103,10 @@ def _pick_keys(keys: list[str], fraction: float, salt: str) -> set[str]:
     return picked
 
 
-def _key(example: Example) -> str:
-    """What the hash sees: the text and text pair, so exact duplicates share a side."""
-    return example.text + "\x00" + (example.text_pair or "")
+def _key(example: Any) -> str:
+    """What the hash sees: the text and text pair (or an instruction row's messages), so exact
+    duplicates share a side."""
+    if isinstance(example, Example):
+        return example.text + "\x00" + (example.text_pair or "")
+    turns = "".join(f"\x00{m.role}\x01{m.content}" for m in example.messages)
+    return (example.text or "") + turns

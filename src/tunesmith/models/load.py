@@ -11,10 +11,11 @@ from torch import nn
 
 from tunesmith.config import ModelConfig
 from tunesmith.errors import ConfigError
+from tunesmith.models.causal_lm import CausalLM
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.zoo import PACKAGED_MODELS, resolve_model_path
 
-__all__ = ["build_classifier", "find_blocks", "linear_names", "load_backbone", "load_tokenizer"]
+__all__ = ["build_causal_lm", "build_classifier", "find_blocks", "linear_names", "load_backbone", "load_tokenizer"]
 
 
 def load_backbone(cfg: ModelConfig) -> nn.Module:
@@ -54,6 +55,29 @@ def build_classifier(cfg: ModelConfig, num_labels: int, seed: int) -> TextClassi
         return TextClassifier(backbone, hidden, num_labels, cfg.pooling, cfg.head_dropout)
 
 
+def build_causal_lm(cfg: ModelConfig) -> CausalLM:
+    """A pre-trained causal LM (fp32, train mode) split into decoder and output layer.
+
+    The output layer starts frozen (with tied embeddings it *is* the input embedding); `full`
+    unfreezes it with everything else.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = _resolve(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(_load_error(cfg.name, exc, "a causal language model")) from None
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or decoder is None:
+        raise ConfigError(f"model.name={cfg.name}: {type(model).__name__} has no decoder and linear output layer")
+    head.weight.requires_grad_(False)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    lm = CausalLM(decoder, head, tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    lm.train()
+    return lm
+
+
 def find_blocks(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
     """The repeated transformer blocks: the longest `ModuleList` (name, module)."""
     best: tuple[str, nn.ModuleList] | None = None
@@ -84,9 +108,9 @@ def _resolve(cfg: ModelConfig) -> str:
     return str(Path(path).expanduser()) if looks_local else path
 
 
-def _load_error(name: str, exc: Exception) -> str:
+def _load_error(name: str, exc: Exception, kind: str = "a model") -> str:
     known = ", ".join(PACKAGED_MODELS)
     return (
-        f"model.name={name}: could not load it ({str(exc).splitlines()[0]}). Give a packaged short name "
+        f"model.name={name}: could not load it as {kind} ({str(exc).splitlines()[0]}). Give a packaged short name "
         f"({known}), a local Hugging Face directory, or a hub id (which needs a network)."
     )

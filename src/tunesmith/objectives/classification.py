@@ -22,6 +22,7 @@ PAD_MULTIPLE = 8
 
 class ClassificationObjective:
     name = "classification"
+    default_metric = "accuracy"
 
     def __init__(self, tokenizer: Any, labels: Sequence[str], max_length: int) -> None:
         self.tokenizer = tokenizer
@@ -30,8 +31,11 @@ class ClassificationObjective:
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def encode(self, examples: Sequence[Example], chunk: int = 1024) -> list[Item]:
-        """Tokenise examples (truncated to max_length) into items the collate step pads."""
+    def encode(
+        self, examples: Sequence[Example], split: str = "train", pack_rows: bool = False, chunk: int = 1024
+    ) -> list[Item]:
+        """Tokenise examples (truncated to max_length) into items the collate step pads.
+        (`split` and `pack_rows` are part of the objective protocol; classification rows are not packed.)"""
         items: list[Item] = []
         for start in range(0, len(examples), chunk):
             part = examples[start : start + chunk]
@@ -107,6 +111,10 @@ class ClassificationObjective:
     @staticmethod
     def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(logits.float(), batch["labels"])
+
+    @staticmethod
+    def eval_samples(model: Any, autocast: Any, max_new_tokens: int) -> list[dict[str, str]]:
+        return []  # nothing is generated for a classifier
 
     def new_metrics(self) -> ConfusionMetrics:
         return ConfusionMetrics(self.labels)

@@ -107,7 +107,7 @@ def train_loop(
         state = _restore(run, model, names, optimizer, scheduler, fingerprint)
     step = int(state.get("step", 0))
     result = LoopResult(steps=step, train_seconds=0.0, samples=0, tokens=0, best=state["best"])
-    watch = cfg.early_stopping.metric if cfg.early_stopping else eval_cfg.metric
+    watch = (cfg.early_stopping.metric if cfg.early_stopping else None) or eval_cfg.metric or objective.default_metric
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     paused = 0.0  # seconds spent validating or checkpointing, left out of the throughput
     running: list[float] = []
@@ -153,6 +153,9 @@ def train_loop(
                 metrics = evaluate_items(model, objective, val_items, eval_cfg.batch_size, autocast, device)
                 _track_best(metrics, watch, step, state, cfg, run, model, names, result)
                 run.log({"kind": "eval", "step": step, "epoch": record["epoch"], "metrics": metrics})
+                samples = objective.eval_samples(model, autocast, eval_cfg.max_new_tokens)
+                if samples:
+                    run.log({"kind": "samples", "step": step, "samples": samples})
                 result.evals.append({"step": step, **metrics})
                 postfix[watch] = f"{metrics.get(watch, float('nan')):.4f}"
             due_save = step % cfg.save_every == 0 if cfg.save_every else (due_eval or epoch_end)

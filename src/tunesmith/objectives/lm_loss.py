@@ -1,0 +1,108 @@
+"""Next-token cross-entropy through the output layer, in chunks, never holding (tokens, vocab) logits.
+
+A causal LM's output layer maps every hidden state to a vocabulary-sized row of logits: for a
+SmolLM2 batch of 8 x 256 tokens that is 8 * 256 * 49,152 floats, 400 MB in fp32, plus as much again
+for its gradient. Here the loss is computed a chunk of tokens at a time, and the gradients of the
+hidden states and the output weight are computed right then, in the forward pass, while the chunk's
+logits exist (the fused linear cross-entropy of Liger-Kernel, Hsu et al. 2024). The backward pass
+only scales them, so no logits are kept and none are recomputed. Only trained tokens are passed in
+at all: a prompt-masked batch needs logits for its completions alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CHUNK_TOKENS", "linear_cross_entropy", "token_losses"]
+
+CHUNK_TOKENS = 1024  # 1024 x 49,152 fp32 logits = 200 MB at a time
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK_TOKENS
+) -> torch.Tensor:
+    """Mean cross-entropy of `softmax(hidden @ weight.T)` against `targets`.
+
+    Args:
+        hidden: (N, H) hidden states of the N trained positions.
+        weight: (V, H) output layer (tied or not); gets a gradient only if it requires one.
+        targets: (N,) the next token at each position.
+        chunk: tokens per chunk of logits.
+
+    Returns:
+        A 0-d fp32 tensor. Under autocast the matmuls run in the autocast dtype; the softmax and
+        the gradients are accumulated in fp32.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph connected
+    dtype = _compute_dtype(hidden)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype)  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK_TOKENS):
+    """Per-token cross-entropy (N,) and whether the argmax was right (N,), chunk by chunk (no grad)."""
+    dtype = _compute_dtype(hidden)
+    losses, correct = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = F.linear(hidden[start : start + chunk].to(dtype), weight.to(dtype)).float()  # (n, V)
+        y = targets[start : start + chunk]
+        losses.append(F.cross_entropy(logits, y, reduction="none"))
+        correct.append(logits.argmax(-1) == y)
+    if not losses:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty.bool()
+    return torch.cat(losses), torch.cat(correct)
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        n = hidden.shape[0]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dtype)
+        acc = torch.promote_types(torch.float32, dtype)  # softmax and sums in fp32 (fp64 stays fp64)
+        grad_h = torch.empty_like(hidden, dtype=acc) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if want_w else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk):
+                h = hidden[start : start + chunk].to(dtype)  # (n_c, H)
+                y = targets[start : start + chunk]
+                logits = (h @ w.T).to(acc)  # (n_c, V)
+                total += F.cross_entropy(logits, y, reduction="sum")
+                if grad_h is None and grad_w is None:
+                    continue
+                # d(mean CE)/d(logits) = (softmax - one_hot) / N, formed in place over the logits.
+                probs = logits.softmax(-1)
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                probs /= n
+                g = probs.to(dtype)
+                if grad_h is not None:
+                    grad_h[start : start + chunk] = g @ w
+                if grad_w is not None:
+                    grad_w += g.T @ h
+        ctx.save_for_backward(
+            grad_h if grad_h is not None else torch.empty(0), grad_w if grad_w is not None else torch.empty(0)
+        )
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        dh = (grad_h * grad_out).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        dw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None
