@@ -29,7 +29,11 @@ def main() -> int:
     started = time.perf_counter()
     result = tunesmith.train(CONFIG, overrides=sys.argv[1:])
     wall = time.perf_counter() - started
-    before, after, info = result.metrics["baseline"]["validation"], result.metrics["validation"], result.metrics["train"]
+    before, after, info = (
+        result.metrics["baseline"]["validation"],
+        result.metrics["validation"],
+        result.metrics["train"],
+    )
 
     table = Table(title=f"held-out review questions ({after['answered']} answered greedily)")
     for column in ("", "exact match", "answer loss", "perplexity"):

@@ -174,10 +174,7 @@ def generate(
 ) -> list[str]:
     """Completions of an instruction-tuned run for text prompts or chat conversations
     (`[{role, content}, ...]`), rendered exactly as training rendered its rows."""
-    trained = load_trained(run_dir)
-    if trained.config.task != "sft":
-        raise ConfigError(f"{run_dir}: generate needs an sft run; this one is {trained.config.task}")
-    return generate_with(trained, prompts, sampling or Sampling(), on_token)
+    return generate_with(load_trained(run_dir), prompts, sampling or Sampling(), on_token)
 
 
 def generate_file(run_dir: str | Path, data: str | Path, sampling: Sampling | None = None) -> list[dict[str, Any]]:
@@ -198,6 +195,8 @@ def generate_with(trained: Trained, prompts: list, sampling: Sampling, on_token:
     each token as it is chosen."""
     from tunesmith.data.sft import Message
 
+    if trained.config.task != "sft":
+        raise ConfigError(f"{trained.run.dir}: generation needs an sft run; this one is {trained.config.task}")
     device = _device()
     trained.model.to(device)
     autocast = make_autocast(device, resolve_precision(trained.config.train.precision))

@@ -9,16 +9,14 @@ import pytest
 
 from conftest import CHATML, make_tiny_byte_tokenizer, write_jsonl
 from tunesmith.data.readers import Row, read_rows
-from tunesmith.data.sft import (
+from tunesmith.data.sft import Message, SftExample, to_sft_examples
+from tunesmith.data.templates import (
     FALLBACK_CHAT_TEMPLATE,
     Encoded,
-    Message,
-    SftExample,
     encode_example,
     encode_examples,
     encode_prompt,
     resolve_template,
-    to_sft_examples,
 )
 from tunesmith.errors import ConfigError, DataError
 

@@ -11,7 +11,8 @@ import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tunesmith.data.sft import Message, SftExample, encode_prompt
+from tunesmith.data.sft import Message, SftExample
+from tunesmith.data.templates import encode_prompt
 from tunesmith.models.generate import Sampling, generate_ids
 from tunesmith.training.batching import eval_batches
 

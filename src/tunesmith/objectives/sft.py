@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from tunesmith.data.sft import SftExample, encode_examples, resolve_template
+from tunesmith.data.sft import SftExample
+from tunesmith.data.templates import encode_examples, resolve_template
 from tunesmith.models.causal_lm import LMOutput
 from tunesmith.objectives.lm_loss import linear_cross_entropy, token_losses
 

@@ -1,0 +1,49 @@
+"""The real CLI instruction-tunes the packaged SmolLM2-135M-Instruct for a few steps, then generates."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+TUNESMITH = Path(sys.executable).with_name("tunesmith")
+
+pytestmark = pytest.mark.slow
+
+
+def tunesmith(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [str(TUNESMITH), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_sft_train_generate_eval_on_smollm2(tmp_path: Path) -> None:
+    quick = [
+        "data.limit=24",
+        "data.validation=0.002",  # ~25 held-out questions
+        "train.max_steps=3",
+        "eval.baseline=false",
+        "eval.exact_match_rows=8",
+        "eval.samples=1",
+        f"output.dir={tmp_path}",
+    ]
+    done = tunesmith("train", "configs/sft-lora.yaml", *quick)
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = tmp_path.iterdir()
+    metrics = json.loads((run_dir / "eval.json").read_text())
+    assert metrics["train"]["steps"] == 3 and metrics["train"]["precision"] in ("bf16", "fp32")
+    validation = metrics["validation"]
+    assert validation["answered"] == 8 and validation["loss"] < 5.0  # an instruct model, not random (ln V = 10.8)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["base_model"]["sha256"]  # the GGUF file's own hash
+
+    question = "Is this movie review positive or negative? Answer with one word.\n\nReview: A joyless slog."
+    generated = tunesmith("generate", run_dir, question, "--max-new-tokens", "4")
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.strip()

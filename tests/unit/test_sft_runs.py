@@ -1,0 +1,214 @@
+"""Instruction tuning through the CLI and the Python API on a tiny Llama: train, generate, chat,
+eval, exact resume, and the bad input a user meets (each one clear line and exit 2)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tunesmith
+from tunesmith import cli
+
+WORDS = ["red", "blue", "green", "gold"]
+
+
+def qa_rows(n: int) -> list[dict]:
+    """Questions whose answer is the colour word in them: learnable by a tiny model."""
+    return [{"prompt": f"colour of {WORDS[i % 4]} {i}?", "completion": WORDS[i % 4]} for i in range(n)]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def sft_config(tiny_llama: Path, tmp_path: Path) -> dict:
+    return {
+        "model": str(tiny_llama),
+        "task": "sft",
+        "method": "lora",
+        "data": {"train": str(write_jsonl(tmp_path / "qa.jsonl", qa_rows(48))), "validation": 0.25, "max_length": 48},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 1e-2, "log_every": 1, "precision": "fp32"},
+        "eval": {"max_new_tokens": 6, "samples": 2},
+        "output": str(tmp_path / "runs"),
+    }
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["tunesmith", *map(str, args)])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_train_generate_chat_eval_through_the_cli(sft_config: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump(sft_config))
+    code, out = run_cli(monkeypatch, capsys, "train", config)
+    assert code == 0, out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run_dir / "eval.json").read_text())
+    assert {"loss", "perplexity", "exact_match", "answered"} <= metrics["validation"].keys()
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    samples = [m for m in logged if m["kind"] == "samples"]
+    assert samples and len(samples[-1]["samples"]) == 2  # generations logged beside the metrics
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["template"] == "chat" and plan["rows_encoded"]["train"]["kept"] == 36
+
+    code, out = run_cli(monkeypatch, capsys, "generate", run_dir, "colour of red 5?", "--max-new-tokens", "4")
+    assert code == 0, out
+    expected = tunesmith.api.generate(run_dir, ["colour of red 5?"], tunesmith.api.Sampling(max_new_tokens=4))[0]
+    assert out.strip() == expected.strip()  # the streamed text is the whole answer
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\ncolour of blue 1?\n/exit\n"))
+    code, out = run_cli(monkeypatch, capsys, "chat", run_dir, "--max-new-tokens", "3", "--temperature", "0")
+    assert code == 0, out
+    assert out.count("model> ") == 2
+
+    held_out = write_jsonl(tmp_path / "held.jsonl", qa_rows(8))
+    code, out = run_cli(monkeypatch, capsys, "eval", run_dir, "--data", held_out, "--json")
+    assert code == 0, out
+    result = json.loads(out[out.index("{") :])
+    assert result["answered"] == 8 and 0.0 <= result["exact_match"] <= 1.0
+    written = [json.loads(line) for line in Path(result["generations"]).read_text().splitlines()]
+    assert len(written) == 8 and {"prompt", "reference", "output", "match"} <= written[0].keys()
+
+    code, out = run_cli(monkeypatch, capsys, "generate", run_dir, "--data", held_out, "--max-new-tokens", "2")
+    assert code == 0, out
+    assert len([line for line in out.splitlines() if line.startswith("{")]) == 8
+
+
+def test_a_tiny_model_learns_the_answers(sft_config: dict) -> None:
+    # `full`: a tiny random model's output layer is too weak for an adapter alone to sharpen it.
+    sft_config.update(method="full")
+    sft_config["train"].update(epochs=12, lr=1e-2)
+    sft_config["eval"]["baseline"] = True
+    result = tunesmith.train(**sft_config)
+    before, after = result.metrics["baseline"]["validation"], result.metrics["validation"]
+    assert after["loss"] < before["loss"] - 1.0
+    assert after["exact_match"] > before["exact_match"]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_resumed_sft_run_ends_with_the_same_weights(sft_config: dict, tmp_path: Path, packing: bool) -> None:
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_5(step: int, record: dict) -> None:
+        if step == 5:
+            raise Interrupt
+
+    sft_config["data"]["packing"] = packing
+    sft_config["train"]["save_every"] = 2
+    cfg = {k: v for k, v in sft_config.items() if k != "output"}
+    whole = tunesmith.train(output=str(tmp_path / "a"), **cfg)
+    with pytest.raises(Interrupt):
+        tunesmith.train(output=str(tmp_path / "b"), callbacks=[stop_at_5], **cfg)
+    (broken,) = (tmp_path / "b").iterdir()
+    tunesmith.train(broken / "config.yaml", resume=broken)
+    expected = load_file(str(whole.run_dir / "final" / "trainable.safetensors"))
+    got = load_file(str(broken / "final" / "trainable.safetensors"))
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_packing_trains_fewer_longer_sequences(sft_config: dict) -> None:
+    sft_config["data"].update(packing=True, max_length=200)  # rows are ~45 byte tokens
+    result = tunesmith.train(**sft_config)
+    plan = json.loads((result.run_dir / "plan.json").read_text())
+    counts = plan["rows_encoded"]["train"]
+    assert counts["packed_sequences"] < counts["kept"] / 2
+
+
+BAD = {
+    "unknown role": ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "tool"),
+    "no assistant": ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant"),
+    "empty completion": ({"prompt": "hi", "completion": "  "}, "empty"),
+    "no format": ({"question": "hi"}, "prompt"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_rows_get_one_line_naming_the_row(case: str, sft_config: dict, tmp_path: Path, monkeypatch, capsys):
+    row, expected = BAD[case]
+    data = write_jsonl(tmp_path / "bad.jsonl", [*qa_rows(3), row])
+    sft_config["data"]["train"] = str(data)
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump(sft_config))
+    code, out = run_cli(monkeypatch, capsys, "train", config)
+    assert code == 2
+    assert "bad.jsonl:4" in out and expected in out and "Traceback" not in out
+
+
+def test_overlong_rows_follow_the_policy(sft_config: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    rows = [*qa_rows(16), {"prompt": "x" * 80, "completion": "red"}]
+    sft_config["data"].update(train=str(write_jsonl(tmp_path / "long.jsonl", rows)), validation=None, overlong="drop")
+    result = tunesmith.train(**sft_config)
+    counts = json.loads((result.run_dir / "plan.json").read_text())["rows_encoded"]["train"]
+    assert counts["dropped_overlong"] == 1 and counts["kept"] == 16
+
+    sft_config["data"]["overlong"] = "error"
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump(sft_config))
+    code, out = run_cli(monkeypatch, capsys, "train", config)
+    assert code == 2 and "long.jsonl:17" in out and "max_length" in out
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(sft_config: dict, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "nopad"
+    import shutil
+
+    shutil.copytree(sft_config["model"], model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = None
+    tok.save_pretrained(model_dir)
+    assert AutoTokenizer.from_pretrained(model_dir).pad_token is None
+    sft_config.update(model=str(model_dir))
+    sft_config["train"]["max_steps"] = 2
+    result = tunesmith.train(**sft_config)
+    assert result.metrics["train"]["steps"] == 2
+
+
+def test_generate_refuses_a_classification_run(base_config: dict, monkeypatch, capsys) -> None:
+    result = tunesmith.train(**{**base_config, "train": {**base_config["train"], "max_steps": 1}})
+    code, out = run_cli(monkeypatch, capsys, "generate", result.run_dir, "hello")
+    assert code == 2 and "sft run" in out
+
+
+@pytest.mark.parametrize("method", ["full", "partial", "lora", "adapter", "ia3", "prompt-tuning", "prefix-tuning"])
+def test_every_method_trains_a_causal_lm_and_its_run_generates(method: str, sft_config: dict) -> None:
+    sft_config.update(method=method)
+    sft_config["train"].update(max_steps=3, lr=5e-3)
+    sft_config["eval"].update(samples=0, exact_match_rows=4)
+    result = tunesmith.train(**sft_config)
+    assert result.metrics["train"]["steps"] == 3
+    assert result.metrics["validation"]["answered"] == 4
+    # The run reloads from disk (config + trained weights, strictly) and generates; greedy is repeatable.
+    sampling = tunesmith.api.Sampling(max_new_tokens=5)
+    first = tunesmith.api.generate(result.run_dir, ["colour of gold 3?"], sampling)
+    assert first == tunesmith.api.generate(result.run_dir, ["colour of gold 3?"], sampling)
+
+
+def test_gradient_checkpointing_gives_the_same_training(sft_config: dict, tmp_path: Path) -> None:
+    sft_config["train"].update(max_steps=3)
+    sft_config["method"] = {"name": "lora", "dropout": 0.0}  # no dropout: recomputation draws no new masks
+    plain = tunesmith.train(**{**sft_config, "output": str(tmp_path / "a")})
+    sft_config["train"]["gradient_checkpointing"] = True
+    checkpointed = tunesmith.train(**{**sft_config, "output": str(tmp_path / "b")})
+    a = load_file(str(plain.run_dir / "final" / "trainable.safetensors"))
+    b = load_file(str(checkpointed.run_dir / "final" / "trainable.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
