@@ -27,7 +27,7 @@ def build_model(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, Method, lis
     method = build_method(cfg.method)
     _check_method_fits(cfg, method)
     if cfg.task == "sft":
-        model: nn.Module = build_causal_lm(cfg.model)
+        model: nn.Module = build_causal_lm(cfg.model, cfg.data.max_length)
     else:
         model = build_classifier(cfg.model, num_labels, cfg.train.seed)
     _check_positions(cfg, model, method)

@@ -47,12 +47,18 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The pre-trained model to start from."""
 
-    name: str = Field(description="Packaged short name (minilm-l6), local directory, or hub id.")
+    name: str = Field(
+        description="Packaged short name (minilm-l6, smollm2-135m), local directory, .gguf file, or hub id."
+    )
     pooling: Literal["mean", "cls"] = Field(
         "mean", description="How token states become one vector for the classification head."
     )
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the new head.")
     revision: str | None = Field(None, description="Hub revision (only for hub ids).")
+    attention: Literal["auto", "eager", "sdpa"] = Field(
+        "auto",
+        description="Causal LMs' attention kernel; auto: eager on CPU up to 512 tokens (measured faster), else sdpa.",
+    )
 
 
 # --- methods: one config per method, told apart by `name` ------------------------------------

@@ -17,10 +17,10 @@ from tunesmith.objectives.sft import SftObjective, pack
 GENERATING_METHODS = ["full", "lora", "adapter", "ia3", "prompt-tuning", "prefix-tuning", "partial"]
 
 
-def _config(tiny_llama: Path, method: str, tmp_path: Path, **data):
+def _config(tiny_llama: Path, method: str, tmp_path: Path, attention: str = "auto", **data):
     return config_from_dict(
         {
-            "model": str(tiny_llama),
+            "model": {"name": str(tiny_llama), "attention": attention},
             "task": "sft",
             "method": method,
             "data": {"train": "unused.jsonl", "max_length": 64, **data},
@@ -38,9 +38,9 @@ def _perturb(model: torch.nn.Module, names: list[str]) -> None:
             params[name].add_(torch.randn_like(params[name]) * 0.05)
 
 
-def _build(tiny_llama: Path, method: str, tmp_path: Path) -> CausalLM:
+def _build(tiny_llama: Path, method: str, tmp_path: Path, attention: str = "auto") -> CausalLM:
     torch.manual_seed(0)
-    model, _, names = build_model(_config(tiny_llama, method, tmp_path), 0)
+    model, _, names = build_model(_config(tiny_llama, method, tmp_path, attention), 0)
     _perturb(model, names)
     model.eval()
     assert isinstance(model, CausalLM)
@@ -95,8 +95,9 @@ def _row(ids: list[int], first_trained: int) -> dict:
     return {"input_ids": ids, "targets": [0] * first_trained + [1] * (len(ids) - first_trained)}
 
 
-def test_packed_rows_give_the_same_per_row_loss_as_alone(tiny_llama: Path, tmp_path: Path) -> None:
-    model = _build(tiny_llama, "lora", tmp_path)
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_rows_give_the_same_per_row_loss_as_alone(tiny_llama: Path, tmp_path: Path, attention: str) -> None:
+    model = _build(tiny_llama, "lora", tmp_path, attention)
     objective = SftObjective(prepare_tokenizer(_config(tiny_llama, "lora", tmp_path)), max_length=32, packing=True)
     rows = [_row([5, 6, 7, 8, 9, 10, 11], 3), _row([20, 21, 22, 23, 2], 2), _row([30, 31, 32, 33, 34, 35, 2], 4)]
 
@@ -157,3 +158,23 @@ def test_objective_for_sft_task(tiny_llama: Path, tmp_path: Path) -> None:
     objective = build_objective(cfg, prepare_tokenizer(cfg), [])
     assert isinstance(objective, SftObjective)
     assert objective.resolved_template() == "plain" and objective.train_on_prompt
+
+
+def test_frozen_matmuls_go_to_bf16_once_and_nothing_else_does(tiny_llama: Path, tmp_path: Path) -> None:
+    from tunesmith.training.loop import frozen_matmuls_to_bf16, make_autocast
+
+    model, _, names = build_model(_config(tiny_llama, "lora", tmp_path), 0)
+    assert isinstance(model, CausalLM)
+    x = torch.tensor([[5, 6, 7, 8]])
+    autocast = make_autocast(torch.device("cpu"), "bf16")
+    with torch.no_grad(), autocast():
+        before = model(input_ids=x, attention_mask=torch.ones_like(x)).hidden
+    cast = frozen_matmuls_to_bf16(model, set(names))
+    assert cast == 2 * 7  # q, k, v, o, gate, up, down in 2 blocks
+    params = dict(model.named_parameters())
+    assert all(params[n].dtype == torch.float32 for n in names)  # LoRA weights keep fp32 masters
+    assert model.lm_head.weight.dtype == torch.float32  # tied to the embedding
+    assert all(p.dtype == torch.float32 for n, p in params.items() if "norm" in n)
+    with torch.no_grad(), autocast():
+        after = model(input_ids=x, attention_mask=torch.ones_like(x)).hidden
+    assert torch.equal(before, after)  # exactly the values autocast used before

@@ -35,8 +35,8 @@ class CausalLM(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
     ) -> LMOutput:
-        """Hidden states for token ids (B, T). `attention_mask` is (B, T) for padded rows, or a
-        boolean (B, 1, T, T) block-diagonal causal mask with `position_ids` (B, T) for packed rows."""
+        """Hidden states for token ids (B, T). `attention_mask` is (B, T) for padded rows, or an
+        additive (B, 1, T, T) block-diagonal causal mask with `position_ids` (B, T) for packed rows."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids

@@ -15,7 +15,15 @@ from tunesmith.models.causal_lm import CausalLM
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.zoo import PACKAGED_MODELS, resolve_model_path
 
-__all__ = ["build_causal_lm", "build_classifier", "find_blocks", "linear_names", "load_backbone", "load_tokenizer"]
+__all__ = [
+    "attention_kernel",
+    "build_causal_lm",
+    "build_classifier",
+    "find_blocks",
+    "linear_names",
+    "load_backbone",
+    "load_tokenizer",
+]
 
 
 def load_backbone(cfg: ModelConfig) -> nn.Module:
@@ -55,7 +63,7 @@ def build_classifier(cfg: ModelConfig, num_labels: int, seed: int) -> TextClassi
         return TextClassifier(backbone, hidden, num_labels, cfg.pooling, cfg.head_dropout)
 
 
-def build_causal_lm(cfg: ModelConfig) -> CausalLM:
+def build_causal_lm(cfg: ModelConfig, max_length: int) -> CausalLM:
     """A pre-trained causal LM (fp32, train mode) split into decoder and output layer.
 
     The output layer starts frozen (with tied embeddings it *is* the input embedding); `full`
@@ -65,7 +73,9 @@ def build_causal_lm(cfg: ModelConfig) -> CausalLM:
 
     path = _resolve(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=cfg.revision, dtype=torch.float32, attn_implementation=attention_kernel(cfg, max_length)
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(_load_error(cfg.name, exc, "a causal language model")) from None
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -76,6 +86,15 @@ def build_causal_lm(cfg: ModelConfig) -> CausalLM:
     lm = CausalLM(decoder, head, tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
     lm.train()
     return lm
+
+
+def attention_kernel(cfg: ModelConfig, max_length: int) -> str:
+    """`model.attention`, with auto resolved: on CPU, plain matmul-softmax attention ("eager") beat
+    torch's fused kernel ("sdpa") by ~19% in a SmolLM2 LoRA step at ~100 tokens; the fused kernel
+    keeps memory linear in length, which matters past a few hundred tokens and on GPUs."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    return "eager" if not torch.cuda.is_available() and max_length <= 512 else "sdpa"
 
 
 def find_blocks(backbone: nn.Module) -> tuple[str, nn.ModuleList]:

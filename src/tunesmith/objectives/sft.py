@@ -92,8 +92,8 @@ class SftObjective:
 
     def collate(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
         """Right-padded ids (B, T), labels (B, T) = the next token where it is trained, else IGNORE;
-        an attention mask (B, T), or for packed rows a (B, 1, T, T) block-diagonal causal mask
-        and position ids that restart at every row."""
+        an attention mask (B, T), or for packed rows an additive (B, 1, T, T) block-diagonal causal
+        mask and position ids that restart at every row."""
         width = _padded_width(max(len(it["input_ids"]) for it in items), self.max_length)
         ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
@@ -195,7 +195,9 @@ def _packed_mask(items: Sequence[Item], width: int) -> dict[str, torch.Tensor]:
     same = segment[:, :, None] == segment[:, None, :]  # (B, T, T)
     real = segment[:, :, None] >= 0
     # Padding attends to itself only, so no row of the mask is empty (an empty row gives NaN).
-    mask = (same & real & causal) | torch.eye(width, dtype=torch.bool)
+    allowed = (same & real & causal) | torch.eye(width, dtype=torch.bool)
+    # Additive form: both attention kernels accept it ("eager" misreads a boolean 4-D mask).
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
     return {"attention_mask": mask[:, None], "position_ids": positions}
 
 

@@ -31,7 +31,7 @@ from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, lo
 from tunesmith.training.checkpoint import save_trainable as save_weights
 from tunesmith.training.dropout import use_fast_dropout
 
-__all__ = ["LoopResult", "make_autocast", "resolve_precision", "train_loop"]
+__all__ = ["LoopResult", "frozen_matmuls_to_bf16", "make_autocast", "resolve_precision", "train_loop"]
 
 StepCallback = Callable[[int, dict[str, Any]], None]
 
@@ -66,6 +66,34 @@ def make_autocast(device: torch.device, precision: str) -> Callable[[], Abstract
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def frozen_matmuls_to_bf16(model: torch.nn.Module, trained: set[str]) -> int:
+    """Store the weights of linear layers that never train in bf16; returns how many were cast.
+
+    Autocast casts a weight to bf16 each time it is used, and caches the cast only for weights that
+    require gradients: a frozen weight was cast again in every forward and backward pass (11% of a
+    SmolLM2 LoRA step). Frozen work done once: cast it once. The values are exactly what autocast
+    would have used. Weights shared with an embedding (tied output layers) stay fp32, since the
+    embedding lookup feeds the fp32 residual stream, and so do norms and biases (small, cast as before).
+    """
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    trained_ids = {id(p) for name, p in model.named_parameters() if name in trained}
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear) or id(module.weight) in embedded:
+            continue
+        params = list(module.parameters(recurse=False))
+        if any(id(p) in trained_ids or p.requires_grad for p in params):
+            continue
+        module.weight.data = module.weight.data.to(torch.bfloat16)
+        cast += 1
+    for module in model.modules():
+        # peft casts a LoRA layer's input to its fp32 weights' dtype, and autocast casts it back for
+        # the matmul: two copies of the activations per adapted layer, for nothing.
+        if hasattr(module, "cast_input_dtype_enabled"):
+            setattr(module, "cast_input_dtype_enabled", False)  # noqa: B010 (an attribute of peft's layers)
+    return cast
+
+
 def train_loop(
     *,
     model: Any,
@@ -85,10 +113,13 @@ def train_loop(
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
-    autocast = make_autocast(device, resolve_precision(cfg.precision))
+    precision = resolve_precision(cfg.precision)
+    autocast = make_autocast(device, precision)
     model.to(device)
     if device.type == "cpu":
         use_fast_dropout(model)  # torch's per-element Bernoulli draw was a third of a CPU LoRA step
+    if precision == "bf16":
+        frozen_matmuls_to_bf16(model, set(names))
     started = time.perf_counter()
     lengths = [objective.length(it) for it in train_items]
 
