@@ -140,6 +140,30 @@ def make_tiny_llama(path: Path, layers: int = 2, hidden: int = 32, chat_template
     return path
 
 
+def make_tiny_gpt2(path: Path, layers: int = 2, hidden: int = 32) -> Path:
+    """A 2-layer GPT-2 (Conv1D linears, learned positions) with the byte tokenizer and no chat
+    template, saved to `path`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tiny_byte_tokenizer(chat_template=None)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Tiny models run fastest on one thread, and a busy 2-core machine stops two from fighting."""
@@ -159,6 +183,11 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture()

@@ -212,3 +212,16 @@ def test_gradient_checkpointing_gives_the_same_training(sft_config: dict, tmp_pa
     a = load_file(str(plain.run_dir / "final" / "trainable.safetensors"))
     b = load_file(str(checkpointed.run_dir / "final" / "trainable.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("method", ["full", "partial", "lora", "adapter", "ia3", "prompt-tuning", "prefix-tuning"])
+def test_gpt2_family_with_conv1d_linears_and_no_chat_template(method: str, sft_config: dict, tiny_gpt2: Path) -> None:
+    sft_config.update(model=str(tiny_gpt2), method=method)
+    sft_config["data"]["packing"] = method not in ("prompt-tuning", "prefix-tuning")
+    sft_config["train"].update(max_steps=2, lr=5e-3)
+    sft_config["eval"].update(samples=1, exact_match_rows=2)
+    result = tunesmith.train(**sft_config)
+    plan = json.loads((result.run_dir / "plan.json").read_text())
+    assert plan["template"] == "plain"  # prompt rows are plain text for a tokenizer without a template
+    assert plan["trainable_parameters"] > 0
+    assert isinstance(tunesmith.api.generate(result.run_dir, ["colour of red 1?"])[0], str)

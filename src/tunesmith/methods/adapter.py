@@ -12,6 +12,7 @@ from tunesmith.config import AdapterConfig
 from tunesmith.methods import BaseMethod, freeze_backbone
 from tunesmith.methods.targets import OUTPUT_PROJECTIONS, match_targets
 from tunesmith.models.classifier import TextClassifier
+from tunesmith.models.load import linear_width
 from tunesmith.registry import register_method
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -20,10 +21,10 @@ _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 class Bottleneck(nn.Module):
     """y -> y + up(act(down(y))), wrapped around an existing output projection."""
 
-    def __init__(self, inner: nn.Linear, bottleneck: int, activation: str) -> None:
+    def __init__(self, inner: nn.Module, bottleneck: int, activation: str) -> None:
         super().__init__()
         self.inner = inner
-        width = inner.out_features
+        width = linear_width(inner)
         self.adapter_down = nn.Linear(width, bottleneck)
         self.adapter_act = _ACTIVATIONS[activation]()
         self.adapter_up = nn.Linear(bottleneck, width)

@@ -14,10 +14,11 @@ __all__ = ["block_linears", "match_targets"]
 
 # The second projection of each sub-layer: attention output and feed-forward output.
 OUTPUT_PROJECTIONS = re.compile(
-    r"(attention\.output\.dense|\.output\.dense|o_proj|down_proj|out_proj|fc2|dense_4h_to_h)$"
+    r"(attention\.output\.dense|\.output\.dense|o_proj|down_proj|out_proj|fc2|dense_4h_to_h|\.c_proj)$"
 )
-KEYS_VALUES = re.compile(r"(\.key|\.value|k_proj|v_proj|k_lin|v_lin)$")
-FFN_OUTPUT = re.compile(r"(layer\.\d+\.output\.dense|down_proj|fc2|dense_4h_to_h|ffn\.lin2)$")
+# GPT-2's `c_attn` computes queries, keys and values in one layer (peft's IA3 default for it too).
+KEYS_VALUES = re.compile(r"(\.key|\.value|k_proj|v_proj|k_lin|v_lin|c_attn)$")
+FFN_OUTPUT = re.compile(r"(layer\.\d+\.output\.dense|down_proj|fc2|dense_4h_to_h|ffn\.lin2|mlp\.c_proj)$")
 
 
 def block_linears(backbone: nn.Module) -> list[str]:

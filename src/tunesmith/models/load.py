@@ -20,7 +20,9 @@ __all__ = [
     "build_causal_lm",
     "build_classifier",
     "find_blocks",
+    "is_linear",
     "linear_names",
+    "linear_width",
     "load_backbone",
     "load_tokenizer",
 ]
@@ -109,8 +111,18 @@ def find_blocks(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def linear_names(root: nn.Module, prefix: str = "") -> list[str]:
-    """Full names of every `nn.Linear` under `root`."""
-    return [f"{prefix}{name}" for name, module in root.named_modules() if isinstance(module, nn.Linear) and name]
+    """Full names of every linear layer under `root`: `nn.Linear`, and the transposed `Conv1D`
+    that GPT-2-family models use for theirs."""
+    return [f"{prefix}{name}" for name, module in root.named_modules() if is_linear(module) and name]
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_width(module: nn.Module) -> int:
+    """Output features of a linear layer (`nn.Linear.out_features`, `Conv1D.nf`)."""
+    return int(getattr(module, "out_features", None) or module.nf)
 
 
 def block_index(param_name: str, blocks_name: str) -> int | None:
