@@ -122,7 +122,10 @@ def is_linear(module: nn.Module) -> bool:
 
 def linear_width(module: nn.Module) -> int:
     """Output features of a linear layer (`nn.Linear.out_features`, `Conv1D.nf`)."""
-    return int(getattr(module, "out_features", None) or module.nf)
+    width = getattr(module, "out_features", None) or getattr(module, "nf", None)
+    if not isinstance(width, int):
+        raise ConfigError(f"{type(module).__name__}: cannot tell its output width")
+    return width
 
 
 def block_index(param_name: str, blocks_name: str) -> int | None:
