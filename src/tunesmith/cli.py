@@ -205,17 +205,20 @@ def runs_ls(parent: Annotated[Path, typer.Argument(help="Runs directory.")] = Pa
     """List runs with their method and held-out metrics."""
     from tunesmith.runs import list_runs, read_json
 
-    table = Table("run", "method", "status", "accuracy", "macro-F1", box=None)
+    table = Table("run", "task", "method", "status", "held-out metrics", box=None)
     for run in list_runs(parent):
         cfg = run.config()
         method = cfg.get("method", {}).get("name", "?")
         done = (run.dir / "eval.json").is_file()
         metrics = read_json(run.dir / "eval.json") if done else {}
         held = metrics.get("test") or metrics.get("validation") or {}
-        acc = f"{held['accuracy']:.4f}" if "accuracy" in held else "-"
-        f1 = f"{held['macro_f1']:.4f}" if "macro_f1" in held else "-"
-        table.add_row(str(run.dir), method, "done" if done else "unfinished", acc, f1)
+        shown = [f"{key} {held[key]:.4f}" for key in _HEADLINE_METRICS if isinstance(held.get(key), float)]
+        status = "done" if done else "unfinished"
+        table.add_row(str(run.dir), cfg.get("task", "?"), method, status, ", ".join(shown) or "-")
     console.print(table)
+
+
+_HEADLINE_METRICS = ("accuracy", "macro_f1", "exact_match", "loss")
 
 
 @runs_app.command("show")
