@@ -12,13 +12,14 @@ __all__ = [
     "RunConfig",
     "TunesmithError",
     "evaluate",
+    "generate",
     "load_config",
     "predict",
     "train",
 ]
 
 if TYPE_CHECKING:
-    from tunesmith.api import evaluate, load_config, predict, train
+    from tunesmith.api import evaluate, generate, load_config, predict, train
     from tunesmith.config import RunConfig
     from tunesmith.errors import ConfigError, DataError, TunesmithError
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "train": "tunesmith.api",
     "evaluate": "tunesmith.api",
+    "generate": "tunesmith.api",
     "predict": "tunesmith.api",
     "load_config": "tunesmith.api",
     "RunConfig": "tunesmith.config",

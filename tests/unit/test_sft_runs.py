@@ -225,3 +225,18 @@ def test_gpt2_family_with_conv1d_linears_and_no_chat_template(method: str, sft_c
     assert plan["template"] == "plain"  # prompt rows are plain text for a tokenizer without a template
     assert plan["trainable_parameters"] > 0
     assert isinstance(tunesmith.api.generate(result.run_dir, ["colour of red 1?"])[0], str)
+
+
+def test_a_model_peft_cannot_wrap_gets_a_clear_error(sft_config: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    import peft
+
+    def refuse(model, config, *args, **kwargs):
+        raise ValueError("Prompt learning is not supported for this model type")
+
+    monkeypatch.setattr(peft, "get_peft_model", refuse)  # stands in for an architecture peft rejects
+    sft_config.update(method="prompt-tuning")
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump(sft_config))
+    code, out = run_cli(monkeypatch, capsys, "train", config)
+    assert code == 2 and "Traceback" not in out
+    assert "method.name=prompt-tuning: peft cannot wrap" in out and "choose lora, adapter or ia3" in out
