@@ -19,6 +19,7 @@ from tunesmith.data.records import check_known_labels
 from tunesmith.errors import ConfigError
 from tunesmith.eval.answers import answer_prompts, exact_match, split_prompt
 from tunesmith.eval.evaluate import evaluate_items, predict_items
+from tunesmith.eval.retention import Retention, build_retention
 from tunesmith.methods import Method
 from tunesmith.models.generate import Sampling
 from tunesmith.models.load import load_tokenizer
@@ -89,6 +90,7 @@ def train(
     if cfg.task == "sft" and splits.validation:
         objective.sample_prompts = [p for p, _ in map(split_prompt, splits.validation) if p][: cfg.eval.samples]
     baseline = _final_metrics(cfg, objective, model, splits) if cfg.eval.baseline else None
+    retention = build_retention(cfg, objective, lambda source: _read_task_rows(cfg, source))
     started = time.perf_counter()
     outcome = train_loop(
         model=model,
@@ -103,6 +105,7 @@ def train(
         fingerprint=fingerprint,
         resume=resume is not None,
         callbacks=callbacks or [],
+        retention=retention,
     )
     refuse_noop(method, model)
     model.eval()
@@ -113,6 +116,8 @@ def train(
     metrics = _final_metrics(cfg, objective, model, splits)
     if baseline is not None:
         metrics["baseline"] = baseline
+    if retention is not None:
+        metrics["retention"] = _retention_summary(retention, model, cfg, outcome)
     metrics["train"] = {
         "steps": outcome.steps,
         "train_seconds": round(outcome.train_seconds, 3),
@@ -313,6 +318,7 @@ def _write_plan(
         "labels": splits.labels,
         "rows": {
             "train": len(splits.train),
+            "replayed": splits.replayed,
             "validation": len(splits.validation or []),
             "test": len(splits.test or []),
         },
@@ -346,6 +352,26 @@ def _final_metrics(cfg: RunConfig, objective, model, splits: Splits) -> dict[str
                 )
                 metrics[name].update(scores)
     return metrics
+
+
+def _read_task_rows(cfg: RunConfig, source: str) -> list[Any]:
+    """Examples of the run's task from a file or a packaged data name."""
+    if cfg.task == "sft":
+        return read_sft_examples(source, cfg.data)
+    return read_examples(source, cfg.data)
+
+
+def _retention_summary(retention: Retention, model: nn.Module, cfg: RunConfig, outcome: Any) -> dict[str, Any]:
+    """The final model's retention against the base model's, and where the best evaluation was."""
+    device = next(model.parameters()).device
+    final = retention.measure(model, make_autocast(device, resolve_precision(cfg.train.precision)), device)
+    return {
+        **final,
+        "source": retention.source,
+        "max_drop": retention.max_drop,
+        "history": outcome.retention,
+        "stopped_for_retention": any(not r["within_bound"] for r in outcome.retention),
+    }
 
 
 def _report_dropped(counts: dict[str, dict[str, int]]) -> None:

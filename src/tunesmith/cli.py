@@ -24,7 +24,7 @@ app = typer.Typer(
 runs_app = typer.Typer(no_args_is_help=True, help="List and inspect run directories.")
 app.add_typer(runs_app, name="runs")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever its length
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides, e.g. train.lr=1e-4")]
 

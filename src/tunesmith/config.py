@@ -179,6 +179,34 @@ METHOD_NAMES = (
 )
 
 
+class QualityThresholds(_Section):
+    """Limits of the data quality gate (data/quality.py); a breach fails or warns per `data.quality`.
+    Counts are rows; shares are fractions of the rows checked."""
+
+    near_duplicate_jaccard: float = Field(
+        0.8, gt=0.0, le=1.0, description="Word-shingle Jaccard similarity from which two texts are near duplicates."
+    )
+    max_schema_errors: int = Field(0, ge=0, description="Rows that cannot be read as the task's records.")
+    max_empty: int = Field(0, ge=0, description="Empty or whitespace-only texts.")
+    max_duplicate_share: float = Field(
+        0.05, ge=0.0, le=1.0, description="Exact duplicate rows (copies beyond the first)."
+    )
+    max_near_duplicate_share: float = Field(0.1, ge=0.0, le=1.0, description="Near-duplicate rows.")
+    max_conflicting: int = Field(0, ge=0, description="Texts that appear with more than one label.")
+    max_leakage: int = Field(0, ge=0, description="Validation/test rows equal or near-equal to a training row.")
+    min_class_share: float = Field(0.0, ge=0.0, lt=1.0, description="Smallest label's share of the rows.")
+    max_overlong_share: float = Field(0.05, ge=0.0, le=1.0, description="Rows longer than data.max_length.")
+    max_untrainable: int = Field(0, ge=0, description="sft: rows whose loss mask leaves no trained token.")
+    max_role_order: int = Field(0, ge=0, description="sft: conversations with roles out of order.")
+
+
+class ReplayConfig(_Section):
+    """Mix rows of a retention set into training, against forgetting (experience replay)."""
+
+    path: str = Field(description="Rows in the task's format (sft: also plain {text}), or a packaged data name.")
+    fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of each epoch's training rows drawn from it.")
+
+
 class DataConfig(_Section):
     """Where the records come from and which fields hold what."""
 
@@ -206,6 +234,14 @@ class DataConfig(_Section):
         False, description="sft: pack short rows into max_length sequences (each row attends only to itself)."
     )
     limit: int | None = Field(None, gt=0, description="Use a reproducible sample of this many training rows.")
+    few_shot: int | None = Field(
+        None, gt=0, description="Train on K rows per label, chosen reproducibly from train.seed (classification)."
+    )
+    replay: ReplayConfig | None = Field(None, description="Mix a retention set into training batches.")
+    quality: Literal["fail", "warn", "off"] = Field(
+        "warn", description="The data quality gate before training: stop on a breached threshold, warn, or skip."
+    )
+    thresholds: QualityThresholds = Field(default_factory=QualityThresholds, description="Limits of the gate.")
 
     @field_validator("validation")
     @classmethod
@@ -254,6 +290,21 @@ class TrainConfig(_Section):
     )
 
 
+class RetentionConfig(_Section):
+    """Measure what the base model knew, before training and at every evaluation (forgetting)."""
+
+    data: str | None = Field(
+        None, description="Rows in the task's format, or a packaged name (default for causal LMs: hamlet)."
+    )
+    metric: Literal["perplexity", "accuracy"] = Field("perplexity", description="How knowledge is measured.")
+    max_drop: float | None = Field(
+        None,
+        gt=0.0,
+        description="Largest relative change for the worse (0.1 = 10%); past it, stop and keep the best within it.",
+    )
+    max_rows: int = Field(256, gt=0, description="Rows (or text chunks) of the retention set used.")
+
+
 class EvalConfig(_Section):
     batch_size: int = Field(64, gt=0, description="Rows per evaluation batch.")
     baseline: bool = Field(False, description="Also evaluate before training (new head untrained).")
@@ -265,6 +316,7 @@ class EvalConfig(_Section):
     exact_match_rows: int | None = Field(
         200, gt=0, description="sft: validation/test rows answered greedily for exact match (null = all)."
     )
+    retention: RetentionConfig | None = Field(None, description="Measure forgetting of what the base model knew.")
 
 
 class OutputConfig(_Section):

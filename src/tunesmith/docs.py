@@ -18,9 +18,12 @@ __all__ = ["config_reference"]
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("model", c.ModelConfig),
     ("data", c.DataConfig),
+    ("data.thresholds", c.QualityThresholds),
+    ("data.replay", c.ReplayConfig),
     ("train", c.TrainConfig),
     ("train.early_stopping", c.EarlyStoppingConfig),
     ("eval", c.EvalConfig),
+    ("eval.retention", c.RetentionConfig),
     ("output", c.OutputConfig),
     *((f"method (name: {name})", cls) for name, cls in c._METHOD_BY_NAME.items()),
 ]

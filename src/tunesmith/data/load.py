@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import DataConfig
+from tunesmith.data.mix import few_shot, replay_rows
 from tunesmith.data.readers import Row, read_rows
 from tunesmith.data.records import Example, check_known_labels, resolve_labels, to_examples
 from tunesmith.data.sft import SftExample, to_sft_examples
@@ -26,6 +27,7 @@ class Splits:
     labels: list[str]  # empty for sft
     # source name -> content hash (sha256 of the file, or the packaged carrier's file)
     hashes: dict[str, str] = field(default_factory=dict)
+    replayed: int = 0  # rows of data.replay appended to train
 
 
 def read_examples(source: str, cfg: DataConfig, require_labels: bool = True) -> list[Example]:
@@ -50,16 +52,24 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "classification") -> Spl
         validation = read(cfg.validation, cfg)
     if cfg.limit is not None:
         train = sample(train, cfg.limit, seed)
+    if cfg.few_shot is not None:
+        train = few_shot(train, cfg.few_shot, seed)
     test = read(cfg.test, cfg) if cfg.test else None
+    replay = read(cfg.replay.path, cfg) if cfg.replay else []
     sources = [s for s in (cfg.train, cfg.validation, cfg.test) if isinstance(s, str)]
+    sources += [cfg.replay.path] if cfg.replay else []
+    hashes = {s: source_hash(s) for s in sources}
+    mixed = replay_rows(replay, len(train), cfg.replay.fraction, seed) if cfg.replay else []
     if task == "sft":
-        return Splits(train, validation, test, [], {s: source_hash(s) for s in sources})
+        return Splits(train + mixed, validation, test, [], hashes, len(mixed))
     labels = resolve_labels(train, cfg.labels)
+    if mixed:
+        check_known_labels(mixed, labels, "data.replay")
     if validation is not None:
         check_known_labels(validation, labels, "validation")
     if test is not None:
         check_known_labels(test, labels, "test")
-    return Splits(train, validation, test, labels, {s: source_hash(s) for s in sources})
+    return Splits(train + mixed, validation, test, labels, hashes, len(mixed))
 
 
 def source_hash(source: str) -> str:

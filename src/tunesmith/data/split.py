@@ -16,7 +16,7 @@ from tunesmith.errors import DataError
 
 _E = TypeVar("_E")  # a classification Example or an instruction-tuning SftExample
 
-__all__ = ["sample", "split_by_hash", "stable_hash"]
+__all__ = ["example_key", "sample", "split_by_hash", "stable_hash"]
 
 
 def stable_hash(text: str, salt: str = "") -> float:
@@ -46,7 +46,7 @@ def split_by_hash(examples: Sequence[_E], fraction: float, salt: str = "split") 
     """
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"split fraction {fraction} must be at least 0 and below 1 (data.validation)")
-    keys = [_key(ex) for ex in examples]
+    keys = [example_key(ex) for ex in examples]
     groups: dict[str | None, list[int]] = {}
     for index, ex in enumerate(examples):
         groups.setdefault(getattr(ex, "label", None), []).append(index)
@@ -77,7 +77,7 @@ def sample(examples: Sequence[_E], n: int, seed: int) -> list[_E]:
     if n >= len(examples):
         return list(examples)
     salt = f"sample-{seed}"
-    ranked = sorted(range(len(examples)), key=lambda i: (stable_hash(_key(examples[i]), salt), i))
+    ranked = sorted(range(len(examples)), key=lambda i: (stable_hash(example_key(examples[i]), salt), i))
     chosen = set(ranked[:n])
     return [ex for i, ex in enumerate(examples) if i in chosen]
 
@@ -103,7 +103,7 @@ def _pick_keys(keys: list[str], fraction: float, salt: str) -> set[str]:
     return picked
 
 
-def _key(example: Any) -> str:
+def example_key(example: Any) -> str:
     """What the hash sees: the text and text pair (or an instruction row's messages), so exact
     duplicates share a side."""
     if isinstance(example, Example):

@@ -45,6 +45,7 @@ class LoopResult:
     best: dict[str, Any] | None = None
     stopped_early: bool = False
     evals: list[dict[str, Any]] = field(default_factory=list)
+    retention: list[dict[str, Any]] = field(default_factory=list)
 
 
 def resolve_precision(precision: str) -> str:
@@ -108,6 +109,7 @@ def train_loop(
     fingerprint: dict[str, str],
     resume: bool = False,
     callbacks: Sequence[StepCallback] = (),
+    retention: Any = None,
 ) -> LoopResult:
     from accelerate import Accelerator
 
@@ -138,6 +140,8 @@ def train_loop(
         state = _restore(run, model, names, optimizer, scheduler, fingerprint)
     step = int(state.get("step", 0))
     result = LoopResult(steps=step, train_seconds=0.0, samples=0, tokens=0, best=state["best"])
+    if retention is not None:
+        _retention_baseline(retention, state, model, autocast, device, run, result)
     watch = (cfg.early_stopping.metric if cfg.early_stopping else None) or eval_cfg.metric or objective.default_metric
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     paused = 0.0  # seconds spent validating or checkpointing, left out of the throughput
@@ -182,7 +186,15 @@ def train_loop(
             if due_eval:
                 assert val_items is not None
                 metrics = evaluate_items(model, objective, val_items, eval_cfg.batch_size, autocast, device)
-                _track_best(metrics, watch, step, state, cfg, run, model, names, result)
+                kept = retention.measure(model, autocast, device) if retention is not None else None
+                within = kept is None or kept["within_bound"]
+                _track_best(metrics, watch, step, state, cfg, run, model, names, result, within)
+                if kept is not None:
+                    run.log({"kind": "retention", "step": step, **kept})
+                    result.retention.append({"step": step, **kept})
+                    if not within:
+                        result.stopped_early = True
+                        run.log({"kind": "retention_stop", "step": step, "best": state["best"]})
                 run.log({"kind": "eval", "step": step, "epoch": record["epoch"], "metrics": metrics})
                 samples = objective.eval_samples(model, autocast, eval_cfg.max_new_tokens)
                 if samples:
@@ -208,7 +220,8 @@ def train_loop(
     result.steps = step
     result.train_seconds = time.perf_counter() - started - paused
     result.best = state["best"]
-    if cfg.early_stopping and state["best"] is not None:
+    bounded = retention is not None and retention.max_drop is not None
+    if (cfg.early_stopping or bounded) and state["best"] is not None:
         load_trainable(model, names, run.checkpoints / "best.safetensors")
     return result
 
@@ -244,14 +257,28 @@ def _optimizer(model: Any, method: Any, cfg: TrainConfig, total_steps: int):
     return optimizer, scheduler
 
 
-def _track_best(metrics, watch, step, state, cfg, run, model, names, result) -> None:
+def _retention_baseline(retention, state, model, autocast, device, run, result) -> None:
+    """What the base model knew: measured before the first step (kept in the checkpoint state, so a
+    resumed run compares against the same baseline)."""
+    if state.get("retention_baseline") is not None:
+        retention.baseline = state["retention_baseline"]
+        return
+    kept = retention.measure(model, autocast, device)
+    state["retention_baseline"] = retention.baseline
+    run.log({"kind": "retention", "step": 0, **kept})
+    result.retention.append({"step": 0, **kept})
+
+
+def _track_best(metrics, watch, step, state, cfg, run, model, names, result, within_bound: bool = True) -> None:
+    """Keep the best checkpoint so far (only among evaluations whose forgetting is within bounds)."""
     if watch not in metrics:
         raise ConfigError(f"early_stopping.metric={watch}: not reported; choose one of {sorted(metrics)}")
     value = float(metrics[watch])
     best = state["best"]
     min_delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
-    better = best is None or (
-        value > best["value"] + min_delta if higher_is_better(watch) else value < best["value"] - min_delta
+    better = within_bound and (
+        best is None
+        or (value > best["value"] + min_delta if higher_is_better(watch) else value < best["value"] - min_delta)
     )
     if better:
         state["best"] = {"step": step, "metric": watch, "value": value}
