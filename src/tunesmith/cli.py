@@ -244,6 +244,28 @@ def runs_show(run_dir: Annotated[Path, typer.Argument(help="A run directory.")])
         console.print(f"unfinished: {len(steps)} logged steps; continue with --resume {run.dir}")
 
 
+@app.command("compare")
+def compare_(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML) every variant starts from.")],
+    overrides: Overrides = None,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods, e.g. full,lora,adapter.")] = None,
+    shots: Annotated[str | None, typer.Option(help="Comma-separated rows per label, e.g. 8,32,128.")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per few-shot size (mean and spread reported).")] = 3,
+    out: Annotated[Path | None, typer.Option(help="Where the runs and the tables go (default output.dir).")] = None,
+) -> None:
+    """Run a config with several methods (or few-shot sizes x seeds) and tabulate them side by side."""
+    from tunesmith.compare import compare, plan_variants
+
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    try:
+        shot_list = [int(k) for k in shots.split(",")] if shots else None
+    except ValueError:
+        raise TunesmithError(f"--shots {shots}: give whole numbers separated by commas, e.g. 8,32,128") from None
+    _, path = compare(config, plan_variants(method_list, shot_list, seeds), overrides or [], out)
+    console.print(path.read_text(encoding="utf-8"), markup=False, highlight=False)
+    err_console.print(f"tables written to {path} and {path.with_suffix('.html')}")
+
+
 def _print_result(run_dir: Path, metrics: dict[str, Any]) -> None:
     for split in ("validation", "test"):
         if split in metrics:
