@@ -19,6 +19,7 @@ from tunesmith.data.records import check_known_labels
 from tunesmith.errors import ConfigError
 from tunesmith.eval.answers import answer_prompts, exact_match, split_prompt
 from tunesmith.eval.evaluate import evaluate_items, predict_items
+from tunesmith.eval.report import write_report
 from tunesmith.eval.retention import Retention, build_retention
 from tunesmith.methods import Method
 from tunesmith.models.generate import Sampling
@@ -133,6 +134,7 @@ def train(
         "trainable_parameters": sum(p.numel() for n, p in model.named_parameters() if n in set(names)),
     }
     write_json(run.dir / "eval.json", metrics)
+    write_report(run.dir)
     return RunResult(run.dir, metrics)
 
 

