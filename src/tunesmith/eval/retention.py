@@ -1,13 +1,13 @@
 """Catastrophic forgetting, measured (DESIGN §9): what the base model knew, before training and at
 every evaluation.
 
-The retention set is text the task does not train on (for causal LMs by default the packaged
-Hamlet: general English); its perplexity (or, for a classifier, accuracy on a labelled set) is
-taken before the first step as the baseline, then again at every evaluation. The change is
-relative: +0.10 perplexity change means 10% more perplexed than the base model. With
-`eval.retention.max_drop` the loop stops once the change for the worse passes the bound and keeps
-the best checkpoint among the evaluations within it (McCloskey & Cohen 1989 named the problem;
-Kirkpatrick et al. 2017 measure it this way).
+The retention set is text the task does not train on (for causal LMs by default Acts IV-V of the
+packaged Hamlet: general English; replay, if any, should come from elsewhere, e.g. hamlet-replay).
+Its perplexity (or, for a classifier, accuracy on a labelled set) is taken before the first step as
+the baseline, then again at every evaluation. The change is relative: +0.10 perplexity change means
+10% more perplexed than the base model. With `eval.retention.max_drop` the loop stops once the
+change for the worse passes the bound and keeps the best checkpoint among the evaluations within it
+(McCloskey & Cohen 1989 named the problem; Kirkpatrick et al. 2017 measure it this way).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tunesmith.eval.evaluate import evaluate_items
 
 __all__ = ["Retention", "build_retention"]
 
-DEFAULT_TEXT = "hamlet"  # packaged general English (zoo.py)
+DEFAULT_TEXT = "hamlet-retention"  # packaged general English: Acts IV-V of Hamlet (zoo.py)
 
 
 @dataclass
