@@ -501,3 +501,14 @@ def test_report_to_dict_is_json_and_html_escapes_the_data(tmp_path: Path) -> Non
     assert json.loads(json.dumps(report.to_dict()))["findings"][2]["count"] == 1
     page = report_html(report)
     assert "<f>" not in page and "&lt;f&gt;" in page
+
+
+def test_clean_with_conflicts_in_more_rows_than_one_growth_step(tmp_path: Path) -> None:
+    """Regression: per-row arrays that only grew when set were shorter than the rows read, and
+    settling conflicts at the end failed once a file passed their first 1,024 rows."""
+    rows = clean_rows(1500)
+    rows.append({**rows[0], "label": "negative" if rows[0]["label"] == "positive" else "positive"})
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    report = clean_file(train, tmp_path / "out.jsonl", config(train), "classification")
+    assert report.finding("conflicting").count == 1
+    assert sum(1 for _ in (tmp_path / "out.jsonl").open()) == 1499  # both rows of the conflicting text dropped

@@ -121,6 +121,9 @@ class Scan:
     def add(self, items: Sequence[Row | UnreadableRow]) -> None:
         """Check one batch of training rows."""
         first, self.rows = self.rows, self.rows + len(items)
+        # Every per-row array covers every row read, set or not (`finish` slices them to `rows`).
+        self.reasons.reserve(self.rows)
+        self.related.reserve(self.rows)
         self.wheres.add(first, [item.where for item in items])
         facts = [self._inspect(item) for item in items]
         codes = np.zeros(len(items), dtype=np.uint8)
