@@ -507,7 +507,8 @@ def test_clean_with_conflicts_in_more_rows_than_one_growth_step(tmp_path: Path) 
     """Regression: per-row arrays that only grew when set were shorter than the rows read, and
     settling conflicts at the end failed once a file passed their first 1,024 rows."""
     rows = clean_rows(1500)
-    rows.append({**rows[0], "label": "negative" if rows[0]["label"] == "positive" else "positive"})
+    flipped = {**rows[0], "label": "negative" if rows[0]["label"] == "positive" else "positive"}
+    rows.insert(1, flipped)  # early: nothing after row 1 relates to another row
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     report = clean_file(train, tmp_path / "out.jsonl", config(train), "classification")
     assert report.finding("conflicting").count == 1
