@@ -11,6 +11,9 @@ __all__ = [
     "DataError",
     "RunConfig",
     "TunesmithError",
+    "check_data",
+    "clean_data",
+    "compare",
     "evaluate",
     "generate",
     "load_config",
@@ -19,7 +22,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from tunesmith.api import evaluate, generate, load_config, predict, train
+    from tunesmith.api import check_data, clean_data, compare, evaluate, generate, load_config, predict, train
     from tunesmith.config import RunConfig
     from tunesmith.errors import ConfigError, DataError, TunesmithError
 
@@ -27,6 +30,9 @@ if TYPE_CHECKING:
 _LAZY = {
     "train": "tunesmith.api",
     "evaluate": "tunesmith.api",
+    "check_data": "tunesmith.api",
+    "clean_data": "tunesmith.api",
+    "compare": "tunesmith.api",
     "generate": "tunesmith.api",
     "predict": "tunesmith.api",
     "load_config": "tunesmith.api",

@@ -29,7 +29,19 @@ from tunesmith.training.checkpoint import load_trainable, save_trainable
 from tunesmith.training.loop import StepCallback, make_autocast, resolve_precision, train_loop
 from tunesmith.zoo import model_source_path
 
-__all__ = ["RunResult", "evaluate", "generate", "generate_file", "load_config", "load_trained", "predict", "train"]
+__all__ = [
+    "RunResult",
+    "check_data",
+    "clean_data",
+    "compare",
+    "evaluate",
+    "generate",
+    "generate_file",
+    "load_config",
+    "load_trained",
+    "predict",
+    "train",
+]
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,59 @@ def generate(
     """Completions of an instruction-tuned run for text prompts or chat conversations
     (`[{role, content}, ...]`), rendered exactly as training rendered its rows."""
     return generate_with(load_trained(run_dir), prompts, sampling or Sampling(), on_token)
+
+
+def check_data(
+    path: str | Path,
+    config: str | Path | None = None,
+    task: str | None = None,
+    validation: str | Path | None = None,
+    max_length: int | None = None,
+) -> Any:
+    """The data quality report of a data file (what `tunesmith data check` prints): with `config`,
+    its data settings, thresholds, task and model tokenizer; leakage against `validation`."""
+    from tunesmith.data.quality import check_file, quality_setup
+
+    cfg, task_name, tokenizer, references = quality_setup(
+        Path(path), task, _path(config), _path(validation), max_length
+    )
+    return check_file(path, cfg, task_name, tokenizer, references)
+
+
+def clean_data(
+    path: str | Path,
+    out: str | Path,
+    config: str | Path | None = None,
+    task: str | None = None,
+    validation: str | Path | None = None,
+) -> Any:
+    """Write the rows of `path` that pass the checks to `out`, and every dropped row with its reason to
+    `<out stem>.dropped.jsonl`; returns the report (see `check_data`)."""
+    from tunesmith.data.quality import clean_file, quality_setup
+
+    cfg, task_name, tokenizer, references = quality_setup(Path(path), task, _path(config), _path(validation), None)
+    return clean_file(path, out, cfg, task_name, tokenizer, references)
+
+
+def compare(
+    config: str | Path,
+    methods: list[str] | None = None,
+    shots: list[int] | None = None,
+    seeds: int = 3,
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+) -> tuple[list[dict[str, Any]], Path]:
+    """Run `config` with each method (or each few-shot size x seed), each in its own process, and
+    tabulate quality, trainable parameters, wall time, peak memory and forgetting (Markdown, HTML,
+    JSON beside the runs). Returns the summary rows and the Markdown file."""
+    from tunesmith.compare import compare as run_compare
+    from tunesmith.compare import plan_variants
+
+    return run_compare(config, plan_variants(methods, shots, seeds), overrides, out)
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
 def generate_file(run_dir: str | Path, data: str | Path, sampling: Sampling | None = None) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -44,11 +44,11 @@ def data_check(
     html: Annotated[Path | None, typer.Option("--html", help="Also write the report as an HTML page.")] = None,
 ) -> None:
     """Check a data file (duplicates, leakage, lengths, ...) against data.thresholds; exit 1 when a check fails."""
-    from tunesmith.data.quality import check_file
+    from tunesmith.data.quality import check_file, quality_setup
     from tunesmith.data.quality_render import report_html, report_table
     from tunesmith.runs import atomic_write_text
 
-    data_cfg, task_name, tokenizer, references = _quality_setup(file, task, config, validation, max_length)
+    data_cfg, task_name, tokenizer, references = quality_setup(file, task, config, validation, max_length)
     report = check_file(file, data_cfg, task_name, tokenizer, references)
     if html is not None:
         atomic_write_text(html, report_html(report))
@@ -72,44 +72,13 @@ def data_clean(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Write the rows worth keeping to OUTPUT, and each dropped row with its reason to <OUTPUT stem>.dropped.jsonl."""
-    from tunesmith.data.quality import clean_file
+    from tunesmith.data.quality import clean_file, quality_setup
     from tunesmith.data.quality_render import report_table, summary_line
 
-    data_cfg, task_name, tokenizer, references = _quality_setup(file, task, config, validation, max_length)
+    data_cfg, task_name, tokenizer, references = quality_setup(file, task, config, validation, max_length)
     report = clean_file(file, output, data_cfg, task_name, tokenizer, references)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         console.print(report_table(report))
     err_console.print(Text(summary_line(report)))
-
-
-def _quality_setup(
-    file: Path, task: str | None, config: Path | None, validation: Path | None, max_length: int | None
-) -> tuple[Any, Literal["classification", "sft"], Any, list[Path]]:
-    """The data config, task, tokenizer (None without a config) and leakage references of a data command."""
-    from tunesmith.config import DataConfig, load_config
-    from tunesmith.errors import ConfigError
-
-    if task not in (None, "classification", "sft"):
-        raise ConfigError(f"--task {task!r}: use classification or sft")
-    task_name: Literal["classification", "sft"] = "sft" if task == "sft" else "classification"
-    tokenizer = None
-    if config is None:
-        cfg = DataConfig(train=str(file))
-        references = [validation] if validation is not None else []
-    else:
-        from tunesmith.build import prepare_tokenizer
-
-        run = load_config(config)
-        if task is not None and task != run.task:
-            raise ConfigError(f"--task {task} but {config} has task: {run.task}; leave out --task or fix the config")
-        cfg, task_name, tokenizer = run.data, run.task, prepare_tokenizer(run)
-        configured = [Path(s) for s in (cfg.validation, cfg.test) if isinstance(s, str)]
-        for path in configured:
-            if not path.is_file():
-                err_console.print(Text(f"warning: {path} (from {config}) is not a file; no leakage check against it"))
-        references = [validation] if validation is not None else [p for p in configured if p.is_file()]
-    if max_length is not None:
-        cfg = cfg.model_copy(update={"max_length": max_length})
-    return cfg, task_name, tokenizer, references

@@ -44,3 +44,13 @@ def test_off_skips_the_gate(base_config: dict, tmp_path: Path) -> None:
     cfg["data"]["quality"] = "off"
     result = tunesmith.train(**cfg)
     assert not (result.run_dir / "data_report.json").exists()
+
+
+def test_check_and_clean_through_the_python_api(base_config: dict, tmp_path: Path) -> None:
+    cfg = _with_conflict(base_config, tmp_path)
+    report = tunesmith.check_data(cfg["data"]["train"])
+    assert report.finding("conflicting").count == 1 and not report.passed
+    cleaned = tunesmith.clean_data(cfg["data"]["train"], tmp_path / "clean.jsonl")
+    assert cleaned.cleaned is not None
+    dropped = [json.loads(line) for line in (tmp_path / "clean.dropped.jsonl").read_text().splitlines()]
+    assert {d["reason"] for d in dropped} >= {"conflicting"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from tunesmith.data.quality_report import CleanSummary, Finding, QualityReport, 
 from tunesmith.data.quality_scan import BATCH, BATCH_CHARS, REASONS, Scan
 from tunesmith.data.readers import Row, UnreadableRow, iter_rows
 from tunesmith.data.row_facts import Task, inspect_row
-from tunesmith.errors import DataError
+from tunesmith.errors import ConfigError, DataError
 
 __all__ = [
     "CleanSummary",
@@ -36,6 +37,7 @@ __all__ = [
     "clean_file",
     "dropped_path",
     "gate",
+    "quality_setup",
     "stream_rows",
 ]
 
@@ -242,3 +244,34 @@ def _atomic_lines(path: Path) -> Iterator[TextIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def quality_setup(
+    file: Path, task: str | None, config: Path | None, validation: Path | None, max_length: int | None
+) -> tuple[Any, Literal["classification", "sft"], Any, list[Path]]:
+    """The data config, task, tokenizer (None without a config) and leakage references for checking
+    `file`: from a run config when given (its data settings, task and model tokenizer), else defaults."""
+    from tunesmith.config import DataConfig, load_config
+
+    if task not in (None, "classification", "sft"):
+        raise ConfigError(f"--task {task!r}: use classification or sft")
+    task_name: Literal["classification", "sft"] = "sft" if task == "sft" else "classification"
+    tokenizer = None
+    if config is None:
+        cfg = DataConfig(train=str(file))
+        references = [validation] if validation is not None else []
+    else:
+        from tunesmith.build import prepare_tokenizer
+
+        run = load_config(config)
+        if task is not None and task != run.task:
+            raise ConfigError(f"--task {task} but {config} has task: {run.task}; leave out --task or fix the config")
+        cfg, task_name, tokenizer = run.data, run.task, prepare_tokenizer(run)
+        configured = [Path(s) for s in (cfg.validation, cfg.test) if isinstance(s, str)]
+        for path in configured:
+            if not path.is_file():
+                print(f"warning: {path} (from {config}) is not a file; no leakage check against it", file=sys.stderr)
+        references = [validation] if validation is not None else [p for p in configured if p.is_file()]
+    if max_length is not None:
+        cfg = cfg.model_copy(update={"max_length": max_length})
+    return cfg, task_name, tokenizer, references
