@@ -138,3 +138,11 @@ def test_bf16_autocast_trains(base_config: dict) -> None:
     weights = _weights(result.run_dir)
     assert all(t.dtype == torch.float32 for t in weights.values())  # fp32 master weights
     assert result.metrics["validation"]["loss"] < 0.69
+
+
+@pytest.mark.parametrize("method", [{"name": "partial", "freeze_layers": 1}, "feature-extraction", "lora"])
+def test_bf16_runs_with_frozen_work_cached(base_config: dict, method: object) -> None:
+    """Regression: frozen weights stored in bf16 before the cache's fp32 split check broke `partial`."""
+    cfg = {**base_config, "method": method, "train": {**base_config["train"], "precision": "bf16", "max_steps": 2}}
+    result = tunesmith.train(**cfg)
+    assert result.metrics["train"]["steps"] == 2 and result.metrics["train"]["precision"] == "bf16"

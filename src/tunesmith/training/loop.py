@@ -120,14 +120,15 @@ def train_loop(
     model.to(device)
     if device.type == "cpu":
         use_fast_dropout(model)  # torch's per-element Bernoulli draw was a third of a CPU LoRA step
-    if precision == "bf16":
-        frozen_matmuls_to_bf16(model, set(names))
     started = time.perf_counter()
     lengths = [objective.length(it) for it in train_items]
 
     # Frozen work done once: what runs before the first trainable weight is computed a single time.
     if method.frozen_backbone or method.frozen_blocks > 0:
         train_items, val_items = _cache(model, method, objective, train_items, val_items, cfg, eval_cfg, autocast, run)
+    if precision == "bf16":
+        # After caching: the cache checks its split against an fp32 forward, which needs fp32 weights.
+        frozen_matmuls_to_bf16(model, set(names))
 
     n_batches = math.ceil(len(train_items) / cfg.batch_size)
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
