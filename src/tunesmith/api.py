@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +13,25 @@ from torch import nn
 from tunesmith.build import build_model, build_objective, prepare_tokenizer, refuse_noop
 from tunesmith.config import RunConfig, apply_overrides, config_from_dict, read_yaml_config
 from tunesmith.config import load_config as _load_config
-from tunesmith.data.load import Splits, load_splits, read_examples, read_sft_examples
+from tunesmith.data.load import load_splits, read_examples, read_sft_examples
 from tunesmith.data.records import check_known_labels
 from tunesmith.errors import ConfigError
 from tunesmith.eval.answers import answer_prompts, exact_match, split_prompt
 from tunesmith.eval.evaluate import evaluate_items, predict_items
 from tunesmith.eval.report import write_report
-from tunesmith.eval.retention import Retention, build_retention
-from tunesmith.methods import Method
+from tunesmith.eval.retention import build_retention
 from tunesmith.models.generate import Sampling
 from tunesmith.models.load import load_tokenizer
-from tunesmith.runs import Run, config_hash, create_run, open_run, read_json, write_json, write_manifest
+from tunesmith.run_steps import (
+    final_metrics,
+    open_or_create,
+    quality_gate,
+    read_task_rows,
+    retention_summary,
+    write_jsonl,
+    write_plan,
+)
+from tunesmith.runs import Run, config_hash, open_run, read_json, write_json, write_manifest
 from tunesmith.training.checkpoint import load_trainable, save_trainable
 from tunesmith.training.loop import StepCallback, make_autocast, resolve_precision, train_loop
 from tunesmith.zoo import model_source_path
@@ -92,22 +99,22 @@ def train(
     torch.manual_seed(cfg.train.seed)
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
     tokenizer = prepare_tokenizer(cfg)
-    quality = _quality_gate(cfg, tokenizer)
+    quality = quality_gate(cfg, tokenizer)
     objective = build_objective(cfg, tokenizer, splits.labels)
     model, method, names = build_model(cfg, len(splits.labels))
-    run = _open_or_create(cfg, resume)
+    run = open_or_create(cfg, resume)
     fingerprint = {"config_hash": config_hash(cfg.to_dict()), "data_hash": config_hash(splits.hashes, ())}
     train_items = objective.encode(splits.train, "train", pack_rows=True)
     val_items = objective.encode(splits.validation, "validation") if splits.validation else None
-    _write_plan(run, cfg, splits, model, names, method, objective, len(train_items))
+    write_plan(run, cfg, splits, model, names, method, objective, len(train_items))
     if resume is None:
         write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name))
     if quality is not None:
         write_json(run.dir / "data_report.json", quality.to_dict())
     if cfg.task == "sft" and splits.validation:
         objective.sample_prompts = [p for p, _ in map(split_prompt, splits.validation) if p][: cfg.eval.samples]
-    baseline = _final_metrics(cfg, objective, model, splits) if cfg.eval.baseline else None
-    retention = build_retention(cfg, objective, lambda source: _read_task_rows(cfg, source))
+    baseline = final_metrics(cfg, objective, model, splits) if cfg.eval.baseline else None
+    retention = build_retention(cfg, objective, lambda source: read_task_rows(cfg, source))
     started = time.perf_counter()
     outcome = train_loop(
         model=model,
@@ -130,11 +137,11 @@ def train(
     objective.tokenizer.save_pretrained(run.final / "tokenizer")
     if cfg.task == "classification":
         write_json(run.final / "labels.json", splits.labels)
-    metrics = _final_metrics(cfg, objective, model, splits)
+    metrics = final_metrics(cfg, objective, model, splits)
     if baseline is not None:
         metrics["baseline"] = baseline
     if retention is not None:
-        metrics["retention"] = _retention_summary(retention, model, cfg, outcome)
+        metrics["retention"] = retention_summary(retention, model, cfg, outcome)
     metrics["train"] = {
         "steps": outcome.steps,
         "train_seconds": round(outcome.train_seconds, 3),
@@ -180,7 +187,7 @@ def evaluate(
         scores, records = exact_match(trained.model, tok, template, examples, cfg.eval.max_new_tokens, size, autocast)
         metrics.update(scores)
         out = Path(generations) if generations else trained.run.dir / f"generations-{Path(data).stem}.jsonl"
-        _write_jsonl(out, records)
+        write_jsonl(out, records)
         metrics["generations"] = str(out)
         return metrics
     labelled = read_examples(str(data), cfg.data)
@@ -363,121 +370,6 @@ def _as_config(config: RunConfig | dict | str | Path | None, overrides: list[str
         data, origin = read_yaml_config(config), str(config)
     data.update(sections)
     return config_from_dict(apply_overrides(data, overrides or []), origin=origin)
-
-
-def _open_or_create(cfg: RunConfig, resume: str | Path | None) -> Run:
-    if resume is not None:
-        return open_run(resume)
-    name = cfg.output.name or f"{cfg.task}-{cfg.method.name}"
-    return create_run(cfg.output.dir, name, cfg.to_dict())
-
-
-def _write_plan(
-    run: Run,
-    cfg: RunConfig,
-    splits: Splits,
-    model: nn.Module,
-    names: list[str],
-    method: Method,
-    objective,
-    n_items: int,
-) -> None:
-    n_batches = math.ceil(n_items / cfg.train.batch_size)
-    steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * math.ceil(n_batches / cfg.train.grad_accum))
-    params = dict(model.named_parameters())
-    plan = {
-        "labels": splits.labels,
-        "rows": {
-            "train": len(splits.train),
-            "replayed": splits.replayed,
-            "validation": len(splits.validation or []),
-            "test": len(splits.test or []),
-        },
-        "total_steps": steps,
-        "lr": cfg.train.lr if cfg.train.lr is not None else method.default_lr,
-        "precision": resolve_precision(cfg.train.precision),
-        "trainable_parameters": sum(params[n].numel() for n in names),
-        "total_parameters": sum(p.numel() for p in params.values()),
-        "trainable_names": names,
-    }
-    if cfg.task == "sft":
-        plan["rows_encoded"] = objective.counts
-        plan["template"] = objective.resolved_template()
-        _report_dropped(objective.counts)
-    write_json(run.dir / "plan.json", plan)
-
-
-def _final_metrics(cfg: RunConfig, objective, model, splits: Splits) -> dict[str, Any]:
-    device = next(model.parameters()).device
-    autocast = make_autocast(device, resolve_precision(cfg.train.precision))
-    metrics: dict[str, Any] = {}
-    for name, examples in (("validation", splits.validation), ("test", splits.test)):
-        if examples:
-            items = objective.encode(examples, name)
-            metrics[name] = evaluate_items(model, objective, items, cfg.eval.batch_size, autocast, device)
-            if cfg.task == "sft":
-                rows = examples[: cfg.eval.exact_match_rows] if cfg.eval.exact_match_rows else examples
-                template = objective.resolved_template()
-                scores, _ = exact_match(
-                    model, objective.tokenizer, template, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, autocast
-                )
-                metrics[name].update(scores)
-    return metrics
-
-
-def _quality_gate(cfg: RunConfig, tokenizer: Any) -> Any:
-    """The data quality report of the training data (leakage checked against validation/test files);
-    under `data.quality: fail` a breached threshold stops the run here, before any model is loaded."""
-    from tunesmith.data.load import read_source_rows
-    from tunesmith.data.quality import check_rows, gate
-
-    if cfg.data.quality == "off":
-        return None
-    held_out = [s for s in (cfg.data.validation, cfg.data.test) if isinstance(s, str)]
-    reference = [row for source in held_out for row in read_source_rows(source, cfg.data)] or None
-    rows = read_source_rows(cfg.data.train, cfg.data)
-    report = check_rows(rows, cfg.data, cfg.task, tokenizer, reference, source=cfg.data.train)  # type: ignore[arg-type]
-    gate(report, cfg.data.quality)
-    return report
-
-
-def _read_task_rows(cfg: RunConfig, source: str) -> list[Any]:
-    """Examples of the run's task from a file or a packaged data name."""
-    if cfg.task == "sft":
-        return read_sft_examples(source, cfg.data)
-    return read_examples(source, cfg.data)
-
-
-def _retention_summary(retention: Retention, model: nn.Module, cfg: RunConfig, outcome: Any) -> dict[str, Any]:
-    """The final model's retention against the base model's, and where the best evaluation was."""
-    device = next(model.parameters()).device
-    final = retention.measure(model, make_autocast(device, resolve_precision(cfg.train.precision)), device)
-    return {
-        **final,
-        "source": retention.source,
-        "max_drop": retention.max_drop,
-        "history": outcome.retention,
-        "stopped_for_retention": any(not r["within_bound"] for r in outcome.retention),
-    }
-
-
-def _report_dropped(counts: dict[str, dict[str, int]]) -> None:
-    """One line on stderr for every split that lost or cut rows (also in plan.json)."""
-    import sys
-
-    for split, c in counts.items():
-        lost = {k: c.get(k, 0) for k in ("truncated", "dropped_overlong", "no_trainable_token") if c.get(k, 0)}
-        if lost:
-            detail = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in lost.items())
-            print(f"{split}: {c['rows']} rows, {detail} (see data.overlong, data.max_length)", file=sys.stderr)
-
-
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    import json
-
-    from tunesmith.runs import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _load_run_tokenizer(run: Run, cfg: RunConfig):

@@ -1,0 +1,145 @@
+"""The steps of a training run that `api.train` strings together: the run directory, the plan,
+the data quality gate, evaluation with exact match, and the retention summary."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tunesmith.config import RunConfig
+from tunesmith.data.load import Splits, read_examples, read_sft_examples
+from tunesmith.eval.answers import exact_match
+from tunesmith.eval.evaluate import evaluate_items
+from tunesmith.eval.retention import Retention
+from tunesmith.methods import Method
+from tunesmith.runs import Run, create_run, open_run, write_json
+from tunesmith.training.loop import make_autocast, resolve_precision
+
+__all__ = [
+    "final_metrics",
+    "open_or_create",
+    "quality_gate",
+    "read_task_rows",
+    "report_dropped",
+    "retention_summary",
+    "write_jsonl",
+    "write_plan",
+]
+
+
+def open_or_create(cfg: RunConfig, resume: str | Path | None) -> Run:
+    if resume is not None:
+        return open_run(resume)
+    name = cfg.output.name or f"{cfg.task}-{cfg.method.name}"
+    return create_run(cfg.output.dir, name, cfg.to_dict())
+
+
+def write_plan(
+    run: Run,
+    cfg: RunConfig,
+    splits: Splits,
+    model: nn.Module,
+    names: list[str],
+    method: Method,
+    objective,
+    n_items: int,
+) -> None:
+    n_batches = math.ceil(n_items / cfg.train.batch_size)
+    steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * math.ceil(n_batches / cfg.train.grad_accum))
+    params = dict(model.named_parameters())
+    plan = {
+        "labels": splits.labels,
+        "rows": {
+            "train": len(splits.train),
+            "replayed": splits.replayed,
+            "validation": len(splits.validation or []),
+            "test": len(splits.test or []),
+        },
+        "total_steps": steps,
+        "lr": cfg.train.lr if cfg.train.lr is not None else method.default_lr,
+        "precision": resolve_precision(cfg.train.precision),
+        "trainable_parameters": sum(params[n].numel() for n in names),
+        "total_parameters": sum(p.numel() for p in params.values()),
+        "trainable_names": names,
+    }
+    if cfg.task == "sft":
+        plan["rows_encoded"] = objective.counts
+        plan["template"] = objective.resolved_template()
+        report_dropped(objective.counts)
+    write_json(run.dir / "plan.json", plan)
+
+
+def final_metrics(cfg: RunConfig, objective, model, splits: Splits) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    autocast = make_autocast(device, resolve_precision(cfg.train.precision))
+    metrics: dict[str, Any] = {}
+    for name, examples in (("validation", splits.validation), ("test", splits.test)):
+        if examples:
+            items = objective.encode(examples, name)
+            metrics[name] = evaluate_items(model, objective, items, cfg.eval.batch_size, autocast, device)
+            if cfg.task == "sft":
+                rows = examples[: cfg.eval.exact_match_rows] if cfg.eval.exact_match_rows else examples
+                template = objective.resolved_template()
+                scores, _ = exact_match(
+                    model, objective.tokenizer, template, rows, cfg.eval.max_new_tokens, cfg.eval.batch_size, autocast
+                )
+                metrics[name].update(scores)
+    return metrics
+
+
+def quality_gate(cfg: RunConfig, tokenizer: Any) -> Any:
+    """The data quality report of the training data (leakage checked against validation/test files);
+    under `data.quality: fail` a breached threshold stops the run here, before any model is loaded."""
+    from tunesmith.data.load import read_source_rows
+    from tunesmith.data.quality import check_rows, gate
+
+    if cfg.data.quality == "off":
+        return None
+    held_out = [s for s in (cfg.data.validation, cfg.data.test) if isinstance(s, str)]
+    reference = [row for source in held_out for row in read_source_rows(source, cfg.data)] or None
+    rows = read_source_rows(cfg.data.train, cfg.data)
+    report = check_rows(rows, cfg.data, cfg.task, tokenizer, reference, source=cfg.data.train)  # type: ignore[arg-type]
+    gate(report, cfg.data.quality)
+    return report
+
+
+def read_task_rows(cfg: RunConfig, source: str) -> list[Any]:
+    """Examples of the run's task from a file or a packaged data name."""
+    if cfg.task == "sft":
+        return read_sft_examples(source, cfg.data)
+    return read_examples(source, cfg.data)
+
+
+def retention_summary(retention: Retention, model: nn.Module, cfg: RunConfig, outcome: Any) -> dict[str, Any]:
+    """The final model's retention against the base model's, and where the best evaluation was."""
+    device = next(model.parameters()).device
+    final = retention.measure(model, make_autocast(device, resolve_precision(cfg.train.precision)), device)
+    return {
+        **final,
+        "source": retention.source,
+        "max_drop": retention.max_drop,
+        "history": outcome.retention,
+        "stopped_for_retention": any(not r["within_bound"] for r in outcome.retention),
+    }
+
+
+def report_dropped(counts: dict[str, dict[str, int]]) -> None:
+    """One line on stderr for every split that lost or cut rows (also in plan.json)."""
+
+    for split, c in counts.items():
+        lost = {k: c.get(k, 0) for k in ("truncated", "dropped_overlong", "no_trainable_token") if c.get(k, 0)}
+        if lost:
+            detail = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in lost.items())
+            print(f"{split}: {c['rows']} rows, {detail} (see data.overlong, data.max_length)", file=sys.stderr)
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    import json
+
+    from tunesmith.runs import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
