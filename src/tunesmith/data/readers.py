@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import io
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -217,7 +216,8 @@ def _check_utf8(bad_lines: dict[int, int], path: Path) -> None:
 def _delimited_problem(values: list[str], header: list[str], bad_lines: dict[int, int], first: int, last: int) -> str:
     bad = [line for line in bad_lines if first <= line <= last]
     if bad:
-        return f"line {bad[0]} is not valid UTF-8 (byte 0x{bad_lines[bad[0]]:02x}); re-save the file as UTF-8"
+        at = "" if bad[0] == first else f"line {bad[0]} is "  # a quoted value can span lines
+        return f"{at}not valid UTF-8 (byte 0x{bad_lines[bad[0]]:02x}); re-save the file as UTF-8"
     if len(values) != len(header):
         return (
             f"{len(values)} values but the header has {len(header)} columns; "
@@ -297,33 +297,8 @@ def _read_tsv(path: Path) -> list[Row]:
 
 
 def _read_delimited(path: Path, delimiter: str) -> list[Row]:
-    # newline="" lets the csv module see quoted newlines; line_num counts physical lines.
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
-    header: list[str] | None = None
-    rows: list[Row] = []
-    last_line = 0
-    while True:
-        start = last_line + 1
-        try:
-            values = next(reader, None)
-        except csv.Error as e:
-            raise DataError(
-                f"{path}:{reader.line_num}: cannot parse this line ({e}); check its quotes and delimiters"
-            ) from e
-        last_line = reader.line_num
-        if values is None:
-            return rows
-        if not values:  # a blank line
-            continue
-        if header is None:
-            header = _check_header(values, path, start)
-            continue
-        if len(values) != len(header):
-            raise DataError(
-                f"{path}:{start}: {len(values)} values but the header has {len(header)} columns; "
-                "quote values that contain the delimiter or fix the row"
-            )
-        rows.append(Row(dict(zip(header, values, strict=True)), f"{path}:{start}"))
+    """Every row of a CSV/TSV file; the first unreadable one raises (the streaming reader, held)."""
+    return list(_stream_delimited(path, delimiter, _raise_unreadable))
 
 
 def _check_header(names: list[str], path: Path, line: int) -> list[str]:
