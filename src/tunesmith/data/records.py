@@ -15,7 +15,15 @@ from typing import Any, TypeVar
 from tunesmith.data.readers import Row
 from tunesmith.errors import DataError
 
-__all__ = ["MAX_REPORTED_ERRORS", "Example", "check_known_labels", "resolve_labels", "to_examples"]
+__all__ = [
+    "MAX_REPORTED_ERRORS",
+    "Example",
+    "check_known_labels",
+    "resolve_labels",
+    "short_repr",
+    "summarize_problems",
+    "to_examples",
+]
 
 MAX_REPORTED_ERRORS = 20
 
@@ -78,7 +86,7 @@ def to_examples(
             label = label_map.get(label, label) if label is not None else None
             examples.append(Example(text=text, label=label, text_pair=pair, where=row.where))
     if problems:
-        raise DataError(_summary(problems, "problem(s) in the data; fix them all, then run again"))
+        raise DataError(summarize_problems(problems, "problem(s) in the data; fix them all, then run again"))
     return examples
 
 
@@ -168,7 +176,7 @@ def _text(row: Row, field: str) -> str:
         raise _RowError(f"field {field!r} is null; give it a text or remove the row")
     if not isinstance(value, str):
         raise _RowError(
-            f"field {field!r} must be a string, got {type(value).__name__} ({_short(value)}); "
+            f"field {field!r} must be a string, got {type(value).__name__} ({short_repr(value)}); "
             "quote it or fix data.text_field"
         )
     if not value.strip():
@@ -199,7 +207,7 @@ def _label_text(value: Any, field: str) -> str:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return str(int(value))
     raise _RowError(
-        f"label {_short(value)} in field {field!r} is not a string or whole number; "
+        f"label {short_repr(value)} in field {field!r} is not a string or whole number; "
         "use class names or integer class ids"
     )
 
@@ -220,12 +228,14 @@ def _is_blank(value: Any) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
-def _short(value: Any, limit: int = 40) -> str:
+def short_repr(value: Any, limit: int = 40) -> str:
+    """`repr(value)`, cut to `limit` characters for an error message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _summary(errors: list[str], headline: str) -> str:
+def summarize_problems(errors: list[str], headline: str) -> str:
+    """One message listing the first MAX_REPORTED_ERRORS problems (and how many more there are)."""
     shown = errors[:MAX_REPORTED_ERRORS]
     lines = [f"{len(errors)} {headline}:", *(f"  {error}" for error in shown)]
     if len(errors) > len(shown):

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tunesmith.data.readers import Row
-from tunesmith.data.records import MAX_REPORTED_ERRORS
+from tunesmith.data.records import short_repr, summarize_problems
 from tunesmith.errors import DataError
 
-__all__ = ["Message", "Role", "SftExample", "summarize_problems", "to_sft_examples"]
+__all__ = ["Message", "Role", "SftExample", "to_sft_examples"]
 
 Role = Literal["system", "user", "assistant"]
 _ROLES = ("system", "user", "assistant")
@@ -117,7 +117,7 @@ def _chat_example(row: Row, require_completion: bool) -> SftExample:
     if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) for m in raw):
         raise _RowError(
             f"'messages' must be a non-empty list of objects like "
-            f'{{"role": "user", "content": "..."}}, got {_short(raw)}; fix the row'
+            f'{{"role": "user", "content": "..."}}, got {short_repr(raw)}; fix the row'
         )
     messages = tuple(_message(m, index) for index, m in enumerate(raw))
     if require_completion and not any(m.role == "assistant" for m in messages):
@@ -132,7 +132,7 @@ def _message(raw: dict[str, Any], index: int) -> Message:
     at = f"messages[{index}]"
     role = raw.get("role")
     if role not in _ROLES:
-        found = "has no 'role'" if role is None else f"has role {_short(role)}"
+        found = "has no 'role'" if role is None else f"has role {short_repr(role)}"
         tools = " (tool and function messages are not supported)" if role in ("tool", "function") else ""
         raise _RowError(
             f"{at} {found}; only 'system', 'user' and 'assistant' are supported{tools}; rewrite or remove that message"
@@ -141,7 +141,7 @@ def _message(raw: dict[str, Any], index: int) -> Message:
         raise _RowError(f"{at} holds tool/function calls, which are not supported; remove them from the data")
     content = raw.get("content")
     if not isinstance(content, str):
-        found = "has no 'content'" if content is None else f"has content {_short(content)}"
+        found = "has no 'content'" if content is None else f"has content {short_repr(content)}"
         raise _RowError(f"{at} ({role}) {found}; 'content' must be a string (lists of parts are not supported)")
     if role == "assistant" and not content.strip():
         raise _RowError(f"{at} is an empty assistant message; write the reply or remove the message")
@@ -152,7 +152,7 @@ def _weight(value: Any, at: str) -> int:
     if value is None:
         return 1
     if isinstance(value, bool) or not isinstance(value, int | float) or value not in (0, 1):
-        raise _RowError(f"{at} has weight {_short(value)}; a weight must be 0 (not trained) or 1 (trained)")
+        raise _RowError(f"{at} has weight {short_repr(value)}; a weight must be 0 (not trained) or 1 (trained)")
     return int(value)
 
 
@@ -162,7 +162,7 @@ def _alpaca_example(row: Row, require_completion: bool) -> SftExample:
     if _is_missing(extra):
         extra = ""
     if not isinstance(extra, str):
-        raise _RowError(f"field 'input' must be a string, got {type(extra).__name__} ({_short(extra)}); quote it")
+        raise _RowError(f"field 'input' must be a string, got {type(extra).__name__} ({short_repr(extra)}); quote it")
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     return _prompt_example(prompt, _completion(row, "output", require_completion), row.where)
 
@@ -181,7 +181,7 @@ def _string(row: Row, field: str) -> str:
         )
     value = row.data[field]
     if not isinstance(value, str):
-        raise _RowError(f"field {field!r} must be a string, got {type(value).__name__} ({_short(value)}); fix it")
+        raise _RowError(f"field {field!r} must be a string, got {type(value).__name__} ({short_repr(value)}); fix it")
     return value
 
 
@@ -199,18 +199,3 @@ def _is_missing(value: Any) -> bool:
     """Null, or NaN (a missing value in pandas-written files)."""
     return value is None or (isinstance(value, float) and math.isnan(value))
 
-
-def _short(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def summarize_problems(errors: list[str], headline: str) -> str:
-    shown = errors[:MAX_REPORTED_ERRORS]
-    lines = [f"{len(errors)} {headline}:", *(f"  {error}" for error in shown)]
-    if len(errors) > len(shown):
-        lines.append(f"  ... and {len(errors) - len(shown)} more")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- examples -> ids

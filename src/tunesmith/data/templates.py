@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tunesmith.data.sft import Message, SftExample, summarize_problems
+from tunesmith.data.records import summarize_problems
+from tunesmith.data.sft import Message, SftExample
 from tunesmith.errors import ConfigError, DataError
 
 __all__ = [
