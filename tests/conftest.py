@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,38 @@ def make_tiny_gpt2(path: Path, layers: int = 2, hidden: int = 32) -> Path:
     )
     GPT2LMHeadModel(config).save_pretrained(path)
     return path
+
+
+ROOT = Path(__file__).parents[1]
+
+
+def invoke_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object
+) -> tuple[int, str, str]:
+    """Run `tunesmith ARGS` in-process as the entry point does: (exit code, stdout, stderr)."""
+    import sys
+
+    from tunesmith import cli
+
+    monkeypatch.setattr(sys, "argv", ["tunesmith", *map(str, args)])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def run_tunesmith(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """The installed `tunesmith` command in a subprocess, from the repository root, offline."""
+    import sys
+
+    command = Path(sys.executable).with_name("tunesmith")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [str(command), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
-TUNESMITH = Path(sys.executable).with_name("tunesmith")
+from conftest import run_tunesmith
 
 pytestmark = pytest.mark.slow
 
-
-def tunesmith(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [str(TUNESMITH), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+tunesmith = run_tunesmith
 
 
 @pytest.mark.parametrize("method", ["lora", "feature-extraction"])

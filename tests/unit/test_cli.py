@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tunesmith import cli
+from conftest import invoke_cli
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["tunesmith", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, " ".join((out.out + out.err).split())  # rich wraps long lines
+    code, out, err = invoke_cli(monkeypatch, capsys, *args)
+    return code, " ".join((out + err).split())  # rich wraps long lines
 
 
 def write_config(tmp_path: Path, base_config: dict, **data: object) -> Path:

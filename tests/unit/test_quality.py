@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import FILLER, NEGATIVE, POSITIVE, make_tiny_byte_tokenizer, write_jsonl
-from tunesmith import cli
+from conftest import FILLER, NEGATIVE, POSITIVE, invoke_cli, make_tiny_byte_tokenizer, write_jsonl
 from tunesmith.config import DataConfig, QualityThresholds
 from tunesmith.data.keyindex import KeyIndex
 from tunesmith.data.minhash import estimate_jaccard, signatures
@@ -334,15 +332,7 @@ def test_gate_fails_warns_or_stays_off(injected: dict[str, Any], capsys: pytest.
 # ------------------------------------------------------------------------------ the CLI
 
 
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: Any) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["tunesmith", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run_cli = invoke_cli
 
 
 def test_cli_check_json_exits_1_with_the_injected_counts(

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import tunesmith
-from tunesmith import cli
+from conftest import invoke_cli
 
 WORDS = ["red", "blue", "green", "gold"]
 
@@ -43,14 +43,8 @@ def sft_config(tiny_llama: Path, tmp_path: Path) -> dict:
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["tunesmith", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    code, out, err = invoke_cli(monkeypatch, capsys, *args)
+    return code, out + err
 
 
 def test_train_generate_chat_eval_through_the_cli(sft_config: dict, tmp_path: Path, monkeypatch, capsys) -> None:
