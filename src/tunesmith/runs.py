@@ -13,12 +13,13 @@ import platform
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -27,6 +28,7 @@ from tunesmith.errors import ConfigError
 __all__ = [
     "Run",
     "atomic_write_text",
+    "atomic_writer",
     "config_hash",
     "create_run",
     "file_sha256",
@@ -109,9 +111,11 @@ def write_manifest(run: Run, seed: int, data_files: dict[str, str], model_dir: s
     write_json(run.dir / "manifest.json", manifest)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file and a rename: readers see the old or the new file,
-    never half of one. The file gets the usual permissions (mkstemp's are owner-only)."""
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[TextIO]:
+    """A text file written in full or not at all: streamed to a temp file beside it, then renamed,
+    so readers see the old or the new file, never half of one. The file gets the usual permissions
+    (mkstemp's are owner-only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
@@ -119,13 +123,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (see `atomic_writer`)."""
+    with atomic_writer(path) as fh:
+        fh.write(text)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -11,14 +11,11 @@ whatever the rows' length.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 from tunesmith.config import DataConfig
 from tunesmith.data.quality_findings import findings
@@ -27,6 +24,7 @@ from tunesmith.data.quality_scan import BATCH, BATCH_CHARS, REASONS, Scan
 from tunesmith.data.readers import Row, UnreadableRow, iter_rows
 from tunesmith.data.row_facts import Task, inspect_row
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.runs import atomic_writer
 
 __all__ = [
     "CleanSummary",
@@ -196,7 +194,7 @@ def _unit(tokenizer: Any | None) -> Literal["tokens", "words"]:
 def _write_clean(path: Path, out: Path, scan: Scan) -> int:
     """Second pass over `path`: each row to `out` or, with its reason, to the dropped file."""
     kept = index = 0
-    with _atomic_lines(out) as kept_file, _atomic_lines(dropped_path(out)) as dropped_file:
+    with atomic_writer(out) as kept_file, atomic_writer(dropped_path(out)) as dropped_file:
         # Fields as in the file (no column_map), so the cleaned file reads like the original.
         for index, item in enumerate(stream_rows(path), start=1):
             if index > scan.rows:
@@ -224,26 +222,6 @@ def _problem(row: Row, scan: Scan) -> str:
     data = {key: value for key, value in row.data.items() if key not in column_map}
     data.update({column_map[key]: value for key, value in row.data.items() if key in column_map})
     return inspect_row(Row(data, row.where), scan.cfg, scan.task).problem
-
-
-@contextmanager
-def _atomic_lines(path: Path) -> Iterator[TextIO]:
-    """A text file written in full or not at all: streamed to a temporary file, then renamed
-    (as `runs.atomic_write_text` does with a text it is given whole)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # the usual permissions (mkstemp's are owner-only)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def quality_setup(

@@ -198,4 +198,3 @@ def _completion(row: Row, field: str, required: bool) -> str | None:
 def _is_missing(value: Any) -> bool:
     """Null, or NaN (a missing value in pandas-written files)."""
     return value is None or (isinstance(value, float) and math.isnan(value))
-
