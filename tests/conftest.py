@@ -238,3 +238,57 @@ def base_config(tiny_bert: Path, sentiment_file: Path, tmp_path: Path) -> dict:
         "train": {"epochs": 2, "batch_size": 8, "lr": 5e-3, "log_every": 2, "precision": "fp32"},
         "output": str(tmp_path / "runs"),
     }
+
+
+def make_tiny_vit(path: Path, image_size: int = 16) -> Path:
+    """A 2-layer ViT (hidden 32, 4x4 patches) with a ViT-style preprocessor config, saved to `path`."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=4,
+    )
+    ViTModel(config).save_pretrained(path)
+    processor = {"size": {"height": image_size, "width": image_size}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (path / "preprocessor_config.json").write_text(json.dumps(processor))
+    return path
+
+
+def make_tiny_resnet(path: Path, image_size: int = 16) -> Path:
+    """A 2-stage ResNet (batch norms included) with a ConvNeXt-style processor config, saved to `path`."""
+    import torch
+    from transformers import ResNetConfig, ResNetModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    ResNetModel(config).save_pretrained(path)
+    processor = {
+        "size": {"shortest_edge": image_size},
+        "crop_pct": 1.0,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.25] * 3,
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(processor))
+    return path
+
+
+def write_halves_npz(path: Path, n: int = 48, size: int = 16, seed: int = 0) -> Path:
+    """RGB images whose class is the brighter half: `top` or `bottom` (plus noise), as .npz arrays."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 90, (n, size, size, 3), dtype=np.uint8)
+    labels = np.array(["top" if i % 2 == 0 else "bottom" for i in range(n)])
+    for i in range(n):
+        rows = slice(0, size // 2) if labels[i] == "top" else slice(size // 2, size)
+        images[i, rows] += 150
+    np.savez(path, images=images, labels=labels)
+    return path

@@ -13,7 +13,7 @@ from torch import nn
 from tunesmith.build import build_model, build_objective, prepare_tokenizer, refuse_noop
 from tunesmith.config import RunConfig, apply_overrides, config_from_dict, read_yaml_config
 from tunesmith.config import load_config as _load_config
-from tunesmith.data.load import load_splits, read_examples, read_sft_examples
+from tunesmith.data.load import load_splits, read_sft_examples, read_task_examples
 from tunesmith.data.records import check_known_labels
 from tunesmith.errors import ConfigError
 from tunesmith.eval.answers import answer_prompts, exact_match, split_prompt
@@ -25,9 +25,11 @@ from tunesmith.models.load import load_tokenizer
 from tunesmith.run_steps import (
     final_metrics,
     open_or_create,
+    prediction_inputs,
     quality_gate,
     read_task_rows,
     retention_summary,
+    skip_unreadable,
     write_jsonl,
     write_plan,
 )
@@ -100,6 +102,7 @@ def train(
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
     tokenizer = prepare_tokenizer(cfg)
     quality = quality_gate(cfg, tokenizer)
+    splits = skip_unreadable(splits, quality)
     objective = build_objective(cfg, tokenizer, splits.labels)
     model, method, names = build_model(cfg, len(splits.labels))
     run = open_or_create(cfg, resume)
@@ -134,8 +137,9 @@ def train(
     refuse_noop(method, model)
     model.eval()
     save_trainable(model, names, run.final / "trainable.safetensors")
-    objective.tokenizer.save_pretrained(run.final / "tokenizer")
-    if cfg.task == "classification":
+    if objective.tokenizer is not None:
+        objective.tokenizer.save_pretrained(run.final / "tokenizer")
+    if splits.labels:
         write_json(run.final / "labels.json", splits.labels)
     metrics = final_metrics(cfg, objective, model, splits)
     if baseline is not None:
@@ -153,7 +157,7 @@ def train(
         "peak_rss_mb": peak_rss_mb(),
         "best": outcome.best,
         "stopped_early": outcome.stopped_early,
-        "precision": resolve_precision(cfg.train.precision),
+        "precision": resolve_precision(cfg.train.precision, model),
         "trainable_parameters": sum(p.numel() for n, p in model.named_parameters() if n in set(names)),
     }
     write_json(run.dir / "eval.json", metrics)
@@ -175,7 +179,7 @@ def evaluate(
     cfg = trained.config
     device = _device()
     trained.model.to(device)
-    autocast = make_autocast(device, resolve_precision(cfg.train.precision))
+    autocast = make_autocast(device, resolve_precision(cfg.train.precision, trained.model))
     size = batch_size or cfg.eval.batch_size
     if cfg.task == "sft":
         examples = read_sft_examples(str(data), cfg.data)
@@ -190,7 +194,7 @@ def evaluate(
         write_jsonl(out, records)
         metrics["generations"] = str(out)
         return metrics
-    labelled = read_examples(str(data), cfg.data)
+    labelled = read_task_examples(str(data), cfg.data, cfg.task)
     check_known_labels(labelled, trained.objective.labels, str(data))
     items = trained.objective.encode(labelled)
     return evaluate_items(trained.model, trained.objective, items, size, autocast, device)
@@ -221,7 +225,13 @@ def check_data(
     cfg, task_name, tokenizer, references = quality_setup(
         Path(path), task, _path(config), _path(validation), max_length
     )
-    return check_file(path, cfg, task_name, tokenizer, references)
+    if task_name == "image-classification":
+        from tunesmith.data.image_quality import check_images
+        from tunesmith.data.load import read_image_examples
+
+        held = [e for r in references for e in read_image_examples(str(r), cfg)]
+        return check_images(read_image_examples(str(path), cfg), held, cfg, source=str(path))
+    return check_file(path, cfg, task_name, tokenizer, references)  # type: ignore[arg-type]
 
 
 def clean_data(
@@ -230,13 +240,20 @@ def clean_data(
     config: str | Path | None = None,
     task: str | None = None,
     validation: str | Path | None = None,
+    max_length: int | None = None,
 ) -> Any:
     """Write the rows of `path` that pass the checks to `out`, and every dropped row with its reason to
     `<out stem>.dropped.jsonl`; returns the report (see `check_data`)."""
     from tunesmith.data.quality import clean_file, quality_setup
 
-    cfg, task_name, tokenizer, references = quality_setup(Path(path), task, _path(config), _path(validation), None)
-    return clean_file(path, out, cfg, task_name, tokenizer, references)
+    cfg, task_name, tokenizer, references = quality_setup(
+        Path(path), task, _path(config), _path(validation), max_length
+    )
+    if task_name == "image-classification":
+        raise ConfigError(
+            "data clean writes table rows; for images, run `tunesmith data check` and remove the files it lists"
+        )
+    return clean_file(path, out, cfg, task_name, tokenizer, references)  # type: ignore[arg-type]
 
 
 def compare(
@@ -282,7 +299,7 @@ def generate_with(trained: Trained, prompts: list, sampling: Sampling, on_token:
         raise ConfigError(f"{trained.run.dir}: generation needs an sft run; this one is {trained.config.task}")
     device = _device()
     trained.model.to(device)
-    autocast = make_autocast(device, resolve_precision(trained.config.train.precision))
+    autocast = make_autocast(device, resolve_precision(trained.config.train.precision, trained.model))
     rendered = [p if isinstance(p, str) else tuple(Message(m["role"], m["content"]) for m in p) for p in prompts]
     objective = trained.objective
     return answer_prompts(
@@ -300,21 +317,20 @@ def generate_with(trained: Trained, prompts: list, sampling: Sampling, on_token:
 def predict(
     run_dir: str | Path, texts: list[str] | None = None, data: str | Path | None = None
 ) -> list[dict[str, Any]]:
-    """Predicted label and class probabilities for each text (or each row of a data file)."""
-    from tunesmith.data.records import Example
+    """Predicted label and class probabilities for each input (or each row of a data file).
 
+    For an image-classification run the inputs are image paths, and each result names its `image`.
+    """
     trained = load_trained(run_dir)
-    if trained.config.task != "classification":
-        raise ConfigError(f"{run_dir}: predict is for classification runs; use generate for {trained.config.task}")
+    task = trained.config.task
+    if task == "sft":
+        raise ConfigError(f"{run_dir}: predict is for classification runs; use generate for {task}")
     if (texts is None) == (data is None):
-        raise ConfigError("predict: give either texts or a data file, not both")
-    if data is not None:
-        examples = read_examples(str(data), trained.config.data, require_labels=False)
-    else:
-        examples = [Example(text=t, label=None) for t in texts or []]
+        raise ConfigError("predict: give either inputs or a data file, not both")
+    examples = prediction_inputs(trained.config, texts, data)
     device = _device()
     trained.model.to(device)
-    autocast = make_autocast(device, resolve_precision(trained.config.train.precision))
+    autocast = make_autocast(device, resolve_precision(trained.config.train.precision, trained.model))
     probs = predict_items(
         trained.model,
         trained.objective,
@@ -324,9 +340,10 @@ def predict(
         device,
     )
     labels = trained.objective.labels
+    shown = "image" if task == "image-classification" else "text"
     return [
         {
-            "text": ex.text,
+            shown: ex.where if shown == "image" else ex.text,
             "label": labels[int(p.argmax())],
             "scores": {lab: float(v) for lab, v in zip(labels, p, strict=True)},
         }
@@ -341,7 +358,7 @@ def load_trained(run_dir: str | Path) -> Trained:
     weights = run.final / "trainable.safetensors"
     if not weights.is_file():
         raise ConfigError(f"{run.dir}: the run has no final weights (interrupted? resume it with --resume)")
-    labels = read_json(run.final / "labels.json") if cfg.task == "classification" else []
+    labels = read_json(run.final / "labels.json") if cfg.task != "sft" else []
     model, method, names = build_model(cfg, len(labels))
     load_trainable(model, names, weights)
     refuse_noop(method, model)
@@ -375,6 +392,8 @@ def _as_config(config: RunConfig | dict | str | Path | None, overrides: list[str
 def _load_run_tokenizer(run: Run, cfg: RunConfig):
     from transformers import AutoTokenizer
 
+    if cfg.task == "image-classification":
+        return None
     saved = run.final / "tokenizer"
     return AutoTokenizer.from_pretrained(saved) if saved.is_dir() else load_tokenizer(cfg.model)
 

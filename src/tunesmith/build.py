@@ -15,8 +15,10 @@ from tunesmith.config import RunConfig
 from tunesmith.errors import ConfigError
 from tunesmith.methods import Method, build_method
 from tunesmith.models.causal_lm import base_decoder
+from tunesmith.models.image import build_image_classifier, image_preprocessing
 from tunesmith.models.load import build_causal_lm, build_classifier, load_tokenizer
 from tunesmith.objectives.classification import ClassificationObjective
+from tunesmith.objectives.image_classification import ImageClassificationObjective
 from tunesmith.objectives.sft import SftObjective
 
 __all__ = ["build_model", "build_objective", "prepare_tokenizer", "refuse_noop"]
@@ -28,6 +30,8 @@ def build_model(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, Method, lis
     _check_method_fits(cfg, method)
     if cfg.task == "sft":
         model: nn.Module = build_causal_lm(cfg.model, cfg.data.max_length)
+    elif cfg.task == "image-classification":
+        model = build_image_classifier(cfg.model, num_labels, cfg.train.seed)
     else:
         model = build_classifier(cfg.model, num_labels, cfg.train.seed)
     _check_positions(cfg, model, method)
@@ -35,19 +39,35 @@ def build_model(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, Method, lis
     if cfg.train.gradient_checkpointing:
         _enable_checkpointing(model, method)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    return model, method, names
+    return model, method, names + trained_buffers(model)
+
+
+def trained_buffers(model: nn.Module) -> list[str]:
+    """Buffers that training changes and a run must save with its weights: the running statistics
+    of batch norms whose weights train (frozen ones stay in eval mode and keep theirs)."""
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
+            p.requires_grad for p in module.parameters(recurse=False)
+        ):
+            names += [f"{prefix}.{name}" if prefix else name for name, _ in module.named_buffers(recurse=False)]
+    return names
 
 
 def build_objective(cfg: RunConfig, tokenizer: Any, labels: Sequence[str]) -> Any:
     if cfg.task == "sft":
         d = cfg.data
         return SftObjective(tokenizer, d.max_length, d.template, d.train_on_prompt, d.overlong, d.packing)
+    if cfg.task == "image-classification":
+        return ImageClassificationObjective(labels, image_preprocessing(cfg.model, cfg.data), cfg.data.augment)
     return ClassificationObjective(tokenizer, labels, cfg.data.max_length)
 
 
 def prepare_tokenizer(cfg: RunConfig, tokenizer: Any | None = None) -> Any:
     """The model's tokenizer; a causal LM without a pad token pads with EOS (padding is masked by
-    the attention mask, so the choice of id does not matter)."""
+    the attention mask, so the choice of id does not matter). Image tasks have none."""
+    if cfg.task == "image-classification":
+        return None
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     if cfg.task == "sft" and tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
@@ -63,6 +83,11 @@ def refuse_noop(method: Method, model: nn.Module) -> None:
 
 
 def _check_method_fits(cfg: RunConfig, method: Method) -> None:
+    if cfg.task == "image-classification" and method.name in ("prompt-tuning", "prefix-tuning"):
+        raise ConfigError(
+            f"method.name={method.name} learns virtual tokens in front of a text input; image models take "
+            "pixels, not tokens. Use feature-extraction, partial, lora or full"
+        )
     if cfg.task == "sft" and method.frozen_backbone:
         raise ConfigError(
             f"method.name={method.name} trains only a new head, and a causal LM gets none (its output "
@@ -94,7 +119,9 @@ def _enable_checkpointing(model: nn.Module, method: Method) -> None:
             "checkpointing cannot recompute; turn one of them off"
         )
     decoder = base_decoder(model.backbone)  # type: ignore[arg-type]
-    if not getattr(decoder, "supports_gradient_checkpointing", False):
+    if not callable(getattr(decoder, "gradient_checkpointing_enable", None)) or not getattr(
+        decoder, "supports_gradient_checkpointing", False
+    ):
         raise ConfigError(f"train.gradient_checkpointing: {type(decoder).__name__} does not support it")
     # Non-reentrant checkpointing works when the inputs need no gradient (frozen embeddings).
     decoder.gradient_checkpointing_enable(  # type: ignore[operator]

@@ -78,11 +78,11 @@ def eval_(
 @app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
-    text: Annotated[str | None, typer.Argument(help="Text to classify.")] = None,
+    text: Annotated[str | None, typer.Argument(help="Text to classify (an image path for an image run).")] = None,
     data: Annotated[Path | None, typer.Option(help="Data file: classify every row.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write predictions as JSONL.")] = None,
 ) -> None:
-    """Classify one text, or every row of a data file (JSONL out)."""
+    """Classify one text or image, or every row of a data file (JSONL out)."""
     from tunesmith import api
     from tunesmith.runs import atomic_write_text
 

@@ -20,7 +20,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 TaskOption = Annotated[
-    str | None, typer.Option(help="classification or sft (default: the config's task, else classification).")
+    str | None,
+    typer.Option(help="classification, image-classification or sft (default: the config's task, else classification)."),
 ]
 ConfigOption = Annotated[
     Path | None,
@@ -35,7 +36,9 @@ MaxLengthOption = Annotated[int | None, typer.Option(min=2, help="Override data.
 
 @data_app.command("check")
 def data_check(
-    file: Annotated[Path, typer.Argument(help="The training data file (JSONL, JSON, CSV, TSV, Parquet).")],
+    file: Annotated[
+        Path, typer.Argument(help="The training data: a file (JSONL, JSON, CSV, TSV, Parquet) or an image folder.")
+    ],
     task: TaskOption = None,
     config: ConfigOption = None,
     validation: ValidationOption = None,
@@ -44,12 +47,11 @@ def data_check(
     html: Annotated[Path | None, typer.Option("--html", help="Also write the report as an HTML page.")] = None,
 ) -> None:
     """Check a data file (duplicates, leakage, lengths, ...) against data.thresholds; exit 1 when a check fails."""
-    from tunesmith.data.quality import check_file, quality_setup
+    from tunesmith.api import check_data
     from tunesmith.data.quality_render import report_html, report_table
     from tunesmith.runs import atomic_write_text
 
-    data_cfg, task_name, tokenizer, references = quality_setup(file, task, config, validation, max_length)
-    report = check_file(file, data_cfg, task_name, tokenizer, references)
+    report = check_data(file, config, task, validation, max_length)
     if html is not None:
         atomic_write_text(html, report_html(report))
         err_console.print(f"report written to {html}")
@@ -72,11 +74,10 @@ def data_clean(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Write the rows worth keeping to OUTPUT, and each dropped row with its reason to <OUTPUT stem>.dropped.jsonl."""
-    from tunesmith.data.quality import clean_file, quality_setup
+    from tunesmith.api import clean_data
     from tunesmith.data.quality_render import report_table, summary_line
 
-    data_cfg, task_name, tokenizer, references = quality_setup(file, task, config, validation, max_length)
-    report = clean_file(file, output, data_cfg, task_name, tokenizer, references)
+    report = clean_data(file, output, config, task, validation, max_length)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

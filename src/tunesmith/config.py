@@ -18,6 +18,7 @@ from tunesmith.errors import ConfigError
 
 __all__ = [
     "AdapterConfig",
+    "AugmentConfig",
     "DataConfig",
     "EarlyStoppingConfig",
     "EvalConfig",
@@ -48,7 +49,11 @@ class ModelConfig(_Section):
     """The pre-trained model to start from."""
 
     name: str = Field(
-        description="Packaged short name (minilm-l6, smollm2-135m), local directory, .gguf file, or hub id."
+        description="Packaged short name (minilm-l6, smollm2-135m, efficientnet-lite0), local directory, .gguf file, "
+        "or hub id."
+    )
+    pretrained: bool = Field(
+        True, description="Start from the pre-trained weights; false: the same network, randomly initialised."
     )
     pooling: Literal["mean", "cls"] = Field(
         "mean", description="How token states become one vector for the classification head."
@@ -194,6 +199,7 @@ class QualityThresholds(_Section):
     max_near_duplicate_share: float = Field(0.1, ge=0.0, le=1.0, description="Near-duplicate rows.")
     max_conflicting: int = Field(0, ge=0, description="Texts that appear with more than one label.")
     max_leakage: int = Field(0, ge=0, description="Validation/test rows equal or near-equal to a training row.")
+    max_unreadable: int = Field(0, ge=0, description="Images that cannot be opened or decoded (skipped under warn).")
     min_class_share: float = Field(0.0, ge=0.0, lt=1.0, description="Smallest label's share of the rows.")
     max_overlong_share: float = Field(0.05, ge=0.0, le=1.0, description="Rows longer than data.max_length.")
     max_untrainable: int = Field(0, ge=0, description="sft: rows whose loss mask leaves no trained token.")
@@ -207,6 +213,24 @@ class ReplayConfig(_Section):
     fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of each epoch's training rows drawn from it.")
 
 
+class AugmentConfig(_Section):
+    """Train-time image augmentation, drawn from the run's seed (evaluation never augments)."""
+
+    crop_scale: tuple[float, float] = Field(
+        (0.35, 1.0), description="Random resized crop: share of the image area kept, from..to (1, 1: no crop)."
+    )
+    crop_ratio: tuple[float, float] = Field((0.75, 4 / 3), description="Random resized crop: aspect ratio range.")
+    hflip: bool = Field(True, description="Flip horizontally with probability 0.5 (off for digits and text).")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        for name in ("crop_scale", "crop_ratio"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high or (name == "crop_scale" and high > 1):
+                raise ValueError(f"{name} must be 0 < from <= to{' <= 1' if name == 'crop_scale' else ''}")
+        return self
+
+
 class DataConfig(_Section):
     """Where the records come from and which fields hold what."""
 
@@ -216,6 +240,15 @@ class DataConfig(_Section):
     )
     test: str | None = Field(None, description="An optional held-out file, evaluated once at the end.")
     text_field: str = Field("text", description="Field holding the text.")
+    image_field: str = Field(
+        "image", description="image-classification: field holding the image (a path, bytes or {bytes, path})."
+    )
+    image_size: int | None = Field(
+        None, gt=7, description="image-classification: side of the square input (default: the model's own)."
+    )
+    augment: AugmentConfig | None = Field(
+        None, description="image-classification: train-time augmentation (default: none, so features can be cached)."
+    )
     text_pair_field: str | None = Field(None, description="Second text for pair tasks (NLI, QA).")
     label_field: str = Field("label", description="Field holding the label (string or integer).")
     labels: list[str] | None = Field(None, description="Label order (default: sorted labels seen in train).")
@@ -328,8 +361,10 @@ class RunConfig(_Section):
     """A whole run. `model`, `method` and `output` accept a plain string as shorthand."""
 
     model: ModelConfig
-    task: Literal["classification", "sft"] = Field(
-        "classification", description="classification (text -> label) or sft (instruction tuning a causal LM)."
+    task: Literal["classification", "image-classification", "sft"] = Field(
+        "classification",
+        description="classification (text -> label), image-classification (image -> label) or sft "
+        "(instruction tuning a causal LM).",
     )
     method: MethodConfig = Field(default_factory=lambda: LoraConfig())
     data: DataConfig

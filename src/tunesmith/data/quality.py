@@ -226,14 +226,14 @@ def _problem(row: Row, scan: Scan) -> str:
 
 def quality_setup(
     file: Path, task: str | None, config: Path | None, validation: Path | None, max_length: int | None
-) -> tuple[Any, Literal["classification", "sft"], Any, list[Path]]:
+) -> tuple[Any, Literal["classification", "image-classification", "sft"], Any, list[Path]]:
     """The data config, task, tokenizer (None without a config) and leakage references for checking
     `file`: from a run config when given (its data settings, task and model tokenizer), else defaults."""
     from tunesmith.config import DataConfig, load_config
 
-    if task not in (None, "classification", "sft"):
-        raise ConfigError(f"--task {task!r}: use classification or sft")
-    task_name: Literal["classification", "sft"] = "sft" if task == "sft" else "classification"
+    if task not in (None, "classification", "image-classification", "sft"):
+        raise ConfigError(f"--task {task!r}: use classification, image-classification or sft")
+    task_name: Literal["classification", "image-classification", "sft"] = task or "classification"  # type: ignore[assignment]
     tokenizer = None
     if config is None:
         cfg = DataConfig(train=str(file))
@@ -247,9 +247,9 @@ def quality_setup(
         cfg, task_name, tokenizer = run.data, run.task, prepare_tokenizer(run)
         configured = [Path(s) for s in (cfg.validation, cfg.test) if isinstance(s, str)]
         for path in configured:
-            if not path.is_file():
+            if not path.exists():
                 print(f"warning: {path} (from {config}) is not a file; no leakage check against it", file=sys.stderr)
-        references = [validation] if validation is not None else [p for p in configured if p.is_file()]
+        references = [validation] if validation is not None else [p for p in configured if p.exists()]
     if max_length is not None:
         cfg = cfg.model_copy(update={"max_length": max_length})
     return cfg, task_name, tokenizer, references

@@ -114,6 +114,7 @@ class QualityReport:
         findings: one per check, in a fixed order.
         length_unit: "tokens" (the model's tokenizer) or "words" (none was given).
         cleaned: what `clean_file` wrote, when the report comes from it.
+        unreadable: origins of images that could not be read (image data; skipped under warn).
     """
 
     source: str
@@ -122,6 +123,7 @@ class QualityReport:
     findings: tuple[Finding, ...]
     length_unit: Literal["tokens", "words"]
     cleaned: CleanSummary | None = None
+    unreadable: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -149,6 +151,7 @@ class QualityReport:
             "length_unit": self.length_unit,
             "findings": [f.to_dict() for f in self.findings],
             "cleaned": self.cleaned.to_dict() if self.cleaned else None,
+            "unreadable": list(self.unreadable),
         }
 
 

@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from tunesmith.data.images import ImageExample, content_key
 from tunesmith.data.records import Example
 from tunesmith.errors import DataError
 
@@ -108,5 +109,7 @@ def example_key(example: Any) -> str:
     duplicates share a side."""
     if isinstance(example, Example):
         return example.text + "\x00" + (example.text_pair or "")
+    if isinstance(example, ImageExample):
+        return content_key(example.image)  # the pixels, not the file name: copies move together
     turns = "".join(f"\x00{m.role}\x01{m.content}" for m in example.messages)
     return (example.text or "") + turns

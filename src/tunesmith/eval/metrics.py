@@ -16,10 +16,14 @@ def higher_is_better(metric: str) -> bool:
 
 
 class ConfusionMetrics:
-    """Accuracy, macro-F1, per-class F1, mean loss and the confusion matrix (rows: true label)."""
+    """Accuracy, macro-F1, per-class F1, mean loss, the confusion matrix (rows: true label) and, with
+    `top_k`, the share of rows whose label is among the k highest logits."""
 
-    def __init__(self, labels: Sequence[str]) -> None:
+    def __init__(self, labels: Sequence[str], top_k: int | None = None) -> None:
         self.labels = list(labels)
+        # Top-k accuracy is reported only where it says something: with more than k classes.
+        self.top_k = top_k if top_k is not None and len(self.labels) > top_k else None
+        self.top_k_hits = 0
         self.matrix = torch.zeros((len(labels), len(labels)), dtype=torch.long)
         self.loss_sum = 0.0
         self.count = 0
@@ -32,6 +36,9 @@ class ConfusionMetrics:
         logits, labels = logits[keep].float().cpu(), labels[keep].cpu()  # the counts live on the CPU
         self.loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         preds = logits.argmax(-1)
+        if self.top_k is not None:
+            top = logits.topk(self.top_k, dim=-1).indices  # (B, k)
+            self.top_k_hits += int((top == labels[:, None]).any(-1).sum())
         flat = labels * len(self.labels) + preds
         self.matrix += torch.bincount(flat, minlength=self.matrix.numel()).view_as(self.matrix)
         self.count += int(labels.numel())
@@ -43,8 +50,10 @@ class ConfusionMetrics:
         recall = tp / m.sum(1).clamp(min=1)
         f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
         present = m.sum(1) > 0
+        top_k = {f"top{self.top_k}_accuracy": self.top_k_hits / max(self.count, 1)} if self.top_k else {}
         return {
             "accuracy": float(tp.sum() / max(self.count, 1)),
+            **top_k,
             "macro_f1": float(f1[present].mean()) if bool(present.any()) else 0.0,
             "loss": self.loss_sum / max(self.count, 1),
             "count": self.count,

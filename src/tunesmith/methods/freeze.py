@@ -13,7 +13,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.methods import BaseMethod, freeze_backbone, param_groups
 from tunesmith.methods.full import layer_decay_scale
 from tunesmith.models.classifier import TextClassifier
-from tunesmith.models.load import block_index, find_blocks
+from tunesmith.models.load import block_index, find_blocks, is_input_stage
 from tunesmith.registry import register_method
 
 
@@ -34,7 +34,8 @@ class FeatureExtractionMethod(BaseMethod):
 
 @register_method("partial")
 class PartialMethod(BaseMethod):
-    """Freeze the embeddings and the bottom blocks (or all but a regex); train the rest and the head."""
+    """Freeze the embeddings (or a conv net's stem) and the bottom blocks or stages (or all but a regex);
+    train the rest and the head."""
 
     name = "partial"
     default_lr = 5e-5
@@ -53,7 +54,9 @@ class PartialMethod(BaseMethod):
         frozen = self._frozen_count(len(blocks))
         for name, param in model.backbone.named_parameters():
             index = block_index(name, blocks_name)
-            param.requires_grad_((index is not None and index >= frozen) or (index is None and "embed" not in name))
+            param.requires_grad_(
+                (index is not None and index >= frozen) or (index is None and not is_input_stage(name))
+            )
         _no_dropout_below(model, blocks_name, frozen)
         # The loop may run the frozen prefix once and cache its output, but only when every trainable
         # backbone weight sits in blocks >= frozen: a trainable weight outside the block stack (a final
@@ -113,6 +116,6 @@ def _no_dropout_below(model: TextClassifier, blocks_name: str, frozen: int) -> N
     for name, module in model.backbone.named_modules():
         index = block_index(name + ".", blocks_name)
         if isinstance(module, nn.Dropout) and (
-            (index is not None and index < frozen) or (index is None and "embed" in name)
+            (index is not None and index < frozen) or (index is None and is_input_stage(name))
         ):
             module.p = 0.0

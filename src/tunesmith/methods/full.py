@@ -6,7 +6,7 @@ from __future__ import annotations
 from tunesmith.config import FullConfig
 from tunesmith.methods import BaseMethod, param_groups
 from tunesmith.models.classifier import TextClassifier
-from tunesmith.models.load import block_index, find_blocks
+from tunesmith.models.load import block_index, find_blocks, is_input_stage
 from tunesmith.registry import register_method
 
 
@@ -19,7 +19,7 @@ def layer_decay_scale(model: TextClassifier, decay: float):
         index = block_index(name, blocks_name)
         if index is not None:
             return float(decay ** (depth - 1 - index))
-        return float(decay**depth) if "embed" in name else 1.0
+        return float(decay**depth) if is_input_stage(name) else 1.0
 
     return scale
 

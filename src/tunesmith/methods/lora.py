@@ -7,14 +7,14 @@ import torch
 
 from tunesmith.config import LoraConfig
 from tunesmith.methods import BaseMethod
-from tunesmith.methods.targets import match_targets
+from tunesmith.methods.targets import lora_targets
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.registry import register_method
 
 
 @register_method("lora")
 class LoraMethod(BaseMethod):
-    """Train low-rank updates beside the block linears; the base stays frozen and can be merged."""
+    """Train low-rank updates beside the block linears (and a conv net's convs); the base stays frozen."""
 
     name = "lora"
     default_lr = 5e-4
@@ -26,7 +26,7 @@ class LoraMethod(BaseMethod):
     def apply(self, model: TextClassifier) -> None:
         import peft
 
-        targets = match_targets(model.backbone, self.cfg.target_modules, None, "method.target_modules")
+        targets = lora_targets(model.backbone, self.cfg.target_modules, self.cfg.r, "method.target_modules")
         peft_cfg = peft.LoraConfig(
             r=self.cfg.r,
             lora_alpha=self.cfg.alpha,

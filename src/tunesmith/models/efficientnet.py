@@ -75,8 +75,23 @@ class SamePadConv2d(nn.Conv2d):
     padding shifts the sampling grid by one pixel and the ported weights see shifted inputs.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
-        super().__init__(in_channels, out_channels, kernel, stride=stride, groups=groups, bias=False)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: Any = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # nn.Conv2d's signature, so that code building "a conv like this one" (peft's LoRA) can;
+        # `padding` is ignored: the padding is computed from each input's size.
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, dilation=dilation, groups=groups, bias=bias, **kwargs
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad_h = _same_pad(x.shape[-2], self.kernel_size[0], self.stride[0])

@@ -20,11 +20,14 @@ __all__ = [
     "build_causal_lm",
     "build_classifier",
     "find_blocks",
+    "is_input_stage",
     "is_linear",
     "linear_names",
     "linear_width",
     "load_backbone",
+    "load_error",
     "load_tokenizer",
+    "resolve_source",
 ]
 
 
@@ -100,10 +103,14 @@ def attention_kernel(cfg: ModelConfig, max_length: int) -> str:
 
 
 def find_blocks(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated transformer blocks: the longest `ModuleList` (name, module)."""
+    """The repeated blocks (name, module): a conv net's `stages` list where it has one (ResNet,
+    ConvNeXt, EfficientNet-Lite0; not one stage's own layers), else the longest `ModuleList`
+    (a transformer's blocks)."""
     best: tuple[str, nn.ModuleList] | None = None
-    for name, module in backbone.named_modules():
-        if isinstance(module, nn.ModuleList) and (best is None or len(module) > len(best[1])):
+    lists = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    stages = [(n, m) for n, m in lists if n.split(".")[-1] == "stages"]
+    for name, module in stages[:1] or lists:
+        if best is None or len(module) > len(best[1]):
             best = (name, module)
     if best is None or len(best[1]) == 0:
         raise ConfigError(f"{type(backbone).__name__}: found no stack of transformer blocks")
@@ -128,6 +135,12 @@ def linear_width(module: nn.Module) -> int:
     return width
 
 
+def is_input_stage(name: str) -> bool:
+    """Whether a parameter outside the blocks belongs to the input stage: a transformer's
+    embeddings, a conv net's stem (`embedder` in Hugging Face ResNets, `stem_*` in EfficientNet)."""
+    return "embed" in name or "stem" in name
+
+
 def block_index(param_name: str, blocks_name: str) -> int | None:
     """Which block a parameter name belongs to (None outside the blocks)."""
     match = re.search(re.escape(blocks_name) + r"\.(\d+)\.", param_name)
@@ -135,11 +148,21 @@ def block_index(param_name: str, blocks_name: str) -> int | None:
 
 
 def _resolve(cfg: ModelConfig) -> str:
+    return resolve_source(cfg, "text")
+
+
+def resolve_source(cfg: ModelConfig, kind: str) -> str:
+    """Where to load `model.name` from, for a task that needs a `kind` ("text" or "image") model.
+
+    Raises:
+        ConfigError: a packaged model of another kind, or a local path that is not a directory.
+    """
     packaged = PACKAGED_MODELS.get(cfg.name)
-    if packaged is not None and packaged.kind != "text":
+    if packaged is not None and packaged.kind != kind:
         raise ConfigError(
-            f"model.name={cfg.name}: an {packaged.kind} model, which text tasks cannot use; "
-            f"text models: {', '.join(n for n, p in PACKAGED_MODELS.items() if p.kind == 'text')}"
+            f"model.name={cfg.name}: {'an' if packaged.kind[0] in 'aeiou' else 'a'} {packaged.kind} model, "
+            f"which {kind} tasks cannot use; "
+            f"{kind} models: {', '.join(n for n, p in PACKAGED_MODELS.items() if p.kind == kind)}"
         )
     path = resolve_model_path(cfg.name)
     looks_local = path.startswith((".", "/", "~")) or (os.sep in path and Path(path).exists())
@@ -149,7 +172,11 @@ def _resolve(cfg: ModelConfig) -> str:
 
 
 def _load_error(name: str, exc: Exception, kind: str = "a model") -> str:
-    known = ", ".join(n for n, p in PACKAGED_MODELS.items() if p.kind == "text")
+    return load_error(name, exc, kind)
+
+
+def load_error(name: str, exc: Exception, kind: str = "a model", packaged_kind: str = "text") -> str:
+    known = ", ".join(n for n, p in PACKAGED_MODELS.items() if p.kind == packaged_kind)
     return (
         f"model.name={name}: could not load it as {kind} ({str(exc).splitlines()[0]}). Give a packaged short name "
         f"({known}), a local Hugging Face directory, or a hub id (which needs a network)."

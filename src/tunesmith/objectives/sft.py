@@ -123,6 +123,22 @@ class SftObjective:
         trained = batch["labels"] != IGNORE  # (B, T)
         return linear_cross_entropy(output.hidden[trained], output.weight, batch["labels"][trained])
 
+    def cache_frozen(
+        self,
+        model: Any,
+        items: Sequence[Any],
+        k: int | None,
+        batch_size: int,
+        autocast: Any,
+        max_bytes: int,
+        spill_dir: Any,
+        name: str,
+    ) -> list[Any]:
+        """Items with the frozen part's output cached in place of token ids (see training/cache.py)."""
+        from tunesmith.training.cache import cache_frozen_text
+
+        return cache_frozen_text(model, items, self.collate, k, batch_size, autocast, max_bytes, spill_dir, name)
+
     def new_metrics(self) -> LMMetrics:
         return LMMetrics()
 

@@ -21,7 +21,7 @@ import torch
 
 from tunesmith.training.batching import eval_batches
 
-__all__ = ["cache_features", "cache_hidden"]
+__all__ = ["allocate_store", "cache_features", "cache_frozen_text", "cache_hidden"]
 
 Collate = Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
 
@@ -54,7 +54,7 @@ def cache_features(
                 feats = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             feats = feats.float().cpu().numpy()  # (B, H)
             if store is None:
-                store = _allocate(len(items), feats.shape[1], max_bytes, spill_dir / f"{name}.f32")
+                store = allocate_store(len(items), feats.shape[1], max_bytes, spill_dir / f"{name}.f32")
             store[batch_ids] = feats
     finally:
         model.train(was_training)
@@ -103,7 +103,7 @@ def cache_hidden(
                 )
             hidden = hidden.float().cpu().numpy()  # (B, T, H)
             if store is None:
-                store = _allocate(int(offsets[-1]), hidden.shape[2], max_bytes, spill_dir / f"{name}.f32")
+                store = allocate_store(int(offsets[-1]), hidden.shape[2], max_bytes, spill_dir / f"{name}.f32")
             for row, i in enumerate(batch_ids):
                 store[offsets[i] : offsets[i + 1]] = hidden[row, : lengths[i]]
     finally:
@@ -139,6 +139,25 @@ def _split_matches(model: Any, batch: dict[str, torch.Tensor], k: int) -> bool:
     return True
 
 
+def cache_frozen_text(
+    model: Any,
+    items: Sequence[dict[str, Any]],
+    collate: Collate,
+    k: int | None,
+    batch_size: int,
+    autocast: Callable[[], Any],
+    max_bytes: int,
+    spill_dir: Path,
+    name: str,
+) -> list[dict[str, Any]]:
+    """Pooled features when nothing before the head trains (`k` None), else the token states entering
+    block `k`; the items unchanged where the model cannot be split there."""
+    if k is None:
+        return cache_features(model, items, collate, batch_size, autocast, max_bytes, spill_dir, name)
+    hidden = cache_hidden(model, items, collate, batch_size, autocast, max_bytes, spill_dir, name, k)
+    return list(items) if hidden is None else hidden
+
+
 def _no_cache(why: str) -> bool:
     warnings.warn(f"{why}; the frozen blocks will run at every step instead of once", stacklevel=4)
     return False
@@ -149,7 +168,7 @@ def _on_device(batch: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Te
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def _allocate(rows: int, width: int, max_bytes: int, path: Path) -> np.ndarray:
+def allocate_store(rows: int, width: int, max_bytes: int, path: Path) -> np.ndarray:
     if rows * width * 4 <= max_bytes:
         return np.zeros((rows, width), dtype=np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)

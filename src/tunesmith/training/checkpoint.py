@@ -36,9 +36,16 @@ KEEP_LAST = 2
 
 
 def trainable_state(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """The named parameters, detached, contiguous, on the CPU (what a run's weights are)."""
-    params = dict(model.named_parameters())
-    return {name: params[name].detach().cpu().contiguous() for name in names}
+    """The named parameters (and trained buffers, such as the running statistics of batch norms
+    that train), detached, contiguous, on the CPU (what a run's weights are)."""
+    tensors = _tensors(model)
+    return {name: tensors[name].detach().cpu().contiguous() for name in names}
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    return tensors
 
 
 def save_trainable(model: nn.Module, names: list[str], path: Path) -> None:
@@ -61,7 +68,7 @@ def load_trainable(model: nn.Module, names: list[str], path: Path) -> None:
             f"(missing: {_few(missing)}; unexpected: {_few(unexpected)}). "
             "Was the file written by another method or model?"
         )
-    params = dict(model.named_parameters())
+    params = _tensors(model)
     with torch.no_grad():
         for name in names:
             if params[name].shape != state[name].shape:

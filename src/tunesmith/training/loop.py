@@ -26,7 +26,6 @@ from tunesmith.eval.evaluate import evaluate_items
 from tunesmith.eval.metrics import higher_is_better
 from tunesmith.runs import Run, read_json
 from tunesmith.training.batching import epoch_batches
-from tunesmith.training.cache import cache_features, cache_hidden
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint
 from tunesmith.training.checkpoint import save_trainable as save_weights
 from tunesmith.training.dropout import use_fast_dropout
@@ -48,17 +47,25 @@ class LoopResult:
     retention: list[dict[str, Any]] = field(default_factory=list)
 
 
-def resolve_precision(precision: str) -> str:
-    """'auto' -> 'bf16' on a GPU with bf16 or a CPU with AVX-512 BF16 / AMX, else 'fp32'."""
+def resolve_precision(precision: str, model: torch.nn.Module | None = None) -> str:
+    """'auto' -> 'bf16' on a GPU with bf16 or a CPU with AVX-512 BF16 / AMX, else 'fp32'; and 'fp32'
+    for a conv net (`model` with spatial convolutions) on a CPU: its training step ran 1.7x faster in
+    fp32 than under bf16 autocast (EfficientNet-Lite0, channels-last, 64 px: 339 vs 202 images/s)."""
     if precision != "auto":
         return precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if model is not None and is_conv_net(model):
+        return "fp32"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "fp32"
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+def is_conv_net(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) for m in model.modules())
 
 
 def make_autocast(device: torch.device, precision: str) -> Callable[[], AbstractContextManager[Any]]:
@@ -115,7 +122,7 @@ def train_loop(
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
-    precision = resolve_precision(cfg.precision)
+    precision = resolve_precision(cfg.precision, model)
     autocast = make_autocast(device, precision)
     model.to(device)
     if device.type == "cpu":
@@ -228,19 +235,14 @@ def train_loop(
 
 
 def _cache(model, method, objective, train_items, val_items, cfg, eval_cfg, autocast, run):
-    """Pooled features of a frozen backbone, else the token states entering block `method.frozen_blocks`
-    (items stay as they are where the model cannot be split there)."""
+    """Pooled features of a frozen backbone, else what enters block `method.frozen_blocks` (the
+    objective knows its inputs; it leaves items as they are where nothing can be cached)."""
     max_bytes = cfg.cache_max_mb * 2**20
     spill = run.dir / "cache"
+    k = None if method.frozen_backbone else method.frozen_blocks
 
     def cache(items, name):
-        if method.frozen_backbone:
-            return cache_features(
-                model, items, objective.collate, eval_cfg.batch_size, autocast, max_bytes, spill, name
-            )
-        k = method.frozen_blocks
-        hidden = cache_hidden(model, items, objective.collate, eval_cfg.batch_size, autocast, max_bytes, spill, name, k)
-        return items if hidden is None else hidden
+        return objective.cache_frozen(model, items, k, eval_cfg.batch_size, autocast, max_bytes, spill, name)
 
     return cache(train_items, "train"), (None if val_items is None else cache(val_items, "validation"))
 
