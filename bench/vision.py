@@ -29,9 +29,9 @@ dropout before the head still drops) and runs the whole network on every batch o
 caching). Full trains everything in `net.train()`. Two precisions: fp32 and bf16
 (`torch.autocast("cpu", dtype=torch.bfloat16)` around forward and loss). tunesmith runs at its
 default precision (`train.precision: auto`: fp32 for a conv net on CPU, channels-last memory),
-recorded from `metrics["train"]["precision"]`. Known differences that remain: tunesmith's head is
-a seeded `nn.Linear` (default init) while the reference's is `new_classifier` (normal std 0.01),
-and tunesmith does not decay biases and norm weights.
+recorded from `metrics["train"]["precision"]`. Both heads are a seeded `nn.Linear` with torch's
+default init (the same scheme, not the same draw). A difference that remains: tunesmith does not
+decay biases and norm weights.
 
 Method of measurement (as bench/classification.py). Every (tool, variant, workload, repeat) runs in
 a fresh `python bench/vision.py --worker ...` subprocess, so peak memory is per run. Within a
@@ -43,8 +43,9 @@ while the run went on (`foreign_load`, from /proc/stat minus the worker's own CP
 
 - Training time: wall time of the reference's training loop (decoding included), or tunesmith's
   own `metrics["train"]["train_seconds"]` (which includes decoding and its one-off caching of the
-  frozen features, and leaves out its per-epoch validation and checkpoint writes). Model loading
-  and the final evaluation are outside both; `wall_seconds` (the whole worker) is kept too.
+  frozen features, of the held-out images too since they are its validation set, and leaves out
+  its per-epoch validation and checkpoint writes). Model loading and the final evaluation are
+  outside both; `wall_seconds` (the whole worker) is kept too.
 - Throughput: images/s = epochs * n_train / seconds, the same formula for both; tunesmith's
   self-reported `samples_per_second` is kept as well.
 - Accuracy: argmax over the 1,000 held-out digits after training (eval mode, same autocast as
@@ -242,9 +243,13 @@ class ImageSet:
 
 def build_reference_model(workload: Workload) -> Any:
     """EfficientNet-Lite0 with a seeded new 10-way head; frozen but for the head in feature extraction."""
+    import torch
+
     from tunesmith.models.efficientnet import load_efficientnet_lite0
 
-    net = load_efficientnet_lite0(num_classes=NUM_CLASSES, seed=SEED)
+    net = load_efficientnet_lite0()
+    torch.manual_seed(SEED)
+    net.classifier = torch.nn.Linear(net.classifier.in_features, NUM_CLASSES)  # default init, as tunesmith's head
     net.dropout.p = HEAD_DROPOUT
     if workload.name == "feature-extraction":
         for name, param in net.named_parameters():

@@ -20,28 +20,29 @@ from tunesmith.cli import _quiet_libraries
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 VARIANTS = (
-    ("feature extraction (pre-trained)", "image-feature-extraction.yaml", []),
-    ("partial: stages 5-6 + head (pre-trained)", "image-partial.yaml", []),
-    ("full (pre-trained)", "image-full.yaml", []),
-    ("full (random initialisation)", "image-full.yaml", ["model.pretrained=false", "output.name=image-full-random"]),
+    ("feature extraction", "ImageNet", "image-feature-extraction.yaml", []),
+    ("partial (stages 5-6)", "ImageNet", "image-partial.yaml", []),
+    ("full", "ImageNet", "image-full.yaml", []),
+    ("full", "random", "image-full.yaml", ["model.pretrained=false", "output.name=image-full-random"]),
 )
 
 
 def main() -> int:
     _quiet_libraries()
-    console = Console()
+    console = Console(width=110)
     console.print("[bold]tunesmith vision demo[/bold]: EfficientNet-Lite0 on MNIST (5,000 digits, 64x64 inputs)")
     table = Table(title="held-out digits (500)")
-    for column in ("variant", "accuracy", "top-5", "macro-F1", "trainable", "epochs", "train s", "images/s"):
-        table.add_column(column, justify="left" if column == "variant" else "right")
+    for column in ("method", "weights", "accuracy", "top-5", "macro-F1", "trainable", "epochs", "train s", "images/s"):
+        table.add_column(column, justify="left" if column in ("method", "weights") else "right")
     started = time.perf_counter()
-    for label, config, overrides in VARIANTS:
-        console.print(f"[bold]{label}[/bold] ({config} {' '.join(overrides)})")
+    for label, weights, config, overrides in VARIANTS:
+        console.print(f"[bold]{label}, {weights} weights[/bold] ({config} {' '.join(overrides)})")
         result = tunesmith.train(CONFIGS / config, overrides=[*overrides, *sys.argv[1:]])
         val, info = result.metrics["validation"], result.metrics["train"]
         epochs = tunesmith.load_config(CONFIGS / config, overrides).train.epochs
         table.add_row(
             label,
+            weights,
             f"{val['accuracy']:.4f}",
             f"{val['top5_accuracy']:.4f}",
             f"{val['macro_f1']:.4f}",

@@ -281,9 +281,10 @@ def _print_result(run_dir: Path, metrics: dict[str, Any]) -> None:
         if split in metrics:
             _print_metrics(split, metrics[split])
     t = metrics["train"]
+    tokens = f"{t['tokens_per_second']:.0f} tokens/s, " if t["tokens"] != t["samples"] else ""  # not for images
     console.print(
         f"trained {t['steps']} steps in {t['train_seconds']:.1f}s "
-        f"({t['samples_per_second']:.1f} samples/s, {t['tokens_per_second']:.0f} tokens/s, {t['precision']}), "
+        f"({t['samples_per_second']:.1f} samples/s, {tokens}{t['precision']}), "
         f"{t['trainable_parameters']:,} trainable parameters, peak memory {t['peak_rss_mb']:.0f} MB"
     )
     console.print(f"run directory: [bold]{run_dir}[/bold]")

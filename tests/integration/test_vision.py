@@ -1,0 +1,70 @@
+"""The real CLI on the packaged EfficientNet-Lite0 and MNIST digits, a few steps per method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_tunesmith
+from tunesmith.data.transforms import eval_transform
+from tunesmith.zoo import packaged_data_rows
+
+pytestmark = pytest.mark.slow
+
+
+def digits(n: int, offset: int = 4000) -> tuple[np.ndarray, np.ndarray]:
+    rows = packaged_data_rows("mnist-5k")[offset : offset + n]
+    return np.stack([r["image"] for r, _ in rows]), np.array([int(r["label"]) for r, _ in rows])
+
+
+@pytest.mark.parametrize(
+    ("config", "trained"),
+    [
+        ("configs/image-feature-extraction.yaml", {"head.weight", "head.bias"}),
+        ("configs/image-partial.yaml", {"backbone.stages.6.0.project_conv.weight", "backbone.head_conv.weight"}),
+        ("configs/image-lora.yaml", {"backbone.base_model.model.stages.0.0.project_conv.lora_A.default.weight"}),
+        ("configs/image-full.yaml", {"backbone.stem_conv.weight", "backbone.stem_bn.running_mean"}),
+    ],
+)
+def test_train_predict_eval(tmp_path: Path, config: str, trained: set[str]) -> None:
+    quick = ["data.limit=160", "data.validation=0.02", "data.image_size=32", "train.epochs=1", f"output.dir={tmp_path}"]
+    done = run_tunesmith("train", config, *quick)
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = tmp_path.iterdir()
+    metrics = json.loads((run_dir / "eval.json").read_text())
+    assert metrics["train"]["steps"] == 5 and metrics["train"]["precision"] == "fp32"  # conv net on CPU
+    assert metrics["validation"]["count"] == 100 and "top5_accuracy" in metrics["validation"]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["labels"] == [str(d) for d in range(10)] and trained <= set(plan["trainable_names"])
+
+    images, labels = digits(40)
+    Image.fromarray(images[0]).save(tmp_path / "digit.png")
+    predicted = run_tunesmith("predict", run_dir, tmp_path / "digit.png")
+    assert predicted.returncode == 0, predicted.stderr
+    assert predicted.stdout.split()[0] in [str(d) for d in range(10)]
+    np.savez(tmp_path / "held.npz", images=images, labels=labels)
+    evaluated = run_tunesmith("eval", run_dir, "--data", tmp_path / "held.npz", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert result["count"] == 40 and np.array(result["confusion"]["matrix"]).sum() == 40
+
+
+def test_the_stage_split_gives_the_full_forward() -> None:
+    """What the partial cache relies on: stem + stages 0..k-1, then stages k.., equals the whole net."""
+    from tunesmith.config import DataConfig, ModelConfig
+    from tunesmith.models.image import build_image_classifier, image_preprocessing
+
+    model = build_image_classifier(ModelConfig(name="efficientnet-lite0"), 10, seed=0).eval()
+    pre = image_preprocessing(ModelConfig(name="efficientnet-lite0"), DataConfig(train="x", image_size=64))
+    images, _ = digits(4)
+    pixels = torch.stack([eval_transform(Image.fromarray(im), pre) for im in images])
+    with torch.no_grad():
+        full = model.encode(pixels)
+        for k in range(1, 8):
+            split = model.encode_suffix(model.encode_prefix(pixels, k), k)
+            torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-5)
