@@ -185,9 +185,14 @@ def test_data_check_cli_names_the_broken_image(monkeypatch: pytest.MonkeyPatch, 
     assert code == 1 and report["failed"] == ["unreadable"] and report["unreadable"] == [str(root / "b" / "bad.jpg")]
 
 
-def test_methods_that_do_not_fit_images_say_why(tiny_vit: Path, halves: Path, tmp_path: Path) -> None:
+def test_methods_that_do_not_fit_images_say_why(
+    tiny_vit: Path, tiny_resnet: Path, halves: Path, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match="image models take pixels"):
         image_run(tiny_vit, halves, tmp_path, "prompt-tuning")
+    for method in ("adapter", "ia3"):
+        with pytest.raises(ConfigError, match="a conv net has none: use lora, partial, feature-extraction or full"):
+            image_run(tiny_resnet, halves, tmp_path, method)
     with pytest.raises(ConfigError, match="matches no parameter|match no linear or conv layer"):
         image_run(tiny_vit, halves, tmp_path, {"name": "lora", "target_modules": ["query"]})
     with pytest.raises(ConfigError, match="a text model, which image tasks cannot use"):

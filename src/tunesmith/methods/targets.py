@@ -39,7 +39,10 @@ def match_targets(
     if wanted is None:
         chosen = [n for n in names if default is None or default.search(n)]
         if not chosen:
-            raise ConfigError(f"{key}: no default target fits {type(backbone).__name__}; list the modules to adapt")
+            raise ConfigError(
+                f"{key}: no linear layer in the blocks of {type(backbone).__name__} fits the default targets; "
+                "list the modules to adapt (a conv net has none: use lora, partial, feature-extraction or full)"
+            )
         return chosen
     all_linear = linear_names(backbone)
     missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in all_linear)]
