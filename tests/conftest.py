@@ -280,6 +280,19 @@ def make_tiny_resnet(path: Path, image_size: int = 16) -> Path:
     return path
 
 
+def make_tiny_convnext(path: Path, image_size: int = 16) -> Path:
+    """A 2-stage ConvNeXt (depthwise 7x7 convs, layer norms), saved to `path` without a processor
+    config (ViT-style defaults apply)."""
+    import torch
+    from transformers import ConvNextConfig, ConvNextModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], patch_size=2, image_size=image_size)
+    ConvNextModel(config).save_pretrained(path)
+    return path
+
+
 def write_halves_npz(path: Path, n: int = 48, size: int = 16, seed: int = 0) -> Path:
     """RGB images whose class is the brighter half: `top` or `bottom` (plus noise), as .npz arrays."""
     import numpy as np
