@@ -27,7 +27,11 @@ from tunesmith.runs import atomic_write_text
 
 __all__ = ["Variant", "compare", "plan_variants"]
 
-HEADLINE = {"classification": ("accuracy", "macro_f1"), "sft": ("exact_match", "loss")}
+HEADLINE = {
+    "classification": ("accuracy", "macro_f1"),
+    "image-classification": ("accuracy", "top5_accuracy"),
+    "sft": ("exact_match", "loss"),
+}
 
 
 @dataclass(frozen=True)

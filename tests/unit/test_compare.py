@@ -66,3 +66,13 @@ def test_compare_methods_through_the_cli(base_config: dict, tmp_path: Path, monk
     assert rows[0]["trainable_parameters"] > rows[2]["trainable_parameters"]
     assert rows[1]["failed"] == 1 and "nope" in rows[1]["error"]
     assert "<table>" in (folder / "compare.html").read_text()
+
+
+def test_every_task_has_headline_metrics() -> None:
+    """A task added to the config without its compare columns would fail only at the end of a compare."""
+    from typing import get_args
+
+    from tunesmith.compare import HEADLINE
+    from tunesmith.config import RunConfig
+
+    assert set(get_args(RunConfig.model_fields["task"].annotation)) <= set(HEADLINE)
