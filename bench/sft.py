@@ -12,8 +12,9 @@ exactly those token ids, with labels -100 on the prompt tokens, so both train on
 The reference pads each batch to its longest row (its standard collator) and groups batches by
 length, as tunesmith does.
 
-Measurement (as bench/classification.py): every (tool, repeat) in a fresh subprocess, tools
-alternating and the order rotating each repeat, the harness waiting for an idle machine first.
+Measurement (as bench/classification.py; the shared pieces are in bench/harness.py): every (tool,
+repeat) in a fresh subprocess, tools alternating and the order rotating each repeat, the harness
+waiting for an idle machine first.
 Training time: wall time of `trainer.train()` (reference) or tunesmith's `train_seconds`.
 Tokens/s: non-pad tokens of the training rows / seconds (same formula for both). Peak memory:
 ru_maxrss of the worker. Training loss: the mean loss over all steps of the epoch (Trainer's
@@ -32,16 +33,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from classification import machine_busy_seconds, own_cpu_seconds, peak_rss_mb, wait_for_idle
+from harness import own_cpu_seconds, peak_rss_mb, rotated, run_measured, wait_for_idle, worker_env
 
 SEED = 42
 MAX_LENGTH = 256
@@ -195,15 +194,10 @@ def spawn(tool: str, data_dir: Path, repeat: int) -> dict[str, Any]:
         "--out",
         str(out),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    busy, start = machine_busy_seconds(), time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    busy, wall = machine_busy_seconds() - busy, time.perf_counter() - start
-    if proc.returncode != 0 or not out.exists():
+    proc, result = run_measured(cmd, worker_env(TOKENIZERS_PARALLELISM="false"), out, repeat)
+    if result is None:
         print(f"  FAILED {tool}:\n{(proc.stderr or proc.stdout)[-3000:]}", file=sys.stderr)
         return {"tool": tool, "repeat": repeat, "error": True}
-    result = json.loads(out.read_text())
-    result.update(repeat=repeat, foreign_load=(busy - result["cpu_seconds"]) / wall)
     return result
 
 
@@ -250,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{meta['rows']} rows, {meta['tokens']} tokens ({meta['trained_tokens']} trained)", flush=True)
     runs = []
     for repeat in range(args.repeats):
-        order = tools[repeat % len(tools) :] + tools[: repeat % len(tools)]
+        order = rotated(tools, repeat)
         for tool in order:
             wait_for_idle(120)
             run = spawn(tool, data_dir, repeat)

@@ -33,13 +33,13 @@ recorded from `metrics["train"]["precision"]`. Both heads are a seeded `nn.Linea
 default init (the same scheme, not the same draw). A difference that remains: tunesmith does not
 decay biases and norm weights.
 
-Method of measurement (as bench/classification.py). Every (tool, variant, workload, repeat) runs in
-a fresh `python bench/vision.py --worker ...` subprocess, so peak memory is per run. Within a
-repeat the tools alternate (reference fp32, tunesmith, reference bf16; the order rotates each
-repeat) to spread machine noise; the report gives medians over repeats. Before each run the harness
-waits (`--wait-idle`) for other processes to leave the CPU, and records how many cores they used
-while the run went on (`foreign_load`, from /proc/stat minus the worker's own CPU time); runs above
-0.2 cores are flagged.
+Method of measurement (the harness, bench/harness.py, shared with bench/classification.py). Every
+(tool, variant, workload, repeat) runs in a fresh `python bench/vision.py --worker ...` subprocess,
+so peak memory is per run. Within a repeat the tools alternate (reference fp32, tunesmith, reference
+bf16; the order rotates each repeat) to spread machine noise; the report gives medians over repeats.
+Before each run the harness waits (`--wait-idle`) for other processes to leave the CPU, and records
+how many cores they used while the run went on (`foreign_load`, from /proc/stat minus the worker's
+own CPU time); runs above 0.2 cores are flagged.
 
 - Training time: wall time of the reference's training loop (decoding included), or tunesmith's
   own `metrics["train"]["train_seconds"]` (which includes decoding and its one-off caching of the
@@ -73,17 +73,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import harness
+from harness import DataPaths, Tool, Workload
 
 SEED = 42
 NUM_CLASSES = 10
@@ -97,65 +95,15 @@ HEAD_DROPOUT = 0.1  # tunesmith's default `model.head_dropout`; the reference ne
 LOG_EVERY = 50
 MODEL = "efficientnet-lite0"
 DATA = "mnist-5k"
-# Nominal peaks for the MFU estimate (override with --peak-gflops-*); the measured matmul rate of
-# the machine is recorded beside them.
-PEAK_GFLOPS = {"fp32": 175.0, "bf16": 400.0}
 # tunesmith caches the frozen backbone's features once per run (DESIGN §4, train/cache.py).
 TUNESMITH_CACHES_FROZEN_FEATURES = True
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    epochs: int
-    lr: float
-    description: str
-
+DATA_SUFFIX = ".npz"  # of the train and held-out files (harness.DataPaths)
+SCRIPT = Path(__file__).resolve()  # what a worker process runs
 
 WORKLOADS = {
     "feature-extraction": Workload("feature-extraction", 5, 2e-3, "frozen backbone, head only"),
     "full": Workload("full", 1, 5e-4, "all weights"),
 }
-
-
-@dataclass(frozen=True)
-class Tool:
-    """One side of the comparison: `reference` (plain PyTorch loop) at a precision, or `tunesmith`."""
-
-    name: str
-    variant: str  # fp32 | bf16 | default
-
-    @property
-    def label(self) -> str:
-        return self.name if self.variant == "default" else f"{self.name}-{self.variant}"
-
-
-TOOLS = {
-    "reference-fp32": [Tool("reference", "fp32")],
-    "tunesmith": [Tool("tunesmith", "default")],
-    "reference-bf16": [Tool("reference", "bf16")],
-}
-TOOLS["reference"] = TOOLS["reference-fp32"] + TOOLS["reference-bf16"]
-
-
-@dataclass(frozen=True)
-class DataPaths:
-    """The files one benchmark shares between its workers, all in one temp dir."""
-
-    dir: Path
-
-    @property
-    def train(self) -> Path:
-        return self.dir / "train.npz"
-
-    @property
-    def test(self) -> Path:
-        return self.dir / "heldout.npz"
-
-    @property
-    def meta(self) -> Path:
-        return self.dir / "meta.json"
 
 
 # --- packaged data -----------------------------------------------------------------------------
@@ -189,7 +137,7 @@ def prepare_data(root: Path, n_train: int, n_test: int, size: int) -> DataPaths:
     import numpy as np
 
     (train_images, train_labels), (test_images, test_labels) = split_digits(*read_digits(), n_train, n_test)
-    paths = DataPaths(root)
+    paths = DataPaths(root, DATA_SUFFIX)
     np.savez(paths.train, images=train_images, labels=train_labels)
     np.savez(paths.test, images=test_images, labels=test_labels)
     counts = np.bincount(test_labels, minlength=NUM_CLASSES)
@@ -372,77 +320,18 @@ def run_tunesmith(workload: Workload, paths: DataPaths, size: int) -> dict[str, 
 # --- worker: one run in its own process --------------------------------------------------------
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_worker(tool: Tool, workload: Workload, paths: DataPaths, out: Path) -> None:
     """Run one configuration and write its result (with throughput and peak RSS) as JSON."""
     import torch
 
-    meta = json.loads(paths.meta.read_text(encoding="utf-8"))
+    meta = paths.read_meta()
     start = time.perf_counter()
     if tool.name == "reference":
         result = run_reference(workload, tool.variant, paths, meta["image_size"])
     else:
         result = run_tunesmith(workload, paths, meta["image_size"])
-    seconds = result["train_seconds"]
-    result.update(
-        tool=tool.label,
-        workload=workload.name,
-        wall_seconds=time.perf_counter() - start,
-        images_per_second=workload.epochs * meta["n_train"] / seconds,
-        peak_rss_mb=peak_rss_mb(),
-        cpu_seconds=own_cpu_seconds(),
-        threads=torch.get_num_threads(),
-    )
-    out.write_text(json.dumps(result), encoding="utf-8")
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy (all cores, every process), from /proc/stat."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_idle(max_seconds: float, threshold: float = 0.25) -> float:
-    """Wait (up to `max_seconds`) until other processes use < `threshold` cores; returns the wait."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < max_seconds:
-        before = machine_busy_seconds()
-        time.sleep(2.0)
-        if (machine_busy_seconds() - before) / 2.0 < threshold:
-            break
-    return time.perf_counter() - start
-
-
-def spawn_worker(tool: Tool, workload: Workload, paths: DataPaths, repeat: int) -> dict[str, Any]:
-    """Run one configuration in a fresh subprocess; a failure is recorded, never hidden.
-
-    `foreign_load` is the CPU (in cores) that other processes used while the worker ran: the
-    machine's busy time minus the worker's own, over the worker's wall time. Above ~0.2 the run
-    shared its cores and its timings are suspect.
-    """
-    out = paths.dir / f"{tool.label}-{workload.name}-{repeat}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tool", tool.label]
-    cmd += ["--workloads", workload.name, "--data-dir", str(paths.dir), "--out", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    busy, start = machine_busy_seconds(), time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    busy, wall = machine_busy_seconds() - busy, time.perf_counter() - start
-    if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout)[-3000:]
-        print(f"  FAILED {tool.label} {workload.name} (exit {proc.returncode}):\n{tail}", file=sys.stderr)
-        return {"tool": tool.label, "workload": workload.name, "repeat": repeat, "error": tail}
-    result = json.loads(out.read_text(encoding="utf-8"))
-    result.update(repeat=repeat, foreign_load=(busy - result["cpu_seconds"]) / wall)
-    return result
+    rates = {"images_per_second": workload.epochs * meta["n_train"] / result["train_seconds"]}
+    harness.write_worker_result(out, result, tool, workload, start, rates, {"threads": torch.get_num_threads()})
 
 
 # --- FLOPs and the summary ---------------------------------------------------------------------
@@ -488,117 +377,25 @@ def train_flops(workload: Workload, tool: Tool, meta: dict[str, Any]) -> float:
     return backbone * images * passes + 3 * head * images * workload.epochs
 
 
-NOISY_LOAD = 0.2  # cores used by other processes during a run, above which its timing is suspect
 METRICS = ("train_seconds", "images_per_second", "peak_rss_mb", "accuracy", "mfu")
+COLUMNS = [
+    "| tool | precision | train s | images/s | peak RSS (MB) | accuracy | est. MFU |",
+    "|---|---|---:|---:|---:|---:|---:|",
+]
 
 
-def summarize(runs: list[dict[str, Any]], meta: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
-    """Medians per (workload, tool), then tunesmith's ratios against each reference variant.
-
-    Each successful run gets its estimated `mfu` added in place (it is saved with the runs).
-    """
-    tools = {t.label: t for name in ("reference-fp32", "reference-bf16", "tunesmith") for t in TOOLS[name]}
-    summary: dict[str, Any] = {}
-    for run in runs:
-        if "error" not in run:
-            workload, tool = WORKLOADS[run["workload"]], tools[run["tool"]]
-            flops = train_flops(workload, tool, meta)
-            run["mfu"] = flops / run["train_seconds"] / (peaks[run["precision"]] * 1e9)
-    for name in WORKLOADS:
-        medians = {}
-        for label in tools:
-            done = [r for r in runs if r["workload"] == name and r["tool"] == label and "error" not in r]
-            if done:
-                medians[label] = {m: statistics.median(r[m] for r in done) for m in METRICS}
-                medians[label]["precision"] = "/".join(sorted({r["precision"] for r in done}))
-                medians[label]["runs"] = len(done)
-        if medians:
-            summary[name] = {"medians": medians, "ratios": ratios(medians)}
-    return summary
+def table_row(label: str, m: dict[str, Any]) -> str:
+    """One tool's medians as a row under COLUMNS."""
+    return (
+        f"| {label} | {m['precision']} | {m['train_seconds']:.1f} | {m['images_per_second']:.1f} | "
+        f"{m['peak_rss_mb']:.0f} | {m['accuracy']:.3f} | {100 * m['mfu']:.1f}% |"
+    )
 
 
-def ratios(medians: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    ts = medians.get("tunesmith")
-    out = {}
-    for ref in ("reference-fp32", "reference-bf16"):
-        if ts and ref in medians:
-            base = medians[ref]
-            out[ref] = {
-                "throughput": ts["images_per_second"] / base["images_per_second"],
-                "memory": ts["peak_rss_mb"] / base["peak_rss_mb"],
-                "accuracy_points": 100 * (ts["accuracy"] - base["accuracy"]),
-            }
-    return out
-
-
-def markdown(summary: dict[str, Any], runs: list[dict[str, Any]], header: list[str]) -> str:
-    """README-ready tables: one per workload, then tunesmith's ratios; `header` lines go first."""
-    noisy = [r for r in runs if r.get("foreign_load", 0.0) > NOISY_LOAD]
-    failed = [r for r in runs if "error" in r]
-    lines = list(header)
-    for name, part in summary.items():
-        w = WORKLOADS[name]
-        lines += ["", f"### {name}: {w.description}, {w.epochs} epoch(s), lr {w.lr:g}", ""]
-        lines += ["| tool | precision | train s | images/s | peak RSS (MB) | accuracy | est. MFU |"]
-        lines += ["|---|---|---:|---:|---:|---:|---:|"]
-        for label, m in part["medians"].items():
-            lines.append(
-                f"| {label} | {m['precision']} | {m['train_seconds']:.1f} | {m['images_per_second']:.1f} | "
-                f"{m['peak_rss_mb']:.0f} | {m['accuracy']:.3f} | {100 * m['mfu']:.1f}% |"
-            )
-        if part["ratios"]:
-            lines += ["", "| tunesmith vs | throughput (×) | peak memory (×) | accuracy (Δ points) |"]
-            lines += ["|---|---:|---:|---:|"]
-            for ref, r in part["ratios"].items():
-                lines.append(f"| {ref} | {r['throughput']:.2f} | {r['memory']:.2f} | {r['accuracy_points']:+.1f} |")
-    if noisy:
-        lines += ["", f"Warning: {len(noisy)} run(s) shared the CPU with other processes (> {NOISY_LOAD} cores)."]
-    if failed:
-        lines += ["", f"Failed: {', '.join(sorted({r['tool'] + '/' + r['workload'] for r in failed}))}."]
-    return "\n".join(lines)
-
-
-# --- harness -----------------------------------------------------------------------------------
-
-
-def selected_tools(spec: str) -> list[Tool]:
-    chosen: list[Tool] = []
-    for name in spec.split(","):
-        if name not in TOOLS:
-            raise SystemExit(f"unknown tool {name!r}; choose from {', '.join(TOOLS)}")
-        chosen += [t for t in TOOLS[name] if t not in chosen]
-    order = [t for ts in (TOOLS["reference-fp32"], TOOLS["tunesmith"], TOOLS["reference-bf16"]) for t in ts]
-    return [t for t in order if t in chosen]
-
-
-def selected_workloads(spec: str) -> list[Workload]:
-    unknown = [n for n in spec.split(",") if n not in WORKLOADS]
-    if unknown:
-        raise SystemExit(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
-    return [WORKLOADS[n] for n in spec.split(",")]
-
-
-def run_all(
-    tools: list[Tool], workloads: list[Workload], paths: DataPaths, repeats: int, wait_idle: float
-) -> list[dict[str, Any]]:
-    """Every run in its own process; tools alternate within a repeat, their order rotating."""
-    runs = []
-    for repeat in range(repeats):
-        order = tools[repeat % len(tools) :] + tools[: repeat % len(tools)]
-        for workload in workloads:
-            for tool in order:
-                print(f"repeat {repeat + 1}/{repeats}  {workload.name:<18} {tool.label} ...", flush=True)
-                waited = wait_for_idle(wait_idle)
-                run = spawn_worker(tool, workload, paths, repeat)
-                run["waited_for_idle_seconds"] = waited
-                runs.append(run)
-                print_run(run)
-    return runs
+# --- running it --------------------------------------------------------------------------------
 
 
 def print_run(run: dict[str, Any]) -> None:
-    if "error" in run:
-        return
     print(
         f"  {run['train_seconds']:.1f} s train ({run['wall_seconds']:.0f} s in all), "
         f"{run['images_per_second']:.1f} images/s, {run['precision']}, {run['peak_rss_mb']:.0f} MB, "
@@ -638,71 +435,34 @@ def header_lines(meta: dict[str, Any], args: argparse.Namespace, env: dict[str, 
     ]
 
 
-def environment() -> dict[str, Any]:
-    import PIL
-    import torch
-    import transformers
-
-    return {
-        "matmul_gflops": {name: matmul_gflops(name) for name in ("fp32", "bf16")},
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "pillow": PIL.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu_bf16": torch.cpu._is_avx512_bf16_supported(),
-        "machine": platform.platform(),
-    }
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="Repeats per configuration (median).")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="Comma-separated workloads.")
-    parser.add_argument("--tools", default="reference,tunesmith", help=f"Comma-separated of {', '.join(TOOLS)}.")
+def size_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="Side of the square input, in pixels.")
-    parser.add_argument("--train-size", type=int, default=4000)
-    parser.add_argument("--test-size", type=int, default=1000)
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=300.0,
-        help="Before each run, wait up to this many seconds for other processes to leave the CPU.",
-    )
-    parser.add_argument("--peak-gflops-fp32", type=float, default=PEAK_GFLOPS["fp32"], help="For the MFU.")
-    parser.add_argument("--peak-gflops-bf16", type=float, default=PEAK_GFLOPS["bf16"], help="For the MFU.")
-    parser.add_argument("--quick", action="store_true", help="Smoke test: 400 / 200 images, 1 repeat.")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--tool", help=argparse.SUPPRESS)
-    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.train_size, args.test_size, args.repeats = 400, 200, 1
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    description = __doc__.splitlines()[0]
+    args = harness.parse_args(
+        argv, description, WORKLOADS, sizes=(4000, 1000), quick=(400, 200), unit="images", own_options=size_option
+    )
     if args.worker:
-        (tool,) = selected_tools(args.tool)
-        (workload,) = selected_workloads(args.workloads)
-        run_worker(tool, workload, DataPaths(args.data_dir), args.out)
-        return 0
-    tools, workloads = selected_tools(args.tools), selected_workloads(args.workloads)
+        return harness.run_as_worker(args, WORKLOADS, DATA_SUFFIX, run_worker)
+    import PIL
+
+    tools, workloads = harness.selected_tools(args.tools), harness.selected_workloads(args.workloads, WORKLOADS)
+    worker_env = harness.worker_env()
     with tempfile.TemporaryDirectory(prefix="tunesmith-bench-") as tmp:
         paths = prepare_data(Path(tmp), args.train_size, args.test_size, args.size)
-        meta = json.loads(paths.meta.read_text(encoding="utf-8"))
-        env = environment()  # measures matmul rates: before the runs, while nothing else of ours runs
-        runs = run_all(tools, workloads, paths, args.repeats, args.wait_idle)
-    summary = summarize(runs, meta, {"fp32": args.peak_gflops_fp32, "bf16": args.peak_gflops_bf16})
-    table = markdown(summary, runs, header_lines(meta, args, env))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / f"vision-{time.strftime('%Y%m%d-%H%M%S')}"
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": env, "data": meta}
-    record.update(runs=runs, summary=summary, markdown=table)
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+        meta = paths.read_meta()
+        # measures matmul rates: before the runs, while nothing else of ours runs
+        env = harness.environment(matmul_gflops, {"pillow": PIL.__version__})
+        runs = harness.run_all(SCRIPT, worker_env, tools, workloads, paths.dir, args.repeats, args.wait_idle, print_run)
+    flops = partial(train_flops, meta=meta)
+    summary = harness.summarize(
+        runs, WORKLOADS, METRICS, flops, harness.peaks(args), "images_per_second", joined=("precision",)
+    )
+    table = harness.markdown(summary, runs, header_lines(meta, args, env), WORKLOADS, COLUMNS, table_row)
+    stem = harness.RESULTS_DIR / f"vision-{time.strftime('%Y%m%d-%H%M%S')}"
+    harness.write_record(stem.with_suffix(".json"), args, env, meta, runs, summary, table)
     stem.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
     print("\n" + table + f"\n\nWritten to {stem}.json and {stem}.md")
     failed = [r for r in runs if "error" in r]
