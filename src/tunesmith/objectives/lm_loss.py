@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CHUNK_TOKENS", "linear_cross_entropy", "token_losses"]
+__all__ = ["CHUNK_TOKENS", "linear_cross_entropy", "token_logprobs", "token_losses"]
 
 CHUNK_TOKENS = 1024  # 1024 x 49,152 fp32 logits = 200 MB at a time
 
@@ -40,6 +40,29 @@ def linear_cross_entropy(
         return hidden.sum() * 0.0  # keeps the graph connected
     dtype = _compute_dtype(hidden)
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype)  # type: ignore[no-any-return]
+
+
+def token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK_TOKENS
+) -> torch.Tensor:
+    """Log-probability (N,) of each target token under `softmax(hidden @ weight.T)`, differentiable,
+    without holding (N, V) logits: what preference losses need, per token, to sum per sequence.
+
+    The gradient towards the hidden states, `(one_hot - softmax) @ weight` per token, is formed
+    in the forward pass while each chunk's logits exist ((N, H) kept); the backward pass scales it
+    by each token's incoming gradient. A gradient for `weight` (full fine-tuning) needs every
+    token's incoming gradient first, so those chunks' logits are recomputed in the backward pass.
+
+    Args:
+        hidden: (N, H) hidden states of the positions that predict `targets`.
+        weight: (V, H) output layer.
+        targets: (N,) the next token at each position.
+
+    Returns:
+        (N,) fp32 log-probabilities (fp64 for fp64 inputs).
+    """
+    dtype = _compute_dtype(hidden)
+    return _TokenLogprobs.apply(hidden, weight, targets, chunk, dtype)  # type: ignore[no-any-return]
 
 
 @torch.no_grad()
@@ -106,4 +129,56 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = (grad_h * grad_out).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dtype)
+        acc = torch.promote_types(torch.float32, dtype)
+        out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        jac_h = torch.empty_like(hidden, dtype=acc) if want_h else None  # d logp_i / d h_i, (N, H)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start : start + chunk].to(dtype)  # (n_c, H)
+                y = targets[start : start + chunk]
+                logp = (h @ w.T).to(acc).log_softmax(-1)  # (n_c, V)
+                rows = torch.arange(len(y), device=y.device)
+                out[start : start + chunk] = logp[rows, y]
+                if jac_h is not None:
+                    d = logp.exp_().neg_()  # d logp_y / d logits = one_hot(y) - softmax
+                    d[rows, y] += 1.0
+                    jac_h[start : start + chunk] = d.to(dtype) @ w
+        ctx.save_for_backward(
+            jac_h if jac_h is not None else torch.empty(0),
+            hidden if want_w else torch.empty(0),
+            weight if want_w else torch.empty(0),
+            targets,
+        )
+        ctx.chunk, ctx.dtype, ctx.hidden_dtype, ctx.weight_dtype = chunk, dtype, hidden.dtype, weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        jac_h, hidden, weight, targets = ctx.saved_tensors
+        dh = (jac_h * grad_out[:, None]).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            acc = torch.promote_types(torch.float32, ctx.dtype)
+            w = weight.to(ctx.dtype)
+            dw = torch.zeros_like(weight, dtype=acc)
+            with torch.autocast(hidden.device.type, enabled=False):
+                for start in range(0, hidden.shape[0], ctx.chunk):
+                    h = hidden[start : start + ctx.chunk].to(ctx.dtype)
+                    y = targets[start : start + ctx.chunk]
+                    rows = torch.arange(len(y), device=y.device)
+                    d = (h @ w.T).to(acc).softmax(-1).neg_()  # recomputed: (n_c, V)
+                    d[rows, y] += 1.0
+                    d *= grad_out[start : start + ctx.chunk, None].to(acc)
+                    dw += d.to(ctx.dtype).T.to(acc) @ h.to(acc)
+            dw = dw.to(ctx.weight_dtype)
         return dh, dw, None, None, None

@@ -1,0 +1,121 @@
+"""Preference records: a prompt and two responses, one preferred (reward models, DPO).
+
+Formats, every bad row reported at once:
+- `{prompt, chosen, rejected}`: the prompt a string or a conversation (`[{role, content}, ...]`),
+  each response a string or a one-message assistant conversation (as TRL writes them);
+- OpenAI's DPO rows: `{input: {messages}, preferred_output: [{role: assistant, content}],
+  non_preferred_output: [...]}`.
+
+`as_sft` turns one side of a pair into an instruction example, so both responses are rendered,
+masked and tokenised exactly as instruction tuning does it (data/templates.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tunesmith.data.readers import Row
+from tunesmith.data.records import short_repr, summarize_problems
+from tunesmith.data.sft import Message, SftExample, _message, _RowError
+from tunesmith.errors import DataError
+
+__all__ = ["PreferenceExample", "as_sft", "to_preference_examples"]
+
+_FORMATS = '{"prompt", "chosen", "rejected"} or {"input": {"messages"}, "preferred_output", "non_preferred_output"}'
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One preference pair.
+
+    Attributes:
+        prompt: the conversation before the responses (one user message for a plain prompt).
+        chosen, rejected: the preferred and the other response.
+        kind: "prompt" (a plain prompt string) or "chat" (a conversation).
+        where: the row's origin (`file.jsonl:12`).
+    """
+
+    prompt: tuple[Message, ...]
+    chosen: str
+    rejected: str
+    kind: Literal["prompt", "chat"] = "prompt"
+    where: str = ""
+
+
+def to_preference_examples(rows: Sequence[Row]) -> list[PreferenceExample]:
+    """Examples from rows in either format.
+
+    Raises:
+        DataError: listing every bad row: a missing or non-string field, an empty response, a
+            prompt that is not a conversation ending with a user turn, or chosen equal to rejected.
+    """
+    examples: list[PreferenceExample] = []
+    problems: list[str] = []
+    for row in rows:
+        try:
+            examples.append(_example(row))
+        except _RowError as exc:
+            problems.append(f"{row.where}: {exc}")
+    if problems:
+        raise DataError(summarize_problems(problems, "problem(s) in the preference data; fix them all, then run again"))
+    return examples
+
+
+def as_sft(example: PreferenceExample, side: Literal["chosen", "rejected"]) -> SftExample:
+    """The prompt and one response as an instruction example (the response is what is scored)."""
+    response = example.chosen if side == "chosen" else example.rejected
+    return SftExample((*example.prompt, Message("assistant", response)), kind=example.kind, where=example.where)
+
+
+def _example(row: Row) -> PreferenceExample:
+    data = row.data
+    if "input" in data or "preferred_output" in data:
+        raw = data.get("input")
+        if not isinstance(raw, dict) or "messages" not in raw:
+            raise _RowError(f"'input' must be an object with 'messages', got {short_repr(raw)}")
+        prompt, kind = _conversation(raw["messages"], "input.messages"), "chat"
+        chosen = _response(data, "preferred_output")
+        rejected = _response(data, "non_preferred_output")
+    elif "chosen" in data or "rejected" in data or "prompt" in data:
+        prompt_value = data.get("prompt")
+        if isinstance(prompt_value, str) and prompt_value.strip():
+            prompt, kind = (Message("user", prompt_value),), "prompt"
+        elif isinstance(prompt_value, list):
+            prompt, kind = _conversation(prompt_value, "prompt"), "chat"
+        else:
+            raise _RowError(f"'prompt' must be a non-empty string or a conversation, got {short_repr(prompt_value)}")
+        chosen, rejected = _response(data, "chosen"), _response(data, "rejected")
+    else:
+        raise _RowError(
+            f"no preference format matches this row (fields present: {', '.join(data) or 'none'}); use {_FORMATS}"
+        )
+    if chosen.strip() == rejected.strip():
+        raise _RowError("chosen and rejected are the same response; a pair needs two different ones")
+    return PreferenceExample(prompt, chosen, rejected, kind, row.where)  # type: ignore[arg-type]
+
+
+def _conversation(raw: Any, field: str) -> tuple[Message, ...]:
+    if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) for m in raw):
+        raise _RowError(f"{field!r} must be a non-empty list of {{role, content}} objects, got {short_repr(raw)}")
+    messages = tuple(_message(m, index) for index, m in enumerate(raw))
+    if messages[-1].role != "user":
+        raise _RowError(f"{field!r} must end with a user message (the responses answer it), not {messages[-1].role}")
+    return messages
+
+
+def _response(data: dict[str, Any], field: str) -> str:
+    if field not in data:
+        raise _RowError(f"missing field {field!r} (fields present: {', '.join(data)}); formats: {_FORMATS}")
+    value = data[field]
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        message = _message(value[0], 0)
+        if message.role != "assistant":
+            raise _RowError(f"{field!r} must be the assistant's message, not {message.role}'s")
+        value = message.content
+    if not isinstance(value, str):
+        raise _RowError(f"{field!r} must be a string or one assistant message, got {short_repr(value)}")
+    if not value.strip():
+        raise _RowError(f"empty {field!r}; a pair needs two responses")
+    return value
