@@ -18,11 +18,22 @@ __all__ = [
     "generate",
     "load_config",
     "predict",
+    "score",
     "train",
 ]
 
 if TYPE_CHECKING:
-    from tunesmith.api import check_data, clean_data, compare, evaluate, generate, load_config, predict, train
+    from tunesmith.api import (
+        check_data,
+        clean_data,
+        compare,
+        evaluate,
+        generate,
+        load_config,
+        predict,
+        score,
+        train,
+    )
     from tunesmith.config import RunConfig
     from tunesmith.errors import ConfigError, DataError, TunesmithError
 
@@ -35,6 +46,7 @@ _LAZY = {
     "compare": "tunesmith.api",
     "generate": "tunesmith.api",
     "predict": "tunesmith.api",
+    "score": "tunesmith.api",
     "load_config": "tunesmith.api",
     "RunConfig": "tunesmith.config",
     "ConfigError": "tunesmith.errors",

@@ -17,12 +17,14 @@ from tunesmith.data.load import load_splits, read_sft_examples, read_task_exampl
 from tunesmith.data.records import check_known_labels
 from tunesmith.errors import ConfigError
 from tunesmith.eval.answers import answer_prompts, exact_match, split_prompt
-from tunesmith.eval.evaluate import evaluate_items, predict_items
+from tunesmith.eval.evaluate import evaluate_items, predict_items, score_items
 from tunesmith.eval.report import write_report
 from tunesmith.eval.retention import build_retention
 from tunesmith.models.generate import Sampling
 from tunesmith.models.load import load_tokenizer
 from tunesmith.run_steps import (
+    add_reference,
+    evaluation_reference,
     final_metrics,
     open_or_create,
     prediction_inputs,
@@ -30,6 +32,7 @@ from tunesmith.run_steps import (
     read_task_rows,
     retention_summary,
     skip_unreadable,
+    train_summary,
     write_jsonl,
     write_plan,
 )
@@ -49,6 +52,7 @@ __all__ = [
     "load_config",
     "load_trained",
     "predict",
+    "score",
     "train",
 ]
 
@@ -109,6 +113,7 @@ def train(
     fingerprint = {"config_hash": config_hash(cfg.to_dict()), "data_hash": config_hash(splits.hashes, ())}
     train_items = objective.encode(splits.train, "train", pack_rows=True)
     val_items = objective.encode(splits.validation, "validation") if splits.validation else None
+    train_items, val_items = add_reference(cfg, objective, model, splits, train_items, val_items)
     write_plan(run, cfg, splits, model, names, method, objective, len(train_items))
     if resume is None:
         write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name))
@@ -146,20 +151,7 @@ def train(
         metrics["baseline"] = baseline
     if retention is not None:
         metrics["retention"] = retention_summary(retention, model, cfg, outcome)
-    metrics["train"] = {
-        "steps": outcome.steps,
-        "train_seconds": round(outcome.train_seconds, 3),
-        "wall_seconds": round(time.perf_counter() - started, 3),
-        "samples": outcome.samples,
-        "tokens": outcome.tokens,
-        "samples_per_second": outcome.samples / max(outcome.train_seconds, 1e-9),
-        "tokens_per_second": outcome.tokens / max(outcome.train_seconds, 1e-9),
-        "peak_rss_mb": peak_rss_mb(),
-        "best": outcome.best,
-        "stopped_early": outcome.stopped_early,
-        "precision": resolve_precision(cfg.train.precision, model),
-        "trainable_parameters": sum(p.numel() for n, p in model.named_parameters() if n in set(names)),
-    }
+    metrics["train"] = train_summary(cfg, model, names, outcome, time.perf_counter() - started)
     write_json(run.dir / "eval.json", metrics)
     write_report(run.dir)
     return RunResult(run.dir, metrics)
@@ -195,8 +187,11 @@ def evaluate(
         metrics["generations"] = str(out)
         return metrics
     labelled = read_task_examples(str(data), cfg.data, cfg.task)
-    check_known_labels(labelled, trained.objective.labels, str(data))
-    items = trained.objective.encode(labelled)
+    if trained.objective.labels:
+        check_known_labels(labelled, trained.objective.labels, str(data))
+    items = trained.objective.encode(labelled, "eval")
+    if cfg.task == "dpo":
+        items = evaluation_reference(trained.model, cfg, trained.objective, items, size, autocast)
     return evaluate_items(trained.model, trained.objective, items, size, autocast, device)
 
 
@@ -220,18 +215,12 @@ def check_data(
 ) -> Any:
     """The data quality report of a data file (what `tunesmith data check` prints): with `config`,
     its data settings, thresholds, task and model tokenizer; leakage against `validation`."""
-    from tunesmith.data.quality import check_file, quality_setup
+    from tunesmith.data.quality import check_task_file, quality_setup
 
     cfg, task_name, tokenizer, references = quality_setup(
         Path(path), task, _path(config), _path(validation), max_length
     )
-    if task_name == "image-classification":
-        from tunesmith.data.image_quality import check_images
-        from tunesmith.data.load import read_image_examples
-
-        held = [e for r in references for e in read_image_examples(str(r), cfg)]
-        return check_images(read_image_examples(str(path), cfg), held, cfg, source=str(path))
-    return check_file(path, cfg, task_name, tokenizer, references)  # type: ignore[arg-type]
+    return check_task_file(path, cfg, task_name, tokenizer, references)
 
 
 def clean_data(
@@ -249,9 +238,10 @@ def clean_data(
     cfg, task_name, tokenizer, references = quality_setup(
         Path(path), task, _path(config), _path(validation), max_length
     )
-    if task_name == "image-classification":
+    if task_name not in ("classification", "sft"):
         raise ConfigError(
-            "data clean writes table rows; for images, run `tunesmith data check` and remove the files it lists"
+            f"data clean is for classification and sft rows; for {task_name} data, run `tunesmith data check` "
+            "and fix the rows it lists"
         )
     return clean_file(path, out, cfg, task_name, tokenizer, references)  # type: ignore[arg-type]
 
@@ -351,6 +341,20 @@ def predict(
     ]
 
 
+def score(run_dir: str | Path, prompts: list[str], responses: list[str]) -> list[float]:
+    """The reward model's score of each response to its prompt (a reward run)."""
+    trained = load_trained(run_dir)
+    if trained.config.task != "reward":
+        raise ConfigError(f"{run_dir}: score needs a reward run; this one is {trained.config.task}")
+    if len(prompts) != len(responses):
+        raise ConfigError(f"score: {len(prompts)} prompts but {len(responses)} responses; give one response per prompt")
+    device = _device()
+    trained.model.to(device)
+    autocast = make_autocast(device, resolve_precision(trained.config.train.precision, trained.model))
+    items = trained.objective.encode_responses(prompts, responses)
+    return score_items(trained.model, trained.objective, items, trained.config.eval.batch_size, autocast, device)
+
+
 def load_trained(run_dir: str | Path) -> Trained:
     """Rebuild a run's model from its config and load its trained weights (strictly)."""
     run = open_run(run_dir)
@@ -358,19 +362,13 @@ def load_trained(run_dir: str | Path) -> Trained:
     weights = run.final / "trainable.safetensors"
     if not weights.is_file():
         raise ConfigError(f"{run.dir}: the run has no final weights (interrupted? resume it with --resume)")
-    labels = read_json(run.final / "labels.json") if cfg.task != "sft" else []
+    labels = read_json(run.final / "labels.json") if cfg.task in ("classification", "image-classification") else []
     model, method, names = build_model(cfg, len(labels))
     load_trainable(model, names, weights)
     refuse_noop(method, model)
     model.eval()
     tokenizer = prepare_tokenizer(cfg, _load_run_tokenizer(run, cfg))
     return Trained(cfg, model, build_objective(cfg, tokenizer, labels), run)
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _as_config(config: RunConfig | dict | str | Path | None, overrides: list[str] | None, sections: dict) -> RunConfig:

@@ -18,22 +18,26 @@ from tunesmith.models.causal_lm import base_decoder
 from tunesmith.models.image import build_image_classifier, image_preprocessing
 from tunesmith.models.load import build_causal_lm, build_classifier, load_tokenizer
 from tunesmith.objectives.classification import ClassificationObjective
+from tunesmith.objectives.dpo import DpoObjective
 from tunesmith.objectives.image_classification import ImageClassificationObjective
+from tunesmith.objectives.reward import RewardObjective
 from tunesmith.objectives.sft import SftObjective
 
-__all__ = ["build_model", "build_objective", "prepare_tokenizer", "refuse_noop"]
+__all__ = ["GENERATIVE", "build_model", "build_objective", "prepare_tokenizer", "refuse_noop"]
+
+GENERATIVE = ("sft", "dpo")  # tasks that tune a causal LM's own output layer (no new head)
 
 
 def build_model(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, Method, list[str]]:
     """The base model with the method applied, and the names of the parameters that train."""
     method = build_method(cfg.method)
     _check_method_fits(cfg, method)
-    if cfg.task == "sft":
+    if cfg.task in GENERATIVE:
         model: nn.Module = build_causal_lm(cfg.model, cfg.data.max_length)
     elif cfg.task == "image-classification":
         model = build_image_classifier(cfg.model, num_labels, cfg.train.seed)
-    else:
-        model = build_classifier(cfg.model, num_labels, cfg.train.seed)
+    else:  # a reward model is a text classifier with one output: the score
+        model = build_classifier(cfg.model, 1 if cfg.task == "reward" else num_labels, cfg.train.seed)
     _check_positions(cfg, model, method)
     method.apply(model)  # type: ignore[arg-type]
     if cfg.train.gradient_checkpointing:
@@ -60,6 +64,10 @@ def build_objective(cfg: RunConfig, tokenizer: Any, labels: Sequence[str]) -> An
         return SftObjective(tokenizer, d.max_length, d.template, d.train_on_prompt, d.overlong, d.packing)
     if cfg.task == "image-classification":
         return ImageClassificationObjective(labels, image_preprocessing(cfg.model, cfg.data), cfg.data.augment)
+    if cfg.task == "reward":
+        return RewardObjective(tokenizer, cfg.data.max_length, cfg.data.overlong)
+    if cfg.task == "dpo":
+        return DpoObjective(tokenizer, cfg.data.max_length, cfg.dpo, cfg.data.template, cfg.data.overlong)
     return ClassificationObjective(tokenizer, labels, cfg.data.max_length)
 
 
@@ -69,7 +77,7 @@ def prepare_tokenizer(cfg: RunConfig, tokenizer: Any | None = None) -> Any:
     if cfg.task == "image-classification":
         return None
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-    if cfg.task == "sft" and tokenizer.pad_token_id is None:
+    if cfg.task in (*GENERATIVE, "reward") and tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"model.name={cfg.model.name}: the tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
@@ -88,7 +96,7 @@ def _check_method_fits(cfg: RunConfig, method: Method) -> None:
             f"method.name={method.name} learns virtual tokens in front of a text input; image models take "
             "pixels, not tokens. Use feature-extraction, partial, lora or full"
         )
-    if cfg.task == "sft" and method.frozen_backbone:
+    if cfg.task in GENERATIVE and method.frozen_backbone:
         raise ConfigError(
             f"method.name={method.name} trains only a new head, and a causal LM gets none (its output "
             "layer is the pre-trained one, often tied to the input embedding); use lora, partial, adapter, "

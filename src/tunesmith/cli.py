@@ -100,6 +100,19 @@ def predict(
         sys.stdout.write(lines)
 
 
+@app.command()
+def score(
+    run_dir: Annotated[Path, typer.Argument(help="A finished reward run directory.")],
+    prompt: Annotated[list[str], typer.Option(help="The prompt (repeat with --response for several).")],
+    response: Annotated[list[str], typer.Option(help="The response to score, one per --prompt.")],
+) -> None:
+    """Score responses with a trained reward model (higher is preferred)."""
+    from tunesmith import api
+
+    for value in api.score(run_dir, prompt, response):
+        console.print(f"{value:.4f}")
+
+
 MaxNew = Annotated[int, typer.Option(help="Most new tokens per answer.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of tokens with this mass.")]

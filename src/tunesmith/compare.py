@@ -31,6 +31,8 @@ HEADLINE = {
     "classification": ("accuracy", "macro_f1"),
     "image-classification": ("accuracy", "top5_accuracy"),
     "sft": ("exact_match", "loss"),
+    "reward": ("accuracy", "margin"),
+    "dpo": ("accuracy", "margin"),
 }
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "AdapterConfig",
     "AugmentConfig",
     "DataConfig",
+    "DpoConfig",
     "EarlyStoppingConfig",
     "EvalConfig",
     "FeatureExtractionConfig",
@@ -33,12 +34,16 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "RunConfig",
+    "TaskName",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
     "load_config",
     "read_yaml_config",
 ]
+
+
+TaskName = Literal["classification", "image-classification", "sft", "reward", "dpo"]
 
 
 class _Section(BaseModel):
@@ -55,8 +60,9 @@ class ModelConfig(_Section):
     pretrained: bool = Field(
         True, description="Start from the pre-trained weights; false: the same network, randomly initialised."
     )
-    pooling: Literal["mean", "cls"] = Field(
-        "mean", description="How token states become one vector for the classification head."
+    pooling: Literal["mean", "cls", "last"] = Field(
+        "mean",
+        description="How token states become one vector for the head (last: the final real token, for decoders).",
     )
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the new head.")
     revision: str | None = Field(None, description="Hub revision (only for hub ids).")
@@ -352,6 +358,19 @@ class EvalConfig(_Section):
     retention: RetentionConfig | None = Field(None, description="Measure forgetting of what the base model knew.")
 
 
+class DpoConfig(_Section):
+    """Direct preference optimisation (task: dpo) against the frozen base model as the reference."""
+
+    beta: float = Field(0.1, gt=0.0, description="KL strength: how far the policy may move from the reference.")
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo, or simpo (reference-free, length-normalised)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Assumed share of flipped preference labels (cDPO; sigmoid and simpo)."
+    )
+    gamma: float = Field(0.5, ge=0.0, description="simpo: target reward margin.")
+
+
 class OutputConfig(_Section):
     dir: str = Field("runs", description="Parent directory of run directories.")
     name: str | None = Field(None, description="Run name (default: <task>-<method>).")
@@ -361,15 +380,17 @@ class RunConfig(_Section):
     """A whole run. `model`, `method` and `output` accept a plain string as shorthand."""
 
     model: ModelConfig
-    task: Literal["classification", "image-classification", "sft"] = Field(
+    task: TaskName = Field(
         "classification",
-        description="classification (text -> label), image-classification (image -> label) or sft "
-        "(instruction tuning a causal LM).",
+        description="classification (text -> label), image-classification (image -> label), sft "
+        "(instruction tuning a causal LM), reward (a scalar score learned from preference pairs) or dpo "
+        "(a causal LM tuned on preference pairs).",
     )
     method: MethodConfig = Field(default_factory=lambda: LoraConfig())
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")

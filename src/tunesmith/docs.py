@@ -25,6 +25,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("train.early_stopping", c.EarlyStoppingConfig),
     ("eval", c.EvalConfig),
     ("eval.retention", c.RetentionConfig),
+    ("dpo", c.DpoConfig),
     ("output", c.OutputConfig),
     *((f"method (name: {name})", cls) for name, cls in c._METHOD_BY_NAME.items()),
 ]

@@ -21,14 +21,18 @@ from tunesmith.runs import Run, create_run, open_run, write_json
 from tunesmith.training.loop import make_autocast, resolve_precision
 
 __all__ = [
+    "add_reference",
+    "evaluation_reference",
     "final_metrics",
     "open_or_create",
+    "peak_rss_mb",
     "prediction_inputs",
     "quality_gate",
     "read_task_rows",
     "report_dropped",
     "retention_summary",
     "skip_unreadable",
+    "train_summary",
     "write_jsonl",
     "write_plan",
 ]
@@ -69,10 +73,11 @@ def write_plan(
         "total_parameters": sum(p.numel() for p in params.values()),
         "trainable_names": names,
     }
-    if cfg.task == "sft":
+    if cfg.task in ("sft", "reward", "dpo"):
         plan["rows_encoded"] = objective.counts
-        plan["template"] = objective.resolved_template()
         report_dropped(objective.counts)
+    if cfg.task == "sft":
+        plan["template"] = objective.resolved_template()
     write_json(run.dir / "plan.json", plan)
 
 
@@ -102,6 +107,18 @@ def quality_gate(cfg: RunConfig, tokenizer: Any) -> Any:
 
     if cfg.data.quality == "off":
         return None
+    if cfg.task in ("reward", "dpo"):
+        from tunesmith.data.preference_quality import check_preferences
+
+        held = [
+            read_task_examples(s, cfg.data, cfg.task)
+            for s in (cfg.data.validation, cfg.data.test)
+            if isinstance(s, str)
+        ]
+        pairs = read_task_examples(cfg.data.train, cfg.data, cfg.task)
+        report = check_preferences(pairs, [e for h in held for e in h], cfg.data, cfg.task)
+        gate(report, cfg.data.quality)
+        return report
     if cfg.task == "image-classification":
         from tunesmith.data.image_quality import check_images
 
@@ -120,6 +137,35 @@ def quality_gate(cfg: RunConfig, tokenizer: Any) -> Any:
 def read_task_rows(cfg: RunConfig, source: str) -> list[Any]:
     """Examples of the run's task from a file or a packaged data name."""
     return read_task_examples(source, cfg.data, cfg.task)
+
+
+def add_reference(cfg: RunConfig, objective: Any, model: nn.Module, splits: Splits, train_items, val_items):
+    """dpo: the reference's log-probabilities of every pair (train, validation and test), computed once
+    before the first step with the model as it starts; other tasks: the items unchanged."""
+    if cfg.task != "dpo" or not objective.needs_reference:
+        return train_items, val_items
+    import torch
+
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = next(model.parameters()).device
+    autocast = make_autocast(device, resolve_precision(cfg.train.precision, model))
+    size = cfg.eval.batch_size
+    train_items = objective.add_reference(model, train_items, size, autocast)
+    if val_items is not None:
+        val_items = objective.add_reference(model, val_items, size, autocast)
+    if splits.test:
+        objective.add_reference(model, objective.encode(splits.test, "test"), size, autocast)
+    return train_items, val_items
+
+
+def evaluation_reference(model: nn.Module, cfg: RunConfig, objective: Any, items, batch_size: int, autocast):
+    """dpo: reference log-probabilities for evaluating a trained run: the trained model with its peft
+    adapter switched off where it has one, else the base model built afresh."""
+    from tunesmith.build import build_model
+
+    has_switch = callable(getattr(getattr(model, "backbone", None), "disable_adapter", None))
+    reference = model if has_switch else build_model(cfg, 0)[0].to(next(model.parameters()).device)
+    return objective.add_reference(reference, items, batch_size, autocast)
 
 
 def skip_unreadable(splits: Splits, report: Any) -> Splits:
@@ -160,6 +206,31 @@ def retention_summary(retention: Retention, model: nn.Module, cfg: RunConfig, ou
         "history": outcome.retention,
         "stopped_for_retention": any(not r["within_bound"] for r in outcome.retention),
     }
+
+
+def train_summary(cfg: RunConfig, model: nn.Module, names: list[str], outcome: Any, wall: float) -> dict[str, Any]:
+    """What eval.json records about training: steps, time, throughput, memory, precision, weights."""
+    seconds = max(outcome.train_seconds, 1e-9)
+    return {
+        "steps": outcome.steps,
+        "train_seconds": round(outcome.train_seconds, 3),
+        "wall_seconds": round(wall, 3),
+        "samples": outcome.samples,
+        "tokens": outcome.tokens,
+        "samples_per_second": outcome.samples / seconds,
+        "tokens_per_second": outcome.tokens / seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "best": outcome.best,
+        "stopped_early": outcome.stopped_early,
+        "precision": resolve_precision(cfg.train.precision, model),
+        "trainable_parameters": sum(p.numel() for n, p in model.named_parameters() if n in set(names)),
+    }
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def report_dropped(counts: dict[str, dict[str, int]]) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from tunesmith.config import DataConfig
 from tunesmith.data.images import ImageExample, read_image_table, table_base, to_image_examples
 from tunesmith.data.mix import few_shot, replay_rows
+from tunesmith.data.preferences import to_preference_examples
 from tunesmith.data.readers import Row, read_rows
 from tunesmith.data.records import Example, check_known_labels, resolve_labels, to_examples
 from tunesmith.data.sft import SftExample, to_sft_examples
@@ -58,6 +59,8 @@ def read_task_examples(source: str, cfg: DataConfig, task: str) -> list[Any]:
         return read_sft_examples(source, cfg)
     if task == "image-classification":
         return read_image_examples(source, cfg)
+    if task in ("reward", "dpo"):
+        return to_preference_examples(_rows(source, cfg))
     return read_examples(source, cfg)
 
 
@@ -88,7 +91,7 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "classification") -> Spl
     sources += [cfg.replay.path] if cfg.replay else []
     hashes = {s: source_hash(s) for s in sources}
     mixed = replay_rows(replay, len(train), cfg.replay.fraction, seed) if cfg.replay else []
-    if task == "sft":
+    if task in ("sft", "reward", "dpo"):  # no labels: instruction rows and preference pairs
         return Splits(train + mixed, validation, test, [], hashes, len(mixed))
     labels = resolve_labels(train, cfg.labels)
     if mixed:

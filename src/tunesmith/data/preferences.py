@@ -19,9 +19,10 @@ from typing import Any, Literal
 from tunesmith.data.readers import Row
 from tunesmith.data.records import short_repr, summarize_problems
 from tunesmith.data.sft import Message, SftExample, _message, _RowError
+from tunesmith.data.templates import Encoded
 from tunesmith.errors import DataError
 
-__all__ = ["PreferenceExample", "as_sft", "to_preference_examples"]
+__all__ = ["PreferenceExample", "as_sft", "encode_pairs", "to_preference_examples"]
 
 _FORMATS = '{"prompt", "chosen", "rejected"} or {"input": {"messages"}, "preferred_output", "non_preferred_output"}'
 
@@ -119,3 +120,54 @@ def _response(data: dict[str, Any], field: str) -> str:
     if not value.strip():
         raise _RowError(f"empty {field!r}; a pair needs two responses")
     return value
+
+
+def encode_pairs(
+    examples: Sequence[PreferenceExample],
+    tokenizer: Any,
+    template: Literal["auto", "chat", "plain"],
+    max_length: int,
+    overlong: Literal["truncate", "drop", "error"],
+) -> tuple[list[tuple[Encoded, Encoded]], dict[str, int]]:
+    """Both sides of each pair as token ids with their response tokens marked (as instruction tuning
+    renders them, EOS included). A pair is kept or dropped whole, so the sides stay aligned.
+
+    Returns:
+        The encoded (chosen, rejected) pairs, and counts: "rows", "truncated", "dropped_overlong",
+        "no_trainable_token" (a side truncated before its response) and "kept".
+
+    Raises:
+        DataError: under `overlong: error`, listing every pair with a side over `max_length`.
+    """
+    from tunesmith.data.templates import encode_example, resolve_template
+
+    resolved = resolve_template(tokenizer, template)
+    counts = {"rows": len(examples), "truncated": 0, "dropped_overlong": 0, "no_trainable_token": 0}
+    pairs: list[tuple[Encoded, Encoded]] = []
+    too_long: list[str] = []
+    for example in examples:
+        render = "chat" if template == "auto" and example.kind == "chat" else resolved
+        sides = [encode_example(as_sft(example, side), tokenizer, render) for side in ("chosen", "rejected")]
+        longest = max(len(s.input_ids) for s in sides)
+        if longest > max_length:
+            if overlong == "error":
+                too_long.append(f"{example.where}: {longest} tokens")
+                continue
+            if overlong == "drop":
+                counts["dropped_overlong"] += 1
+                continue
+            counts["truncated"] += 1
+            sides = [Encoded(s.input_ids[:max_length], s.targets[:max_length], s.where) for s in sides]
+        if not all(any(s.targets) for s in sides):
+            counts["no_trainable_token"] += 1
+            continue
+        pairs.append((sides[0], sides[1]))
+    if too_long:
+        raise DataError(
+            summarize_problems(
+                too_long,
+                f"pair(s) longer than data.max_length={max_length}; raise it or set data.overlong: truncate or drop",
+            )
+        )
+    counts["kept"] = len(pairs)
+    return pairs, counts

@@ -15,9 +15,9 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from tunesmith.config import DataConfig
+from tunesmith.config import DataConfig, TaskName
 from tunesmith.data.quality_findings import findings
 from tunesmith.data.quality_report import CleanSummary, Finding, QualityReport, gate
 from tunesmith.data.quality_scan import BATCH, BATCH_CHARS, REASONS, Scan
@@ -32,6 +32,7 @@ __all__ = [
     "QualityReport",
     "check_file",
     "check_rows",
+    "check_task_file",
     "clean_file",
     "dropped_path",
     "gate",
@@ -94,6 +95,25 @@ def check_file(
     """
     reference = _reference_rows(references, cfg) if references else None
     return check_rows(stream_rows(path, cfg.column_map), cfg, task, tokenizer, reference, source=str(path))
+
+
+def check_task_file(
+    path: str | Path, cfg: DataConfig, task: TaskName, tokenizer: Any | None, references: Sequence[str | Path]
+) -> QualityReport:
+    """`check_file` for text rows; the image gate for image data, the pair checks for preference data."""
+    from tunesmith.data.load import read_task_examples
+
+    if task not in ("image-classification", "reward", "dpo"):
+        return check_file(path, cfg, task, tokenizer, references)  # type: ignore[arg-type]
+    held = [e for r in references for e in read_task_examples(str(r), cfg, task)]
+    examples = read_task_examples(str(path), cfg, task)
+    if task == "image-classification":
+        from tunesmith.data.image_quality import check_images
+
+        return check_images(examples, held, cfg, source=str(path))
+    from tunesmith.data.preference_quality import check_preferences
+
+    return replace(check_preferences(examples, held, cfg, task), source=str(path))
 
 
 def dropped_path(out: str | Path) -> Path:
@@ -226,14 +246,15 @@ def _problem(row: Row, scan: Scan) -> str:
 
 def quality_setup(
     file: Path, task: str | None, config: Path | None, validation: Path | None, max_length: int | None
-) -> tuple[Any, Literal["classification", "image-classification", "sft"], Any, list[Path]]:
+) -> tuple[Any, TaskName, Any, list[Path]]:
     """The data config, task, tokenizer (None without a config) and leakage references for checking
     `file`: from a run config when given (its data settings, task and model tokenizer), else defaults."""
     from tunesmith.config import DataConfig, load_config
 
-    if task not in (None, "classification", "image-classification", "sft"):
-        raise ConfigError(f"--task {task!r}: use classification, image-classification or sft")
-    task_name: Literal["classification", "image-classification", "sft"] = task or "classification"  # type: ignore[assignment]
+    tasks = get_args(TaskName)
+    if task is not None and task not in tasks:
+        raise ConfigError(f"--task {task!r}: use {', '.join(tasks[:-1])} or {tasks[-1]}")
+    task_name: TaskName = task or "classification"  # type: ignore[assignment]
     tokenizer = None
     if config is None:
         cfg = DataConfig(train=str(file))

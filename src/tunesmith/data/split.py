@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from tunesmith.data.images import ImageExample, content_key
+from tunesmith.data.preferences import PreferenceExample
 from tunesmith.data.records import Example
 from tunesmith.errors import DataError
 
@@ -111,5 +112,8 @@ def example_key(example: Any) -> str:
         return example.text + "\x00" + (example.text_pair or "")
     if isinstance(example, ImageExample):
         return content_key(example.image)  # the pixels, not the file name: copies move together
+    if isinstance(example, PreferenceExample):
+        prompt = "".join(f"\x00{m.role}\x01{m.content}" for m in example.prompt)
+        return f"{prompt}\x02{example.chosen}\x03{example.rejected}"
     turns = "".join(f"\x00{m.role}\x01{m.content}" for m in example.messages)
     return (example.text or "") + turns

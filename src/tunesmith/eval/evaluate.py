@@ -9,7 +9,7 @@ import torch
 
 from tunesmith.training.batching import eval_batches
 
-__all__ = ["evaluate_items", "predict_items"]
+__all__ = ["evaluate_items", "predict_items", "score_items"]
 
 
 @torch.no_grad()
@@ -26,7 +26,7 @@ def evaluate_items(
     for batch in _batches(objective, items, batch_size, device):
         with autocast():
             logits = _forward(model, objective, batch)
-        metrics.update(logits, batch["labels"])
+        metrics.update_batch(logits, batch)
     return metrics.compute()  # type: ignore[no-any-return]
 
 
@@ -48,6 +48,26 @@ def predict_items(
             logits = _forward(model, objective, batch)
         probs[ids] = logits.float().softmax(-1).cpu()
     return probs
+
+
+@torch.no_grad()
+def score_items(
+    model: Any,
+    objective: Any,
+    items: Sequence[dict[str, Any]],
+    batch_size: int,
+    autocast: Callable[[], Any],
+    device: torch.device,
+) -> list[float]:
+    """A reward model's scores of items in input order (each item scores one response, held twice)."""
+    scores = torch.empty(len(items))
+    lengths = [objective.length(it) for it in items]
+    for ids in eval_batches(lengths, batch_size):
+        batch = {k: v.to(device) for k, v in objective.collate([items[i] for i in ids]).items()}
+        with autocast():
+            out = _forward(model, objective, batch)
+        scores[ids] = out[: len(ids), 0].float().cpu()
+    return scores.tolist()
 
 
 def _batches(objective: Any, items: Sequence[dict[str, Any]], batch_size: int, device: torch.device):

@@ -28,6 +28,9 @@ class ConfusionMetrics:
         self.loss_sum = 0.0
         self.count = 0
 
+    def update_batch(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        self.update(logits, batch["labels"])
+
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch: logits (B, C), labels (B,) with -1 for unlabelled rows (skipped)."""
         keep = labels >= 0

@@ -27,7 +27,7 @@ class TextClassifier(nn.Module):
         backbone: nn.Module,
         hidden_size: int,
         num_labels: int,
-        pooling: Literal["mean", "cls"] = "mean",
+        pooling: Literal["mean", "cls", "last"] = "mean",
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
@@ -114,6 +114,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """(B, T, H) token states and a (B, T) mask -> (B, H)."""
     if how == "cls":
         return hidden[:, 0]
+    if how == "last":  # right-padded rows: the last real token, which a decoder has read everything before
+        last = mask.sum(1).clamp(min=1) - 1  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 

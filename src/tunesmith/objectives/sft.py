@@ -94,7 +94,7 @@ class SftObjective:
         """Right-padded ids (B, T), labels (B, T) = the next token where it is trained, else IGNORE;
         an attention mask (B, T), or for packed rows an additive (B, 1, T, T) block-diagonal causal
         mask and position ids that restart at every row."""
-        width = _padded_width(max(len(it["input_ids"]) for it in items), self.max_length)
+        width = padded_width(max(len(it["input_ids"]) for it in items), self.max_length)
         ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
         for row, it in enumerate(items):
@@ -150,6 +150,9 @@ class LMMetrics:
         self.loss_sum = 0.0
         self.tokens = 0
         self.correct = 0
+
+    def update_batch(self, output: LMOutput, batch: dict[str, torch.Tensor]) -> None:
+        self.update(output, batch["labels"])
 
     def update(self, output: LMOutput, labels: torch.Tensor) -> None:
         trained = labels != IGNORE
@@ -217,6 +220,6 @@ def _packed_mask(items: Sequence[Item], width: int) -> dict[str, torch.Tensor]:
     return {"attention_mask": mask[:, None], "position_ids": positions}
 
 
-def _padded_width(longest: int, max_length: int) -> int:
+def padded_width(longest: int, max_length: int) -> int:
     rounded = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     return min(rounded, max(longest, max_length))

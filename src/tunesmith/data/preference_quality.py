@@ -1,0 +1,95 @@
+"""The data quality gate for preference pairs (reward, dpo).
+
+Every row has already been read as a pair (a bad row stops the run with its file and line, a pair
+whose responses are equal included). Checked here: exact duplicate pairs, contradicting pairs (the
+same prompt and responses, preferred the other way round), validation/test pairs that also occur
+in training (leakage, either way round), and a response side longer than `data.max_length` in
+words (the tokens are counted when the pairs are encoded, and reported in plan.json).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tunesmith.config import DataConfig
+from tunesmith.data.preferences import PreferenceExample
+from tunesmith.data.quality_report import Finding, QualityReport
+
+__all__ = ["check_preferences"]
+
+_SHOWN = 5
+
+
+def check_preferences(
+    train: Sequence[PreferenceExample], held_out: Sequence[PreferenceExample], cfg: DataConfig, task: str
+) -> QualityReport:
+    """The report on training pairs; held-out pairs are compared with them for leakage."""
+    t = cfg.thresholds
+    seen: dict[tuple[str, str, str], str] = {}
+    duplicates: list[str] = []
+    contradicting: list[str] = []
+    for ex in train:
+        key = _key(ex)
+        if key in seen:
+            duplicates.append(f"{ex.where} (as {seen[key]})")
+            continue
+        flipped = (key[0], key[2], key[1])
+        if flipped in seen:
+            contradicting.append(f"{ex.where} reverses {seen[flipped]}")
+        seen[key] = ex.where
+    leaked = [ex.where for ex in held_out if _key(ex) in seen or (_key(ex)[0], _key(ex)[2], _key(ex)[1]) in seen]
+    longest = [max(len(ex.chosen.split()), len(ex.rejected.split())) for ex in train]
+    over = [ex.where for ex, n in zip(train, longest, strict=True) if n > cfg.max_length]
+    findings = (
+        Finding(
+            "duplicates",
+            len(duplicates),
+            len(train),
+            t.max_duplicate_share,
+            "share",
+            "data.thresholds.max_duplicate_share",
+            "remove the extra copies (the first is kept)",
+            examples=tuple(duplicates[:_SHOWN]),
+            detail="the same prompt, chosen and rejected response",
+        ),
+        Finding(
+            "conflicting",
+            len(contradicting),
+            len(train),
+            t.max_conflicting,
+            "count",
+            "data.thresholds.max_conflicting",
+            "keep one direction of each pair",
+            examples=tuple(contradicting[:_SHOWN]),
+            detail="a pair and its reverse, both in training",
+        ),
+        Finding(
+            "leakage",
+            len(leaked),
+            len(held_out),
+            t.max_leakage,
+            "count",
+            "data.thresholds.max_leakage",
+            "remove these pairs from validation/test (or from training)",
+            checked=bool(held_out),
+            examples=tuple(leaked[:_SHOWN]),
+            detail="held-out pairs also in training" if held_out else "no validation/test file given",
+        ),
+        Finding(
+            "overlong",
+            len(over),
+            len(train),
+            t.max_overlong_share,
+            "share",
+            "data.thresholds.max_overlong_share",
+            f"raise data.max_length or shorten the responses (data.overlong: {cfg.overlong})",
+            examples=tuple(over[:_SHOWN]),
+            detail="responses counted in whitespace words",
+        ),
+    )
+    return QualityReport(cfg.train, task, len(train) + len(held_out), findings, "words")
+
+
+def _key(ex: PreferenceExample) -> tuple[str, str, str]:
+    prompt = "\x00".join(f"{m.role}\x01{m.content}" for m in ex.prompt)
+    return prompt, ex.chosen.strip(), ex.rejected.strip()

@@ -1,0 +1,207 @@
+"""Direct preference optimisation: tune a causal LM on preference pairs, against the frozen base
+model as the reference (Rafailov et al. 2023; IPO, SimPO and label smoothing as `dpo.loss_type`).
+
+The reference never changes, so its log-probabilities are frozen work: they are computed once,
+before the first step, with the model as it starts (peft adapters switched off, so prompt and
+prefix tuning start from the base too), and kept with each pair. No second copy of the model is
+held, whatever the method, and a step costs one forward and backward pass of the policy. A batch
+holds the B chosen sequences, then the B rejected ones; only response tokens (and the EOS) are
+scored, through `token_logprobs`, which never holds (tokens, vocab) logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tunesmith.config import DpoConfig
+from tunesmith.data.preferences import PreferenceExample, encode_pairs
+from tunesmith.models.causal_lm import LMOutput
+from tunesmith.objectives.lm_loss import token_logprobs
+from tunesmith.objectives.preference_losses import dpo_loss, sequence_sums
+from tunesmith.objectives.reward import PreferenceMetrics
+from tunesmith.objectives.sft import IGNORE, padded_width
+from tunesmith.training.batching import eval_batches
+
+__all__ = ["DpoObjective"]
+
+Item = dict[str, Any]
+
+
+class DpoObjective:
+    name = "dpo"
+    default_metric = "loss"
+
+    def __init__(
+        self, tokenizer: Any, max_length: int, cfg: DpoConfig, template: str = "auto", overlong: str = "truncate"
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.cfg = cfg
+        self.template = template
+        self.overlong = overlong
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+        self.labels: list[str] = []
+        self.counts: dict[str, dict[str, int]] = {}
+        # (chosen ids, rejected ids) -> the reference's summed log-probabilities of both responses
+        self.reference: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, float]] = {}
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.cfg.loss_type != "simpo"
+
+    def encode(
+        self, examples: Sequence[PreferenceExample], split: str = "train", pack_rows: bool = False
+    ) -> list[Item]:
+        """Both sides of each pair with their scored tokens (and the reference's log-probabilities,
+        once `add_reference` has computed them for these pairs)."""
+        pairs, counts = encode_pairs(examples, self.tokenizer, self.template, self.max_length, self.overlong)  # type: ignore[arg-type]
+        self.counts[split] = counts
+        items = []
+        for chosen, rejected in pairs:
+            item: Item = {"chosen": chosen.input_ids, "chosen_targets": chosen.targets}
+            item.update(rejected=rejected.input_ids, rejected_targets=rejected.targets)
+            known = self.reference.get(_key(item))
+            if known is not None:
+                item["reference"] = known
+            items.append(item)
+        return items
+
+    @torch.no_grad()
+    def add_reference(self, model: Any, items: list[Item], batch_size: int, autocast: Any) -> list[Item]:
+        """Items with the reference's log-probabilities of both responses, computed with `model` as the
+        reference (in eval mode, any peft adapter switched off); remembered for later encodes."""
+        missing = [i for i, it in enumerate(items) if "reference" not in it]
+        if not self.needs_reference or not missing:
+            return items
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            with _adapters_off(model):
+                for ids in eval_batches([self.length(items[i]) for i in missing], batch_size):
+                    batch = {k: v.to(device) for k, v in self.collate([items[missing[j]] for j in ids]).items()}
+                    with autocast():
+                        chosen, rejected, _ = self.sequence_logps(model(**self.model_inputs(batch)), batch)
+                    for j, c, r in zip(ids, chosen.tolist(), rejected.tolist(), strict=True):
+                        item = items[missing[j]]
+                        item["reference"] = (c, r)
+                        self.reference[_key(item)] = (c, r)
+        finally:
+            model.train(was_training)
+        return items
+
+    @staticmethod
+    def length(item: Item) -> int:
+        return max(len(item["chosen"]), len(item["rejected"]))
+
+    def collate(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask and labels (2B, T): chosen rows, then rejected rows; labels hold the
+        next token where it is scored, else IGNORE; `reference` (2B,) the reference's log-probabilities."""
+        rows = [(it["chosen"], it["chosen_targets"]) for it in items]
+        rows += [(it["rejected"], it["rejected_targets"]) for it in items]
+        width = padded_width(max(len(ids) for ids, _ in rows), self.max_length)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (tokens, targets) in enumerate(rows):
+            x = torch.tensor(tokens)
+            scored = torch.tensor(targets, dtype=torch.bool)
+            ids[row, : len(x)] = x
+            mask[row, : len(x)] = 1
+            labels[row, : len(x) - 1] = torch.where(scored[1:], x[1:], IGNORE)  # position t predicts t + 1
+        refs = [it.get("reference", (0.0, 0.0)) for it in items]
+        reference = torch.tensor([r[0] for r in refs] + [r[1] for r in refs], dtype=torch.float32)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "reference": reference}
+
+    @staticmethod
+    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    @staticmethod
+    def sequence_logps(
+        output: LMOutput, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed log-probabilities of the scored tokens of each chosen and rejected row (B,), and the
+        number of scored tokens of every row (2B,)."""
+        scored = batch["labels"] != IGNORE  # (2B, T)
+        rows = scored.nonzero()[:, 0]
+        logps = token_logprobs(output.hidden[scored], output.weight, batch["labels"][scored])
+        sums = sequence_sums(logps, rows, scored.shape[0])
+        chosen, rejected = sums.chunk(2)
+        return chosen, rejected, scored.sum(1)
+
+    def pair_loss(
+        self, output: LMOutput, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss, the implicit rewards of both sides, and the policy's log-probabilities of both."""
+        chosen, rejected, tokens = self.sequence_logps(output, batch)
+        ref_chosen, ref_rejected = batch["reference"].chunk(2)
+        tokens_chosen, tokens_rejected = tokens.float().chunk(2)
+        c = self.cfg
+        loss, reward_chosen, reward_rejected = dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            c.beta,
+            c.loss_type,
+            c.label_smoothing,
+            tokens_chosen,
+            tokens_rejected,
+            c.gamma,
+        )
+        return loss, reward_chosen, reward_rejected, chosen.detach(), rejected.detach()
+
+    def loss(self, output: LMOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.needs_reference:
+            assert "reference" in batch, "DPO items need the reference's log-probabilities (add_reference)"
+        return self.pair_loss(output, batch)[0]
+
+    @staticmethod
+    def eval_samples(model: Any, autocast: Any, max_new_tokens: int) -> list[dict[str, str]]:
+        return []
+
+    def new_metrics(self) -> DpoMetrics:
+        return DpoMetrics(self)
+
+    def cache_frozen(self, model: Any, items: Sequence[Item], *args: Any) -> list[Item]:
+        """Items as they are (a causal LM's frozen blocks are not cached; see CausalLM.can_split)."""
+        return list(items)
+
+
+class DpoMetrics(PreferenceMetrics):
+    """Preference accuracy and margin of the implicit rewards, their means, the loss, and the
+    policy's mean log-probabilities of chosen and rejected responses."""
+
+    def __init__(self, objective: DpoObjective) -> None:
+        super().__init__()
+        self.objective = objective
+        self.logps = {"chosen": 0.0, "rejected": 0.0}
+
+    def update_batch(self, output: LMOutput, batch: dict[str, torch.Tensor]) -> None:
+        loss, reward_chosen, reward_rejected, chosen, rejected = self.objective.pair_loss(output, batch)
+        self.add(reward_chosen.float().cpu(), reward_rejected.float().cpu(), float(loss) * len(chosen))
+        self.logps["chosen"] += float(chosen.sum())
+        self.logps["rejected"] += float(rejected.sum())
+
+    def compute(self) -> dict[str, Any]:
+        out = super().compute()
+        n = max(self.count, 1)
+        out.update(logps_chosen=self.logps["chosen"] / n, logps_rejected=self.logps["rejected"] / n)
+        return out
+
+
+def _key(item: Item) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(item["chosen"]), tuple(item["rejected"])
+
+
+def _adapters_off(model: Any) -> Any:
+    """peft's context that runs the base model alone, where the backbone has one (else a no-op: the
+    model as it starts is the base, as for full, partial and bottleneck adapters)."""
+    disable = getattr(getattr(model, "backbone", None), "disable_adapter", None)
+    return disable() if callable(disable) else contextlib.nullcontext()

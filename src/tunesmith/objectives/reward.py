@@ -1,0 +1,139 @@
+"""Reward modelling: a scalar score per (prompt, response), trained so that the preferred response
+of each pair scores higher (the pairwise Bradley-Terry loss of InstructGPT, Ouyang et al. 2022).
+
+The model is a text classifier with one output: an encoder reads `[CLS] prompt [SEP] response`
+(pooled as `model.pooling` says), a decoder reads the prompt and response as its chat template
+renders them (pool with `model.pooling: last`). A batch holds the B chosen responses, then the B
+rejected ones, so one forward pass scores both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tunesmith.data.preferences import PreferenceExample, encode_pairs
+from tunesmith.objectives.classification import PAD_MULTIPLE
+from tunesmith.objectives.preference_losses import reward_loss
+
+__all__ = ["PreferenceMetrics", "RewardObjective"]
+
+Item = dict[str, Any]
+
+
+class RewardObjective:
+    name = "reward"
+    default_metric = "accuracy"
+
+    def __init__(self, tokenizer: Any, max_length: int, overlong: str = "truncate") -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.overlong = overlong
+        self.labels: list[str] = []
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def encode(
+        self, examples: Sequence[PreferenceExample], split: str = "train", pack_rows: bool = False
+    ) -> list[Item]:
+        """Token ids of both sides of each pair: `{"chosen": ids, "rejected": ids}`."""
+        if getattr(self.tokenizer, "chat_template", None):
+            pairs, counts = encode_pairs(examples, self.tokenizer, "chat", self.max_length, self.overlong)  # type: ignore[arg-type]
+            self.counts[split] = counts
+            return [{"chosen": c.input_ids, "rejected": r.input_ids} for c, r in pairs]
+        self.counts[split] = {"rows": len(examples), "kept": len(examples)}
+        prompts = [_prompt_text(e) for e in examples]
+        items: list[Item] = [{} for _ in examples]
+        for side in ("chosen", "rejected"):
+            responses = [getattr(e, side) for e in examples]
+            enc = self.tokenizer(prompts, responses, truncation=True, max_length=self.max_length)
+            for item, ids in zip(items, enc["input_ids"], strict=True):
+                item[side] = ids
+        return items
+
+    def encode_responses(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Item]:
+        """Items that score one response to one prompt each (both sides of the item are that response)."""
+        from tunesmith.data.sft import Message
+
+        pairs = [
+            PreferenceExample((Message("user", p),), r, r, "prompt", f"input {i + 1}")
+            for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
+        ]
+        return self.encode(pairs, "score")
+
+    @staticmethod
+    def length(item: Item) -> int:
+        return max(len(item["chosen"]), len(item["rejected"]))
+
+    def collate(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
+        """input_ids/attention_mask (2B, T): the chosen responses, then the rejected ones."""
+        rows = [it["chosen"] for it in items] + [it["rejected"] for it in items]
+        width = -(-max(len(r) for r in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, tokens in enumerate(rows):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(len(items), dtype=torch.long)}
+
+    @staticmethod
+    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    @staticmethod
+    def loss(scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        chosen, rejected = scores[:, 0].float().chunk(2)
+        return reward_loss(chosen, rejected)
+
+    @staticmethod
+    def eval_samples(model: Any, autocast: Any, max_new_tokens: int) -> list[dict[str, str]]:
+        return []
+
+    def new_metrics(self) -> PreferenceMetrics:
+        return PreferenceMetrics()
+
+    def cache_frozen(self, model: Any, items: Sequence[Item], *args: Any) -> list[Item]:
+        """Items as they are: both sides of a pair run through the model at every step."""
+        return list(items)
+
+
+class PreferenceMetrics:
+    """Preference accuracy (the chosen response scores higher), mean margin, mean scores and loss."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.correct = 0
+        self.sums = {"margin": 0.0, "chosen": 0.0, "rejected": 0.0, "loss": 0.0}
+
+    def update_batch(self, scores: Any, batch: dict[str, torch.Tensor]) -> None:
+        chosen, rejected = scores[:, 0].float().cpu().chunk(2)
+        self.add(chosen, rejected, float(reward_loss(chosen, rejected)) * len(chosen))
+
+    def add(self, chosen: torch.Tensor, rejected: torch.Tensor, loss_sum: float) -> None:
+        """Count a batch of pairs by their scores (or implicit rewards) and summed loss."""
+        self.count += len(chosen)
+        self.correct += int((chosen > rejected).sum())
+        self.sums["margin"] += float((chosen - rejected).sum())
+        self.sums["chosen"] += float(chosen.sum())
+        self.sums["rejected"] += float(rejected.sum())
+        self.sums["loss"] += loss_sum
+
+    def compute(self) -> dict[str, Any]:
+        n = max(self.count, 1)
+        return {
+            "accuracy": self.correct / n,
+            "margin": self.sums["margin"] / n,
+            "chosen": self.sums["chosen"] / n,
+            "rejected": self.sums["rejected"] / n,
+            "loss": self.sums["loss"] / n,
+            "count": self.count,
+        }
+
+
+def _prompt_text(example: PreferenceExample) -> str:
+    """The prompt as one text for an encoder: the message itself, or each turn as `role: content`."""
+    if len(example.prompt) == 1:
+        return example.prompt[0].content
+    return "\n".join(f"{m.role}: {m.content}" for m in example.prompt)
