@@ -23,11 +23,11 @@ from tunesmith.eval.retention import build_retention
 from tunesmith.models.generate import Sampling
 from tunesmith.models.load import load_tokenizer
 from tunesmith.run_steps import (
-    add_reference,
     evaluation_reference,
     final_metrics,
     open_or_create,
     prediction_inputs,
+    prepare_objective,
     quality_gate,
     read_task_rows,
     retention_summary,
@@ -113,10 +113,12 @@ def train(
     fingerprint = {"config_hash": config_hash(cfg.to_dict()), "data_hash": config_hash(splits.hashes, ())}
     train_items = objective.encode(splits.train, "train", pack_rows=True)
     val_items = objective.encode(splits.validation, "validation") if splits.validation else None
-    train_items, val_items = add_reference(cfg, objective, model, splits, train_items, val_items)
+    train_items, val_items = prepare_objective(cfg, objective, model, splits, train_items, val_items)
     write_plan(run, cfg, splits, model, names, method, objective, len(train_items))
     if resume is None:
-        write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name))
+        reward = getattr(objective, "reward_record", None)  # rl: which reward run or function
+        extra = {"reward": reward} if reward else None
+        write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name), extra)
     if quality is not None:
         write_json(run.dir / "data_report.json", quality.to_dict())
     if cfg.task == "sft" and splits.validation:
@@ -192,6 +194,8 @@ def evaluate(
     items = trained.objective.encode(labelled, "eval")
     if cfg.task == "dpo":
         items = evaluation_reference(trained.model, cfg, trained.objective, items, size, autocast)
+    if cfg.task == "rl":
+        trained.objective.bind(trained.model, autocast)
     return evaluate_items(trained.model, trained.objective, items, size, autocast, device)
 
 

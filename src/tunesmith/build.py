@@ -21,11 +21,13 @@ from tunesmith.objectives.classification import ClassificationObjective
 from tunesmith.objectives.dpo import DpoObjective
 from tunesmith.objectives.image_classification import ImageClassificationObjective
 from tunesmith.objectives.reward import RewardObjective
+from tunesmith.objectives.rewards import load_reward
+from tunesmith.objectives.rl import RlObjective
 from tunesmith.objectives.sft import SftObjective
 
 __all__ = ["GENERATIVE", "build_model", "build_objective", "prepare_tokenizer", "refuse_noop"]
 
-GENERATIVE = ("sft", "dpo")  # tasks that tune a causal LM's own output layer (no new head)
+GENERATIVE = ("sft", "dpo", "rl")  # tasks that tune a causal LM's own output layer (no new head)
 
 
 def build_model(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, Method, list[str]]:
@@ -68,6 +70,11 @@ def build_objective(cfg: RunConfig, tokenizer: Any, labels: Sequence[str]) -> An
         return RewardObjective(tokenizer, cfg.data.max_length, cfg.data.overlong)
     if cfg.task == "dpo":
         return DpoObjective(tokenizer, cfg.data.max_length, cfg.dpo, cfg.data.template, cfg.data.overlong)
+    if cfg.task == "rl":
+        reward, record = load_reward(cfg.rl.reward)
+        objective = RlObjective(tokenizer, cfg.data.max_length, cfg.rl, reward, cfg.data.template)
+        objective.reward_record = record
+        return objective
     return ClassificationObjective(tokenizer, labels, cfg.data.max_length)
 
 

@@ -33,6 +33,7 @@ HEADLINE = {
     "sft": ("exact_match", "loss"),
     "reward": ("accuracy", "margin"),
     "dpo": ("accuracy", "margin"),
+    "rl": ("reward", "kl"),
 }
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "PartialConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "RlConfig",
     "RunConfig",
     "TaskName",
     "TrainConfig",
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 
-TaskName = Literal["classification", "image-classification", "sft", "reward", "dpo"]
+TaskName = Literal["classification", "image-classification", "sft", "reward", "dpo", "rl"]
 
 
 class _Section(BaseModel):
@@ -371,6 +372,27 @@ class DpoConfig(_Section):
     gamma: float = Field(0.5, ge=0.0, description="simpo: target reward margin.")
 
 
+class RlConfig(_Section):
+    """Reinforcement learning from a reward (task: rl): sample a group of completions per prompt, score
+    them, and move towards the better ones of each group, held near the base model by a KL penalty."""
+
+    reward: str | None = Field(
+        None,
+        description="A finished reward run directory, or module:function taking (prompts, completions), "
+        "returning one score per completion.",
+    )
+    group_size: int = Field(
+        4, ge=2, description="Completions sampled per prompt; advantages are relative to the group."
+    )
+    max_new_tokens: int = Field(32, gt=0, description="Longest completion sampled.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the completions.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass of the completions.")
+    kl_coef: float = Field(0.05, ge=0.0, description="Weight of the per-token KL penalty to the base model.")
+    advantage: Literal["grpo", "rloo"] = Field(
+        "grpo", description="grpo: (r - group mean) / group std; rloo: r - mean of the other completions."
+    )
+
+
 class OutputConfig(_Section):
     dir: str = Field("runs", description="Parent directory of run directories.")
     name: str | None = Field(None, description="Run name (default: <task>-<method>).")
@@ -383,14 +405,15 @@ class RunConfig(_Section):
     task: TaskName = Field(
         "classification",
         description="classification (text -> label), image-classification (image -> label), sft "
-        "(instruction tuning a causal LM), reward (a scalar score learned from preference pairs) or dpo "
-        "(a causal LM tuned on preference pairs).",
+        "(instruction tuning a causal LM), reward (a scalar score learned from preference pairs), dpo "
+        "(a causal LM tuned on preference pairs) or rl (a causal LM tuned online from a reward).",
     )
     method: MethodConfig = Field(default_factory=lambda: LoraConfig())
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
+    rl: RlConfig = Field(default_factory=RlConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")

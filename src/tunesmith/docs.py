@@ -26,6 +26,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("eval", c.EvalConfig),
     ("eval.retention", c.RetentionConfig),
     ("dpo", c.DpoConfig),
+    ("rl", c.RlConfig),
     ("output", c.OutputConfig),
     *((f"method (name: {name})", cls) for name, cls in c._METHOD_BY_NAME.items()),
 ]

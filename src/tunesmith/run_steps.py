@@ -21,12 +21,12 @@ from tunesmith.runs import Run, create_run, open_run, write_json
 from tunesmith.training.loop import make_autocast, resolve_precision
 
 __all__ = [
-    "add_reference",
     "evaluation_reference",
     "final_metrics",
     "open_or_create",
     "peak_rss_mb",
     "prediction_inputs",
+    "prepare_objective",
     "quality_gate",
     "read_task_rows",
     "report_dropped",
@@ -107,8 +107,8 @@ def quality_gate(cfg: RunConfig, tokenizer: Any) -> Any:
 
     if cfg.data.quality == "off":
         return None
-    if cfg.task in ("reward", "dpo"):
-        from tunesmith.data.preference_quality import check_preferences
+    if cfg.task in ("reward", "dpo", "rl"):
+        from tunesmith.data.preference_quality import check_preferences, check_prompts
 
         held = [
             read_task_examples(s, cfg.data, cfg.task)
@@ -116,7 +116,12 @@ def quality_gate(cfg: RunConfig, tokenizer: Any) -> Any:
             if isinstance(s, str)
         ]
         pairs = read_task_examples(cfg.data.train, cfg.data, cfg.task)
-        report = check_preferences(pairs, [e for h in held for e in h], cfg.data, cfg.task)
+        others = [e for h in held for e in h]
+        report = (
+            check_prompts(pairs, others, cfg.data)
+            if cfg.task == "rl"
+            else check_preferences(pairs, others, cfg.data, cfg.task)
+        )
         gate(report, cfg.data.quality)
         return report
     if cfg.task == "image-classification":
@@ -139,16 +144,22 @@ def read_task_rows(cfg: RunConfig, source: str) -> list[Any]:
     return read_task_examples(source, cfg.data, cfg.task)
 
 
-def add_reference(cfg: RunConfig, objective: Any, model: nn.Module, splits: Splits, train_items, val_items):
-    """dpo: the reference's log-probabilities of every pair (train, validation and test), computed once
-    before the first step with the model as it starts; other tasks: the items unchanged."""
-    if cfg.task != "dpo" or not objective.needs_reference:
+def prepare_objective(cfg: RunConfig, objective: Any, model: nn.Module, splits: Splits, train_items, val_items):
+    """What an objective needs of the model before the first step. dpo: the reference's log-probabilities
+    of every pair (train, validation and test), computed once with the model as it starts. rl: the
+    policy to sample from and its reference. Other tasks: nothing; the items are returned as they are."""
+    if cfg.task not in ("dpo", "rl"):
         return train_items, val_items
     import torch
 
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = next(model.parameters()).device
     autocast = make_autocast(device, resolve_precision(cfg.train.precision, model))
+    if cfg.task == "rl":
+        objective.bind(model, autocast)
+        return train_items, val_items
+    if not objective.needs_reference:
+        return train_items, val_items
     size = cfg.eval.batch_size
     train_items = objective.add_reference(model, train_items, size, autocast)
     if val_items is not None:
@@ -222,6 +233,7 @@ def train_summary(cfg: RunConfig, model: nn.Module, names: list[str], outcome: A
         "peak_rss_mb": peak_rss_mb(),
         "best": outcome.best,
         "stopped_early": outcome.stopped_early,
+        "skipped_steps": outcome.skipped_steps,
         "precision": resolve_precision(cfg.train.precision, model),
         "trainable_parameters": sum(p.numel() for n, p in model.named_parameters() if n in set(names)),
     }

@@ -97,7 +97,10 @@ def list_runs(parent: str | Path) -> list[Run]:
     return sorted((Run(p) for p in root.iterdir() if (p / "config.yaml").is_file()), key=lambda r: r.dir.name)
 
 
-def write_manifest(run: Run, seed: int, data_files: dict[str, str], model_dir: str | None) -> None:
+def write_manifest(
+    run: Run, seed: int, data_files: dict[str, str], model_dir: str | None, extra: dict[str, Any] | None = None
+) -> None:
+    """manifest.json: versions, seed, hardware, data and base-model hashes, and `extra` (e.g. the reward)."""
     manifest = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
@@ -107,6 +110,7 @@ def write_manifest(run: Run, seed: int, data_files: dict[str, str], model_dir: s
         "hardware": _hardware(),
         "data": data_files,
         "base_model": {"path": model_dir, "sha256": dir_sha256(model_dir) if model_dir else None},
+        **(extra or {}),
     }
     write_json(run.dir / "manifest.json", manifest)
 

@@ -61,6 +61,8 @@ def read_task_examples(source: str, cfg: DataConfig, task: str) -> list[Any]:
         return read_image_examples(source, cfg)
     if task in ("reward", "dpo"):
         return to_preference_examples(_rows(source, cfg))
+    if task == "rl":  # prompts; a completion, if present, is not used
+        return read_sft_examples(source, cfg, require_completion=False)
     return read_examples(source, cfg)
 
 
@@ -91,7 +93,7 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "classification") -> Spl
     sources += [cfg.replay.path] if cfg.replay else []
     hashes = {s: source_hash(s) for s in sources}
     mixed = replay_rows(replay, len(train), cfg.replay.fraction, seed) if cfg.replay else []
-    if task in ("sft", "reward", "dpo"):  # no labels: instruction rows and preference pairs
+    if task in ("sft", "reward", "dpo", "rl"):  # no labels: instruction rows, preference pairs, prompts
         return Splits(train + mixed, validation, test, [], hashes, len(mixed))
     labels = resolve_labels(train, cfg.labels)
     if mixed:

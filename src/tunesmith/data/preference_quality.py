@@ -1,4 +1,4 @@
-"""The data quality gate for preference pairs (reward, dpo).
+"""The data quality gate for preference pairs (reward, dpo) and rl prompts.
 
 Every row has already been read as a pair (a bad row stops the run with its file and line, a pair
 whose responses are equal included). Checked here: exact duplicate pairs, contradicting pairs (the
@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from tunesmith.config import DataConfig
 from tunesmith.data.preferences import PreferenceExample
 from tunesmith.data.quality_report import Finding, QualityReport
+from tunesmith.data.sft import SftExample
 
-__all__ = ["check_preferences"]
+__all__ = ["check_preferences", "check_prompts"]
 
 _SHOWN = 5
 
@@ -93,3 +94,46 @@ def check_preferences(
 def _key(ex: PreferenceExample) -> tuple[str, str, str]:
     prompt = "\x00".join(f"{m.role}\x01{m.content}" for m in ex.prompt)
     return prompt, ex.chosen.strip(), ex.rejected.strip()
+
+
+def check_prompts(train: Sequence[SftExample], held_out: Sequence[SftExample], cfg: DataConfig) -> QualityReport:
+    """The report on rl prompts: repeated prompts, and validation/test prompts also in training."""
+    t = cfg.thresholds
+    seen: dict[str, str] = {}
+    duplicates: list[str] = []
+    for ex in train:
+        key = _prompt_key(ex)
+        if key in seen:
+            duplicates.append(f"{ex.where} (as {seen[key]})")
+        seen.setdefault(key, ex.where)
+    leaked = [ex.where for ex in held_out if _prompt_key(ex) in seen]
+    findings = (
+        Finding(
+            "duplicates",
+            len(duplicates),
+            len(train),
+            t.max_duplicate_share,
+            "share",
+            "data.thresholds.max_duplicate_share",
+            "remove the repeated prompts (each is sampled rl.group_size times)",
+            examples=tuple(duplicates[:_SHOWN]),
+            detail="the same prompt",
+        ),
+        Finding(
+            "leakage",
+            len(leaked),
+            len(held_out),
+            t.max_leakage,
+            "count",
+            "data.thresholds.max_leakage",
+            "remove these prompts from validation/test (or from training)",
+            checked=bool(held_out),
+            examples=tuple(leaked[:_SHOWN]),
+            detail="held-out prompts also in training" if held_out else "no validation/test file given",
+        ),
+    )
+    return QualityReport(cfg.train, "rl", len(train) + len(held_out), findings, "words")
+
+
+def _prompt_key(ex: SftExample) -> str:
+    return "\x00".join(f"{m.role}\x01{m.content}" for m in ex.messages if m.role != "assistant")

@@ -103,7 +103,7 @@ def check_task_file(
     """`check_file` for text rows; the image gate for image data, the pair checks for preference data."""
     from tunesmith.data.load import read_task_examples
 
-    if task not in ("image-classification", "reward", "dpo"):
+    if task not in ("image-classification", "reward", "dpo", "rl"):
         return check_file(path, cfg, task, tokenizer, references)  # type: ignore[arg-type]
     held = [e for r in references for e in read_task_examples(str(r), cfg, task)]
     examples = read_task_examples(str(path), cfg, task)
@@ -111,9 +111,10 @@ def check_task_file(
         from tunesmith.data.image_quality import check_images
 
         return check_images(examples, held, cfg, source=str(path))
-    from tunesmith.data.preference_quality import check_preferences
+    from tunesmith.data.preference_quality import check_preferences, check_prompts
 
-    return replace(check_preferences(examples, held, cfg, task), source=str(path))
+    report = check_prompts(examples, held, cfg) if task == "rl" else check_preferences(examples, held, cfg, task)
+    return replace(report, source=str(path))
 
 
 def dropped_path(out: str | Path) -> Path:

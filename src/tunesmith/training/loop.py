@@ -43,6 +43,7 @@ class LoopResult:
     tokens: int
     best: dict[str, Any] | None = None
     stopped_early: bool = False
+    skipped_steps: int = 0  # optimizer steps left out because a loss was not finite
     evals: list[dict[str, Any]] = field(default_factory=list)
     retention: list[dict[str, Any]] = field(default_factory=list)
 
@@ -176,26 +177,37 @@ def train_loop(
         b = state["batch"]
         while b < len(batches) and step < total_steps:
             group = batches[b : b + cfg.grad_accum]  # micro-batches of one optimizer step
+            finite = True
             for ids in group:
                 batch = {k: v.to(device) for k, v in objective.collate([train_items[i] for i in ids]).items()}
                 with autocast():
                     logits = model(**objective.model_inputs(batch))
                     loss = objective.loss(logits, batch) / len(group)
-                accelerator.backward(loss)
-                running.append(float(loss.detach()) * len(group))
                 result.samples += len(ids)
                 result.tokens += sum(lengths[i] for i in ids)
-            if cfg.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+                if not bool(torch.isfinite(loss)):
+                    finite = False  # never let a NaN reach the weights: the whole step is skipped
+                    break
+                accelerator.backward(loss)
+                running.append(float(loss.detach()) * len(group))
+            if finite:
+                if cfg.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+            else:
+                result.skipped_steps += 1
+                run.log({"kind": "skipped_step", "step": step + 1, "reason": "non-finite loss"})
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step, b = step + 1, b + len(group)
             state.update(step=step, epoch=epoch, batch=b)
 
             record: dict[str, Any] = {"step": step, "epoch": round(epoch + b / len(batches), 4)}
-            if step % cfg.log_every == 0 or step == total_steps:
+            if (step % cfg.log_every == 0 or step == total_steps) and running:
                 record.update(loss=sum(running) / len(running), lr=scheduler.get_last_lr()[0])
+                stats = getattr(objective, "step_stats", None)  # e.g. rl: mean reward, KL, completion length
+                if stats is not None:
+                    record.update(stats())
                 running.clear()
                 run.log({"kind": "train", **record})
             epoch_end = b >= len(batches)

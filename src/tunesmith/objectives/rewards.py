@@ -1,0 +1,76 @@
+"""Where RL rewards come from: a trained reward run, or a Python function `module:function`.
+
+A function is called as `function(prompts, completions)` with two lists of strings and returns one
+number per completion. What each source is (path and content hash) goes into the run's manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import ConfigError
+
+__all__ = ["RewardSource", "load_reward"]
+
+RewardSource = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+
+def load_reward(spec: str | None) -> tuple[RewardSource, dict[str, Any]]:
+    """The reward function named by `rl.reward`, and its record for the manifest.
+
+    Raises:
+        ConfigError: no reward given, a module or function that cannot be found, or a directory that
+            is not a finished reward run.
+    """
+    if not spec:
+        raise ConfigError("rl.reward: task rl needs a reward: a reward run directory or module:function")
+    if Path(spec).expanduser().is_dir():
+        return _reward_run(Path(spec).expanduser())
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise ConfigError(f"rl.reward={spec!r}: neither a directory nor module:function (e.g. my_rewards:positive)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"rl.reward={spec!r}: cannot import {module_name} ({exc}); is it on PYTHONPATH?") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"rl.reward={spec!r}: {module_name} has no function {name!r}")
+    source = inspect.getsourcefile(function) or ""
+    record = {"kind": "function", "spec": spec, "file": source, "sha256": _sha256(Path(source)) if source else None}
+    return function, record
+
+
+def _reward_run(run_dir: Path) -> tuple[RewardSource, dict[str, Any]]:
+    from tunesmith.api import load_trained
+    from tunesmith.eval.evaluate import score_items
+    from tunesmith.training.loop import make_autocast, resolve_precision
+
+    trained = load_trained(run_dir)
+    if trained.config.task != "reward":
+        raise ConfigError(f"rl.reward={run_dir}: a {trained.config.task} run, not a reward run")
+    model, objective = trained.model.eval(), trained.objective
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+    def score(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        device = next(model.parameters()).device
+        autocast = make_autocast(device, resolve_precision(trained.config.train.precision, model))
+        items = objective.encode_responses(list(prompts), list(completions))
+        return score_items(model, objective, items, trained.config.eval.batch_size, autocast, device)
+
+    weights = run_dir / "final" / "trainable.safetensors"
+    return score, {"kind": "reward run", "run": str(run_dir.resolve()), "sha256": _sha256(weights)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
