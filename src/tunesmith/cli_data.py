@@ -83,3 +83,25 @@ def data_clean(
     else:
         console.print(report_table(report))
     err_console.print(Text(summary_line(report)))
+
+
+@data_app.command("pairs")
+def data_pairs(
+    prompts: Annotated[str, typer.Argument(help="Prompts: a data file ({prompt} or chat rows) or a packaged name.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the pairs (JSONL).")],
+    policy: Annotated[str, typer.Option(help="A finished sft/dpo/rl run, or a model to sample from.")],
+    reward: Annotated[str, typer.Option(help="A reward run directory, or module:function.")],
+    samples: Annotated[int, typer.Option(help="Completions sampled per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest completion.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Sample completions per prompt, rank them by a reward, write the best and worst as a preference pair."""
+    from tunesmith.models.generate import Sampling
+    from tunesmith.pairs import build_pairs
+
+    summary = build_pairs(prompts, output, policy, reward, samples, Sampling(max_new_tokens, temperature, 1.0, seed))
+    err_console.print(
+        f"{summary.pairs} pairs from {summary.prompts} prompts written to {summary.output} "
+        f"({summary.ties} prompts gave no pair: their samples scored the same)"
+    )

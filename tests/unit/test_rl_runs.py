@@ -147,3 +147,50 @@ def test_interrupted_rl_run_resumes_exactly(
     got = load_file(str(broken / "final" / "trainable.safetensors"))
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def test_data_pairs_ranks_sampled_completions(
+    tiny_llama: Path, prompts: Path, tmp_path: Path, rewards_module: str, monkeypatch, capsys
+) -> None:
+    from conftest import invoke_cli
+
+    out = tmp_path / "pairs.jsonl"
+    code, _, err = invoke_cli(
+        monkeypatch,
+        capsys,
+        "data",
+        "pairs",
+        str(prompts),
+        "-o",
+        str(out),
+        "--policy",
+        str(tiny_llama),
+        "--reward",
+        f"{rewards_module}:letters",
+        "--samples",
+        "4",
+        "--max-new-tokens",
+        "8",
+    )
+    assert code == 0 and "pairs from 24 prompts" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(r["chosen_score"] > r["rejected_score"] and r["chosen"] != r["rejected"] for r in rows)
+    from tunesmith.data.preferences import to_preference_examples
+    from tunesmith.data.readers import read_rows
+
+    assert len(to_preference_examples(read_rows(out))) == len(rows)  # ready for reward or dpo training
+
+
+def test_kl_to_base_is_positive_after_tuning(
+    tiny_llama: Path, prompts: Path, tmp_path: Path, rewards_module: str
+) -> None:
+    from tunesmith.api import load_trained
+    from tunesmith.eval.drift import kl_to_base, sample
+    from tunesmith.models.generate import Sampling
+
+    result = rl_run(tiny_llama, prompts, tmp_path, f"{rewards_module}:letters", epochs=2)
+    trained = load_trained(result.run_dir)
+    texts = [f"review movie {i}" for i in range(4)]
+    ids, completions, _ = sample(trained, texts, Sampling(8, 1.0, 1.0, 0), from_base=True)
+    assert kl_to_base(trained, ids, completions) > 0  # the tuned model differs from its base here
+    assert result.metrics["baseline"]["validation"]["kl"] == pytest.approx(0.0, abs=1e-6)  # before tuning

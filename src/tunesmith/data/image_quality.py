@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from tunesmith.config import DataConfig
 from tunesmith.data.images import ImageExample, content_key, open_image
-from tunesmith.data.quality_report import Finding, QualityReport
+from tunesmith.data.quality_report import Finding, QualityReport, limited
 from tunesmith.errors import DataError
 
 __all__ = ["check_images"]
@@ -44,50 +44,39 @@ def check_images(
     where_of = {key: ex.where for ex, key in zip(train, train_keys, strict=True) if key is not None}
     leaked = [ex.where for ex, key in zip(held_out, held_keys, strict=True) if key is not None and key in copies]
     total = len(train) + len(held_out)
+    held_note = "held-out images equal to a training image" if held_out else "no validation/test file given"
     findings = (
-        Finding(
+        limited(
             "unreadable",
-            len(unreadable),
+            problems,
             total,
-            t.max_unreadable,
-            "count",
-            "data.thresholds.max_unreadable",
+            t,
             "replace or remove these images; under data.quality: warn they are skipped",
-            examples=tuple(problems[:_SHOWN]),
-            detail="each image opened and fully decoded",
+            "each image opened and fully decoded",
         ),
-        Finding(
+        limited(
             "duplicates",
-            len(duplicates),
+            duplicates,
             len(train),
-            t.max_duplicate_share,
-            "share",
-            "data.thresholds.max_duplicate_share",
+            t,
             "remove the extra copies (the first is kept)",
-            examples=tuple(duplicates[:_SHOWN]),
-            detail="the same pixels (or file bytes) under any name",
+            "the same pixels (or file bytes) under any name",
         ),
-        Finding(
+        limited(
             "conflicting",
-            len(conflicting),
+            [f"{where_of[k]}: {sorted(labels_of[k])}" for k in conflicting],
             len(train),
-            t.max_conflicting,
-            "count",
-            "data.thresholds.max_conflicting",
+            t,
             "give each image one label, or remove it",
-            examples=tuple(f"{where_of[k]}: {sorted(labels_of[k])}" for k in conflicting[:_SHOWN]),
         ),
-        Finding(
+        limited(
             "leakage",
-            len(leaked),
+            leaked,
             len(held_out),
-            t.max_leakage,
-            "count",
-            "data.thresholds.max_leakage",
+            t,
             "remove these images from validation/test (or from training)",
+            held_note,
             checked=bool(held_out),
-            examples=tuple(leaked[:_SHOWN]),
-            detail="held-out images equal to a training image" if held_out else "no validation/test file given",
         ),
         _label_balance(train, cfg),
     )

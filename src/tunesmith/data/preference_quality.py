@@ -13,12 +13,13 @@ from collections.abc import Sequence
 
 from tunesmith.config import DataConfig
 from tunesmith.data.preferences import PreferenceExample
-from tunesmith.data.quality_report import Finding, QualityReport
+from tunesmith.data.quality_report import QualityReport, limited
 from tunesmith.data.sft import SftExample
 
 __all__ = ["check_preferences", "check_prompts"]
 
-_SHOWN = 5
+_KEEP_FIRST = "remove the extra copies (the first is kept)"
+_HELD_OUT_FIX = "remove these from validation/test (or from training)"
 
 
 def check_preferences(
@@ -41,51 +42,20 @@ def check_preferences(
     leaked = [ex.where for ex in held_out if _key(ex) in seen or (_key(ex)[0], _key(ex)[2], _key(ex)[1]) in seen]
     longest = [max(len(ex.chosen.split()), len(ex.rejected.split())) for ex in train]
     over = [ex.where for ex, n in zip(train, longest, strict=True) if n > cfg.max_length]
+    held_note = "held-out pairs also in training" if held_out else "no validation/test file given"
     findings = (
-        Finding(
-            "duplicates",
-            len(duplicates),
-            len(train),
-            t.max_duplicate_share,
-            "share",
-            "data.thresholds.max_duplicate_share",
-            "remove the extra copies (the first is kept)",
-            examples=tuple(duplicates[:_SHOWN]),
-            detail="the same prompt, chosen and rejected response",
+        limited("duplicates", duplicates, len(train), t, _KEEP_FIRST, "the same prompt, chosen and rejected response"),
+        limited(
+            "conflicting", contradicting, len(train), t, "keep one direction of each pair", "a pair and its reverse"
         ),
-        Finding(
-            "conflicting",
-            len(contradicting),
-            len(train),
-            t.max_conflicting,
-            "count",
-            "data.thresholds.max_conflicting",
-            "keep one direction of each pair",
-            examples=tuple(contradicting[:_SHOWN]),
-            detail="a pair and its reverse, both in training",
-        ),
-        Finding(
-            "leakage",
-            len(leaked),
-            len(held_out),
-            t.max_leakage,
-            "count",
-            "data.thresholds.max_leakage",
-            "remove these pairs from validation/test (or from training)",
-            checked=bool(held_out),
-            examples=tuple(leaked[:_SHOWN]),
-            detail="held-out pairs also in training" if held_out else "no validation/test file given",
-        ),
-        Finding(
+        limited("leakage", leaked, len(held_out), t, _HELD_OUT_FIX, held_note, checked=bool(held_out)),
+        limited(
             "overlong",
-            len(over),
+            over,
             len(train),
-            t.max_overlong_share,
-            "share",
-            "data.thresholds.max_overlong_share",
+            t,
             f"raise data.max_length or shorten the responses (data.overlong: {cfg.overlong})",
-            examples=tuple(over[:_SHOWN]),
-            detail="responses counted in whitespace words",
+            "responses counted in whitespace words",
         ),
     )
     return QualityReport(cfg.train, task, len(train) + len(held_out), findings, "words")
@@ -107,30 +77,10 @@ def check_prompts(train: Sequence[SftExample], held_out: Sequence[SftExample], c
             duplicates.append(f"{ex.where} (as {seen[key]})")
         seen.setdefault(key, ex.where)
     leaked = [ex.where for ex in held_out if _prompt_key(ex) in seen]
+    held_note = "held-out prompts also in training" if held_out else "no validation/test file given"
     findings = (
-        Finding(
-            "duplicates",
-            len(duplicates),
-            len(train),
-            t.max_duplicate_share,
-            "share",
-            "data.thresholds.max_duplicate_share",
-            "remove the repeated prompts (each is sampled rl.group_size times)",
-            examples=tuple(duplicates[:_SHOWN]),
-            detail="the same prompt",
-        ),
-        Finding(
-            "leakage",
-            len(leaked),
-            len(held_out),
-            t.max_leakage,
-            "count",
-            "data.thresholds.max_leakage",
-            "remove these prompts from validation/test (or from training)",
-            checked=bool(held_out),
-            examples=tuple(leaked[:_SHOWN]),
-            detail="held-out prompts also in training" if held_out else "no validation/test file given",
-        ),
+        limited("duplicates", duplicates, len(train), t, "remove the repeated prompts", "the same prompt"),
+        limited("leakage", leaked, len(held_out), t, _HELD_OUT_FIX, held_note, checked=bool(held_out)),
     )
     return QualityReport(cfg.train, "rl", len(train) + len(held_out), findings, "words")
 

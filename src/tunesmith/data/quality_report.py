@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from tunesmith.errors import DataError
 
-__all__ = ["CleanSummary", "Finding", "QualityReport", "gate"]
+__all__ = ["CleanSummary", "Finding", "QualityReport", "gate", "limited"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,36 @@ class Finding:
             "fix": self.fix,
             "stats": self.stats,
         }
+
+
+# check -> (its threshold in data.thresholds, how the limit applies)
+_LIMITS: dict[str, tuple[str, Literal["count", "share"]]] = {
+    "duplicates": ("max_duplicate_share", "share"),
+    "conflicting": ("max_conflicting", "count"),
+    "leakage": ("max_leakage", "count"),
+    "unreadable": ("max_unreadable", "count"),
+    "overlong": ("max_overlong_share", "share"),
+}
+
+
+def limited(
+    name: str, found: list[str], total: int, thresholds: Any, fix: str, detail: str = "", checked: bool = True
+) -> Finding:
+    """The finding of check `name` (duplicates, conflicting, leakage, unreadable, overlong) against its
+    threshold: `found` are the rows found, as `where` notes (the first five are shown)."""
+    setting, kind = _LIMITS[name]
+    return Finding(
+        name,
+        len(found),
+        total,
+        getattr(thresholds, setting),
+        kind,
+        f"data.thresholds.{setting}",
+        fix,
+        checked=checked,
+        examples=tuple(found[:5]),
+        detail=detail,
+    )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,91 @@
+"""Preference pairs from a model's own samples, ranked by a reward (`tunesmith data pairs`).
+
+For each prompt, sample several completions, score them with a reward run or a Python function,
+and keep the best as `chosen` and the worst as `rejected`: how preference data is collected at
+scale, with a reward model standing in for the people who would rank the samples. Prompts whose
+samples all score the same (or read the same) give no pair and are counted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import ConfigError
+from tunesmith.models.generate import Sampling
+
+__all__ = ["PairsSummary", "build_pairs"]
+
+
+@dataclass(frozen=True)
+class PairsSummary:
+    output: str
+    prompts: int
+    pairs: int
+    ties: int  # prompts whose samples all scored (or read) the same
+    reward: dict[str, Any]
+
+
+def build_pairs(
+    prompts: str | Path, out: str | Path, policy: str, reward: str, samples: int = 4, sampling: Sampling | None = None
+) -> PairsSummary:
+    """Write `{prompt, chosen, rejected, chosen_score, rejected_score}` rows to `out` (JSONL, atomically).
+
+    Args:
+        prompts: a data file or packaged name with prompts ({prompt}, chat messages, ...).
+        policy: a finished run of a causal-LM task (sft, dpo, rl), or a model (packaged name, directory,
+            .gguf, hub id) to sample from.
+        reward: a reward run directory, or module:function.
+        samples: completions per prompt (at least 2).
+    """
+    from tunesmith.data.load import read_sft_examples
+    from tunesmith.eval.drift import sample
+    from tunesmith.objectives.rewards import load_reward
+    from tunesmith.runs import atomic_writer
+
+    if samples < 2:
+        raise ConfigError(f"--samples {samples}: a pair needs at least 2 samples per prompt")
+    score, record = load_reward(reward)
+    trained = _policy(policy, str(prompts))
+    rows = read_sft_examples(str(prompts), trained.config.data, require_completion=False)
+    texts = [e.messages[-1].content if e.messages else (e.text or "") for e in rows]
+    sampling = sampling or Sampling(max_new_tokens=64, temperature=1.0, top_p=1.0)
+    _, _, completions = sample(trained, [t for t in texts for _ in range(samples)], sampling)
+    scores = [float(s) for s in score([t for t in texts for _ in range(samples)], completions)]
+    pairs = ties = 0
+    with atomic_writer(Path(out)) as fh:
+        for i, prompt in enumerate(texts):
+            group = list(
+                zip(scores[i * samples : (i + 1) * samples], completions[i * samples : (i + 1) * samples], strict=True)
+            )
+            best, worst = max(group, key=lambda g: g[0]), min(group, key=lambda g: g[0])
+            if best[0] == worst[0] or best[1].strip() == worst[1].strip():
+                ties += 1
+                continue
+            row = {
+                "prompt": prompt,
+                "chosen": best[1],
+                "rejected": worst[1],
+                "chosen_score": best[0],
+                "rejected_score": worst[0],
+            }
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            pairs += 1
+    return PairsSummary(str(out), len(texts), pairs, ties, record)
+
+
+def _policy(policy: str, prompts: str) -> Any:
+    """A loaded run, or a base model wrapped as one (sampled as it is)."""
+    from tunesmith.api import Trained, load_trained
+
+    if (Path(policy) / "config.yaml").is_file():
+        return load_trained(policy)
+    from tunesmith.build import build_model, build_objective, prepare_tokenizer
+    from tunesmith.config import load_config
+
+    cfg = load_config({"model": policy, "task": "sft", "method": "full", "data": {"train": prompts}})
+    model, _, _ = build_model(cfg, 0)
+    tokenizer = prepare_tokenizer(cfg)
+    return Trained(cfg, model.eval(), build_objective(cfg, tokenizer, []), run=None)  # type: ignore[arg-type]
