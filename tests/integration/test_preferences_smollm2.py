@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 REWARD = """
 def positive_words(prompts, completions):
-    return [float(sum(w in c.lower() for w in ("great", "good", "love"))) for c in completions]
+    # Positive words, plus a little for length, so that samples of 8 tokens rarely tie.
+    return [sum(w in c.lower() for w in ("great", "good", "love")) + len(c) / 100 for c in completions]
 """
 
 
@@ -45,6 +46,7 @@ def test_dpo_on_smollm2(tmp_path: Path) -> None:
         "data.validation=0.01",
         "train.max_steps=2",
         "train.batch_size=4",
+        "train.log_every=1",
         f"output.dir={tmp_path}",
     ]
     done = run_tunesmith("train", "configs/dpo-reviews.yaml", *quick)

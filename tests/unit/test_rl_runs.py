@@ -69,6 +69,8 @@ def test_rl_moves_towards_the_reward_and_records_it(
     assert after["kl"] > before["kl"] >= 0 and after["count"] == 24  # 6 prompts x 4 samples
     train = records(result.run_dir, "train")
     assert {"reward", "kl", "completion_tokens", "invalid_rewards"} <= set(train[-1])
+    samples = records(result.run_dir, "samples")[-1]["samples"]
+    assert len(samples) == 4 and {"prompt", "output", "reward"} <= set(samples[0])
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["reward"]["spec"] == f"{rewards_module}:letters" and len(manifest["reward"]["sha256"]) == 64
 

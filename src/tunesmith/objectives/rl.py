@@ -58,6 +58,7 @@ class RlObjective:
         self.invalid_rewards = 0  # completions whose reward was not a finite number (left out)
         self.reward_record: dict[str, Any] = {}  # what the reward is (path, hash), for the manifest
         self.last: dict[str, float] = {}
+        self.last_samples: list[dict[str, Any]] = []  # a few completions of the last batch, logged at evaluations
 
     def bind(self, model: Any, autocast: Any) -> None:
         """The policy that samples, and the reference: the policy with its adapter off where it can
@@ -97,7 +98,12 @@ class RlObjective:
                 self.model, prompts, self.model.eos_ids or [self.tokenizer.eos_token_id], sampling, self.pad_id
             )
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        rewards = self._rewards([it["prompt"] for it in items for _ in range(g)], texts)
+        prompt_texts = [it["prompt"] for it in items for _ in range(g)]
+        rewards = self._rewards(prompt_texts, texts)
+        self.last_samples = [
+            {"prompt": p, "output": t, "reward": float(r)}
+            for p, t, r in list(zip(prompt_texts, texts, rewards.tolist(), strict=True))[:g]
+        ]
         valid = torch.isfinite(rewards)
         self.invalid_rewards += int((~valid).sum())
         advantages = group_advantages(torch.where(valid, rewards, 0.0), g, self.cfg.advantage)
@@ -195,9 +201,9 @@ class RlObjective:
         """Mean reward, KL and completion length of the last training batch (logged with the loss)."""
         return {**self.last, "invalid_rewards": float(self.invalid_rewards)}
 
-    @staticmethod
-    def eval_samples(model: Any, autocast: Any, max_new_tokens: int) -> list[dict[str, str]]:
-        return []
+    def eval_samples(self, model: Any, autocast: Any, max_new_tokens: int) -> list[dict[str, Any]]:
+        """The group of completions of the first prompt of the last batch, with their rewards."""
+        return self.last_samples
 
     def new_metrics(self) -> RlMetrics:
         return RlMetrics(self)
