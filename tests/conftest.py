@@ -305,3 +305,26 @@ def write_halves_npz(path: Path, n: int = 48, size: int = 16, seed: int = 0) -> 
         images[i, rows] += 150
     np.savez(path, images=images, labels=labels)
     return path
+
+
+def interrupt_and_resume(tmp_path: Path, stop_step: int, **config: object) -> tuple[dict, dict]:
+    """Train `config` whole, and again interrupted after step `stop_step` and then resumed; the final
+    trainable weights of both runs (an exact resume makes them equal)."""
+    from safetensors.torch import load_file
+
+    import tunesmith
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(step: int, record: dict) -> None:
+        if step == stop_step:
+            raise Interrupt
+
+    whole = tunesmith.train(output=str(tmp_path / "whole"), **config)
+    with pytest.raises(Interrupt):
+        tunesmith.train(output=str(tmp_path / "broken"), callbacks=[stop], **config)
+    (broken,) = (tmp_path / "broken").iterdir()
+    tunesmith.train(broken / "config.yaml", resume=broken)
+    final = "final/trainable.safetensors"
+    return load_file(str(whole.run_dir / final)), load_file(str(broken / final))

@@ -13,7 +13,14 @@ import torch
 from PIL import Image
 
 import tunesmith
-from conftest import invoke_cli, make_tiny_convnext, make_tiny_resnet, make_tiny_vit, write_halves_npz
+from conftest import (
+    interrupt_and_resume,
+    invoke_cli,
+    make_tiny_convnext,
+    make_tiny_resnet,
+    make_tiny_vit,
+    write_halves_npz,
+)
 from tunesmith.api import load_trained
 from tunesmith.errors import ConfigError, DataError
 
@@ -125,32 +132,18 @@ def test_feature_cache_runs_each_distinct_image_once(tiny_vit: Path, tmp_path: P
 
 
 def test_augmented_run_resumes_exactly(tiny_resnet: Path, halves: Path, tmp_path: Path) -> None:
-    class Interrupt(Exception):
-        pass
-
-    def stop_at(step: int, record: dict) -> None:
-        if step == 7:
-            raise Interrupt
-
-    cfg = {
-        "model": str(tiny_resnet),
-        "task": "image-classification",
-        "method": "full",
-        "data": {"train": str(halves), "validation": 0.25, "augment": {"crop_scale": [0.5, 1.0]}},
-        "train": {"epochs": 3, "batch_size": 8, "lr": 1e-2, "save_every": 3},
-    }
-    whole = tunesmith.train(output=str(tmp_path / "a"), **cfg)
-    with pytest.raises(Interrupt):
-        tunesmith.train(output=str(tmp_path / "b"), callbacks=[stop_at], **cfg)
-    (broken,) = (tmp_path / "b").iterdir()
-    tunesmith.train(broken / "config.yaml", resume=broken)
-    from safetensors.torch import load_file
-
-    expected = load_file(str(whole.run_dir / "final" / "trainable.safetensors"))
-    got = load_file(str(broken / "final" / "trainable.safetensors"))
-    assert expected.keys() == got.keys() and any("running_var" in k for k in got)
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
+    want, got = interrupt_and_resume(
+        tmp_path,
+        7,
+        model=str(tiny_resnet),
+        task="image-classification",
+        method="full",
+        data={"train": str(halves), "validation": 0.25, "augment": {"crop_scale": [0.5, 1.0]}},
+        train={"epochs": 3, "batch_size": 8, "lr": 1e-2, "save_every": 3},
+    )
+    assert want.keys() == got.keys() and any("running_var" in k for k in got)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
 
 
 def test_unreadable_images_are_skipped_under_warn_and_stop_under_fail(

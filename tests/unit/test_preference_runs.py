@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import tunesmith
-from conftest import FILLER, NEGATIVE, POSITIVE, invoke_cli, write_jsonl
+from conftest import FILLER, NEGATIVE, POSITIVE, interrupt_and_resume, invoke_cli, write_jsonl
 from tunesmith.errors import ConfigError, DataError
 
 
@@ -126,28 +125,15 @@ def test_simpo_needs_no_reference(tiny_llama: Path, pairs: Path, tmp_path: Path)
 
 
 def test_interrupted_dpo_resumes_exactly(tiny_llama: Path, pairs: Path, tmp_path: Path) -> None:
-    class Interrupt(Exception):
-        pass
-
-    def stop(step: int, record: dict) -> None:
-        if step == 5:
-            raise Interrupt
-
-    whole = run(tiny_llama, "dpo", pairs, tmp_path / "a", "lora", save_every=2)
-    with pytest.raises(Interrupt):
-        tunesmith.train(
-            model=str(tiny_llama),
-            task="dpo",
-            method="lora",
-            data={"train": str(pairs), "validation": 0.125, "max_length": 64},
-            train={"epochs": 3, "batch_size": 8, "lr": 5e-3, "log_every": 1, "precision": "fp32", "save_every": 2},
-            output=str(tmp_path / "b"),
-            callbacks=[stop],
-        )
-    (broken,) = (tmp_path / "b").iterdir()
-    tunesmith.train(broken / "config.yaml", resume=broken)
-    want = load_file(str(whole.run_dir / "final" / "trainable.safetensors"))
-    got = load_file(str(broken / "final" / "trainable.safetensors"))
+    want, got = interrupt_and_resume(
+        tmp_path,
+        5,
+        model=str(tiny_llama),
+        task="dpo",
+        method="lora",
+        data={"train": str(pairs), "validation": 0.125, "max_length": 64},
+        train={"epochs": 3, "batch_size": 8, "lr": 5e-3, "precision": "fp32", "save_every": 2},
+    )
     for name in want:
         assert torch.equal(want[name], got[name]), name
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import tunesmith
-from conftest import write_jsonl
+from conftest import interrupt_and_resume, write_jsonl
 from tunesmith.errors import ConfigError
 
 REWARDS = """
@@ -122,31 +121,17 @@ def test_unknown_reward_is_named(tiny_llama: Path, prompts: Path, tmp_path: Path
 def test_interrupted_rl_run_resumes_exactly(
     tiny_llama: Path, prompts: Path, tmp_path: Path, rewards_module: str
 ) -> None:
-    class Interrupt(Exception):
-        pass
-
-    def stop(step: int, record: dict) -> None:
-        if step == 5:
-            raise Interrupt
-
-    reward = f"{rewards_module}:letters"
-    whole = rl_run(tiny_llama, prompts, tmp_path / "a", reward, epochs=2, save_every=2, lr=2e-2)
-    with pytest.raises(Interrupt):
-        tunesmith.train(
-            model=str(tiny_llama),
-            task="rl",
-            method="lora",
-            rl={"reward": reward, "group_size": 4, "max_new_tokens": 8},
-            data={"train": str(prompts), "validation": 0.25, "max_length": 32},
-            eval={"baseline": True},
-            train={"epochs": 2, "batch_size": 3, "lr": 2e-2, "log_every": 1, "precision": "fp32", "save_every": 2},
-            output=str(tmp_path / "b"),
-            callbacks=[stop],
-        )
-    (broken,) = (tmp_path / "b").iterdir()
-    tunesmith.train(broken / "config.yaml", resume=broken)
-    want = load_file(str(whole.run_dir / "final" / "trainable.safetensors"))
-    got = load_file(str(broken / "final" / "trainable.safetensors"))
+    want, got = interrupt_and_resume(
+        tmp_path,
+        5,
+        model=str(tiny_llama),
+        task="rl",
+        method="lora",
+        rl={"reward": f"{rewards_module}:letters", "group_size": 4, "max_new_tokens": 8},
+        data={"train": str(prompts), "validation": 0.25, "max_length": 32},
+        eval={"baseline": True},
+        train={"epochs": 2, "batch_size": 3, "lr": 2e-2, "precision": "fp32", "save_every": 2},
+    )
     for name in want:
         assert torch.equal(want[name], got[name]), name
 

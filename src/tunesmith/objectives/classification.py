@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.records import Example
 from tunesmith.eval.metrics import ConfusionMetrics
+from tunesmith.training.cache import cache_text_items
 
 __all__ = ["ClassificationObjective", "Item"]
 
@@ -119,18 +120,5 @@ class ClassificationObjective:
     def new_metrics(self) -> ConfusionMetrics:
         return ConfusionMetrics(self.labels)
 
-    def cache_frozen(
-        self,
-        model: Any,
-        items: Sequence[Any],
-        k: int | None,
-        batch_size: int,
-        autocast: Any,
-        max_bytes: int,
-        spill_dir: Any,
-        name: str,
-    ) -> list[Any]:
-        """Items with the frozen part's output cached in place of token ids (see training/cache.py)."""
-        from tunesmith.training.cache import cache_frozen_text
-
-        return cache_frozen_text(model, items, self.collate, k, batch_size, autocast, max_bytes, spill_dir, name)
+    # Frozen work done once, as items with cached states in place of token ids (training/cache.py).
+    cache_frozen = cache_text_items

@@ -18,6 +18,7 @@ from tunesmith.data.sft import SftExample
 from tunesmith.data.templates import encode_examples, resolve_template
 from tunesmith.models.causal_lm import LMOutput
 from tunesmith.objectives.lm_loss import linear_cross_entropy, token_losses
+from tunesmith.training.cache import cache_text_items
 
 __all__ = ["IGNORE", "LMMetrics", "SftObjective", "pack"]
 
@@ -123,21 +124,8 @@ class SftObjective:
         trained = batch["labels"] != IGNORE  # (B, T)
         return linear_cross_entropy(output.hidden[trained], output.weight, batch["labels"][trained])
 
-    def cache_frozen(
-        self,
-        model: Any,
-        items: Sequence[Any],
-        k: int | None,
-        batch_size: int,
-        autocast: Any,
-        max_bytes: int,
-        spill_dir: Any,
-        name: str,
-    ) -> list[Any]:
-        """Items with the frozen part's output cached in place of token ids (see training/cache.py)."""
-        from tunesmith.training.cache import cache_frozen_text
-
-        return cache_frozen_text(model, items, self.collate, k, batch_size, autocast, max_bytes, spill_dir, name)
+    # Frozen work done once, as items with cached states in place of token ids (training/cache.py).
+    cache_frozen = cache_text_items
 
     def new_metrics(self) -> LMMetrics:
         return LMMetrics()

@@ -21,7 +21,7 @@ import torch
 
 from tunesmith.training.batching import eval_batches
 
-__all__ = ["allocate_store", "cache_features", "cache_frozen_text", "cache_hidden"]
+__all__ = ["allocate_store", "cache_features", "cache_frozen_text", "cache_hidden", "cache_text_items"]
 
 Collate = Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
 
@@ -156,6 +156,22 @@ def cache_frozen_text(
         return cache_features(model, items, collate, batch_size, autocast, max_bytes, spill_dir, name)
     hidden = cache_hidden(model, items, collate, batch_size, autocast, max_bytes, spill_dir, name, k)
     return list(items) if hidden is None else hidden
+
+
+def cache_text_items(
+    objective: Any,
+    model: Any,
+    items: Sequence[dict[str, Any]],
+    k: int | None,
+    batch_size: int,
+    autocast: Callable[[], Any],
+    max_bytes: int,
+    spill_dir: Path,
+    name: str,
+) -> list[dict[str, Any]]:
+    """`cache_frozen` of the text objectives (assigned as their method): `cache_frozen_text` with the
+    objective's own collate step."""
+    return cache_frozen_text(model, items, objective.collate, k, batch_size, autocast, max_bytes, spill_dir, name)
 
 
 def _no_cache(why: str) -> bool:
