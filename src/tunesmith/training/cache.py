@@ -21,7 +21,7 @@ import torch
 
 from tunesmith.training.batching import eval_batches
 
-__all__ = ["allocate_store", "cache_features", "cache_frozen_text", "cache_hidden", "cache_text_items"]
+__all__ = ["allocate_store", "cache_features", "cache_hidden", "cache_text_items"]
 
 Collate = Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
 
@@ -139,25 +139,6 @@ def _split_matches(model: Any, batch: dict[str, torch.Tensor], k: int) -> bool:
     return True
 
 
-def cache_frozen_text(
-    model: Any,
-    items: Sequence[dict[str, Any]],
-    collate: Collate,
-    k: int | None,
-    batch_size: int,
-    autocast: Callable[[], Any],
-    max_bytes: int,
-    spill_dir: Path,
-    name: str,
-) -> list[dict[str, Any]]:
-    """Pooled features when nothing before the head trains (`k` None), else the token states entering
-    block `k`; the items unchanged where the model cannot be split there."""
-    if k is None:
-        return cache_features(model, items, collate, batch_size, autocast, max_bytes, spill_dir, name)
-    hidden = cache_hidden(model, items, collate, batch_size, autocast, max_bytes, spill_dir, name, k)
-    return list(items) if hidden is None else hidden
-
-
 def cache_text_items(
     objective: Any,
     model: Any,
@@ -169,9 +150,13 @@ def cache_text_items(
     spill_dir: Path,
     name: str,
 ) -> list[dict[str, Any]]:
-    """`cache_frozen` of the text objectives (assigned as their method): `cache_frozen_text` with the
-    objective's own collate step."""
-    return cache_frozen_text(model, items, objective.collate, k, batch_size, autocast, max_bytes, spill_dir, name)
+    """`cache_frozen` of the text objectives (assigned as their method): pooled features when nothing
+    before the head trains (`k` None), else the token states entering block `k`; the items unchanged
+    where the model cannot be split there."""
+    if k is None:
+        return cache_features(model, items, objective.collate, batch_size, autocast, max_bytes, spill_dir, name)
+    hidden = cache_hidden(model, items, objective.collate, batch_size, autocast, max_bytes, spill_dir, name, k)
+    return list(items) if hidden is None else hidden
 
 
 def _no_cache(why: str) -> bool:
