@@ -6,6 +6,7 @@ an interrupted run resumes exactly."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,8 @@ def test_rl_with_lora_uses_the_base_with_the_adapter_off_as_reference(
     result = rl_run(tiny_llama, prompts, tmp_path, f"{rewards_module}:letters", epochs=2)
     assert result.metrics["baseline"]["validation"]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy = reference
     assert result.metrics["validation"]["kl"] > 0
+    evaluated = tunesmith.evaluate(result.run_dir, prompts)  # a finished run samples and scores again
+    assert evaluated["count"] == 24 * 4 and evaluated["kl"] > 0 and math.isfinite(evaluated["reward"])
 
 
 def test_rewards_that_fail_are_counted_and_never_reach_the_weights(
