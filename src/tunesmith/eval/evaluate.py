@@ -23,9 +23,7 @@ def evaluate_items(
 ) -> dict[str, Any]:
     """Metrics of `model` over labelled `items` (model left in the mode it was in)."""
     metrics = objective.new_metrics()
-    for batch in _batches(objective, items, batch_size, device):
-        with autocast():
-            logits = _forward(model, objective, batch)
+    for _, batch, logits in _outputs(model, objective, items, batch_size, autocast, device):
         metrics.update_batch(logits, batch)
     return metrics.compute()  # type: ignore[no-any-return]
 
@@ -41,11 +39,7 @@ def predict_items(
 ) -> torch.Tensor:
     """Class probabilities (N, C) in input order."""
     probs = torch.empty((len(items), len(objective.labels)))
-    lengths = [objective.length(it) for it in items]
-    for ids in eval_batches(lengths, batch_size):
-        batch = {k: v.to(device) for k, v in objective.collate([items[i] for i in ids]).items()}
-        with autocast():
-            logits = _forward(model, objective, batch)
+    for ids, _, logits in _outputs(model, objective, items, batch_size, autocast, device):
         probs[ids] = logits.float().softmax(-1).cpu()
     return probs
 
@@ -61,19 +55,19 @@ def score_items(
 ) -> list[float]:
     """A reward model's scores of items in input order (each item scores one response, held twice)."""
     scores = torch.empty(len(items))
-    lengths = [objective.length(it) for it in items]
-    for ids in eval_batches(lengths, batch_size):
-        batch = {k: v.to(device) for k, v in objective.collate([items[i] for i in ids]).items()}
-        with autocast():
-            out = _forward(model, objective, batch)
+    for ids, _, out in _outputs(model, objective, items, batch_size, autocast, device):
         scores[ids] = out[: len(ids), 0].float().cpu()
     return scores.tolist()
 
 
-def _batches(objective: Any, items: Sequence[dict[str, Any]], batch_size: int, device: torch.device):
+def _outputs(model: Any, objective: Any, items: Sequence[dict[str, Any]], batch_size: int, autocast, device):
+    """(item indices, batch on the device, model output) for length-sorted batches, in eval mode."""
     lengths = [objective.length(it) for it in items]
     for ids in eval_batches(lengths, batch_size):
-        yield {k: v.to(device) for k, v in objective.collate([items[i] for i in ids]).items()}
+        batch = {k: v.to(device) for k, v in objective.collate([items[i] for i in ids]).items()}
+        with autocast():
+            output = _forward(model, objective, batch)
+        yield ids, batch, output  # outside autocast: metrics are computed as before
 
 
 def _forward(model: Any, objective: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tunesmith.data.images import ImageExample, open_image
 from tunesmith.data.transforms import Preprocessing, eval_transform, train_transform
 from tunesmith.eval.metrics import ConfusionMetrics
+from tunesmith.objectives.classification import ClassificationObjective
 
 __all__ = ["ImageClassificationObjective"]
 
@@ -81,17 +81,10 @@ class ImageClassificationObjective:
             return train_transform(image, self.preprocessing, self.augment, random.Random(seed))
         return eval_transform(image, self.preprocessing)
 
-    @staticmethod
-    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in batch.items() if k != "labels"}
-
-    @staticmethod
-    def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), batch["labels"])
-
-    @staticmethod
-    def eval_samples(model: Any, autocast: Any, max_new_tokens: int) -> list[dict[str, str]]:
-        return []
+    # Logits over labels, as for text: the same inputs split, cross-entropy and no samples to log.
+    model_inputs = staticmethod(ClassificationObjective.model_inputs)
+    loss = staticmethod(ClassificationObjective.loss)
+    eval_samples = staticmethod(ClassificationObjective.eval_samples)
 
     def new_metrics(self) -> ConfusionMetrics:
         return ConfusionMetrics(self.labels, top_k=5)
