@@ -52,6 +52,7 @@ bench-vision: setup
 lint: setup
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache

@@ -166,7 +166,7 @@ def run_tunesmith(data: Path, rows_file: Path) -> dict[str, Any]:
 
 
 def worker(tool: str, data_dir: Path, out: Path) -> None:
-    from tunesmith.zoo import resolve_model_path
+    from tunesmith.models.load import resolve_model_path
 
     meta = json.loads((data_dir / "meta.json").read_text())
     if tool == "tunesmith":
@@ -210,7 +210,7 @@ def useful_flops(meta: dict[str, Any]) -> float:
 
 
 def prepare(rows: int) -> Path:
-    from tunesmith.zoo import resolve_model_path
+    from tunesmith.models.load import resolve_model_path
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     built = build_rows(rows)

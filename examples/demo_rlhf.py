@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 import tunesmith
-from tunesmith.api import load_trained
 from tunesmith.cli import _quiet_libraries
-from tunesmith.eval.drift import kl_to_base, sample
+from tunesmith.inference import load_trained
+from tunesmith.inference.drift import kl_to_base, sample
 from tunesmith.models.generate import Sampling
 from tunesmith.zoo import packaged_data_rows
 

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -168,10 +169,21 @@ def make_tiny_gpt2(path: Path, layers: int = 2, hidden: int = 32) -> Path:
 ROOT = Path(__file__).parents[1]
 
 
-def invoke_cli(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object
-) -> tuple[int, str, str]:
-    """Run `tunesmith ARGS` in-process as the entry point does: (exit code, stdout, stderr)."""
+class CliResult(NamedTuple):
+    """What `tunesmith ARGS` did: its exit code, stdout and stderr."""
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def text(self) -> str:
+        """stdout and stderr as one line of words (rich wraps long lines to the terminal)."""
+        return " ".join((self.out + self.err).split())
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object) -> CliResult:
+    """Run `tunesmith ARGS` in-process as the entry point does."""
     import sys
 
     from tunesmith import cli
@@ -183,7 +195,7 @@ def invoke_cli(
     except SystemExit as exc:
         code = int(exc.code or 0)
     out = capsys.readouterr()
-    return code, out.out, out.err
+    return CliResult(code, out.out, out.err)
 
 
 def run_tunesmith(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -307,24 +319,102 @@ def write_halves_npz(path: Path, n: int = 48, size: int = 16, seed: int = 0) -> 
     return path
 
 
-def interrupt_and_resume(tmp_path: Path, stop_step: int, **config: object) -> tuple[dict, dict]:
-    """Train `config` whole, and again interrupted after step `stop_step` and then resumed; the final
-    trainable weights of both runs (an exact resume makes them equal)."""
-    from safetensors.torch import load_file
+def build_run_model(cfg, num_labels: int = 0):
+    """The model, method and trained names exactly as a run builds them, through its plug-ins."""
+    from tunesmith.build import build_model
+    from tunesmith.plugins import build_method, build_task
 
-    import tunesmith
+    method = build_method(cfg.method)
+    model, names = build_model(cfg, build_task(cfg), method, num_labels)
+    return model, method, names
 
-    class Interrupt(Exception):
-        pass
 
-    def stop(step: int, record: dict) -> None:
+def run_tokenizer(cfg):
+    """The tokenizer a run of `cfg` uses (None for images)."""
+    from tunesmith.plugins import build_task
+
+    return build_task(cfg).load_tokenizer()
+
+
+def run_objective(cfg, labels: tuple[str, ...] | list[str] = ()):
+    """The objective a run of `cfg` trains, with its tokenizer and `labels`."""
+    from tunesmith.plugins import build_task
+
+    task = build_task(cfg)
+    return task.objective(task.load_tokenizer(), list(labels))
+
+
+def row_checks(task: str, data):
+    """The streamed data gate's checks of a task that checks rows one by one (classification, sft)."""
+    from tunesmith.tasks.classification import ClassificationRows
+    from tunesmith.tasks.sft.checks import SftRows
+
+    return {"classification": ClassificationRows, "sft": SftRows}[task](data)
+
+
+def check_task_rows(rows, data, task: str, tokenizer=None, reference=None, source: str = "rows"):
+    """`data.quality.check_rows` with `task`'s row checks."""
+    from tunesmith.data.quality import check_rows
+
+    return check_rows(rows, data, row_checks(task, data), tokenizer, reference, source)
+
+
+def check_task_file(path, data, task: str, tokenizer=None, references=()):
+    """`data.quality.check_file` with `task`'s row checks."""
+    from tunesmith.data.quality import check_file
+
+    return check_file(path, data, row_checks(task, data), tokenizer, references)
+
+
+def clean_task_file(path, out, data, task: str, tokenizer=None, references=()):
+    """`data.quality.clean_file` with `task`'s row checks."""
+    from tunesmith.data.quality import clean_file
+
+    return clean_file(path, out, data, row_checks(task, data), tokenizer, references)
+
+
+class Interrupt(Exception):
+    """Stands in for a kill: raised from a step callback, nothing is saved on the way out."""
+
+
+def stop_at(stop_step: int):
+    """A step callback that interrupts training after step `stop_step`."""
+
+    def callback(step: int, record: dict) -> None:
         if step == stop_step:
             raise Interrupt
 
+    return callback
+
+
+def final_weights(run_dir: Path) -> dict:
+    """A finished run's trainable weights."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "trainable.safetensors"))
+
+
+class Resumed(NamedTuple):
+    """A run trained whole, and the same run interrupted and resumed (an exact resume ends equal)."""
+
+    whole: object  # tunesmith.api.RunResult
+    resumed: object
+
+    @property
+    def weights(self) -> tuple[dict, dict]:
+        """The final trainable weights of both runs."""
+        return final_weights(self.whole.run_dir), final_weights(self.resumed.run_dir)  # type: ignore[attr-defined]
+
+
+def interrupt_and_resume(tmp_path: Path, stop_step: int, before_resume=None, **config: object) -> Resumed:
+    """Train `config` whole (under tmp_path/whole), and again (under tmp_path/broken) interrupted after
+    step `stop_step`, then resumed; `before_resume(run_dir)` sees the interrupted run first."""
+    import tunesmith
+
     whole = tunesmith.train(output=str(tmp_path / "whole"), **config)
     with pytest.raises(Interrupt):
-        tunesmith.train(output=str(tmp_path / "broken"), callbacks=[stop], **config)
+        tunesmith.train(output=str(tmp_path / "broken"), callbacks=[stop_at(stop_step)], **config)
     (broken,) = (tmp_path / "broken").iterdir()
-    tunesmith.train(broken / "config.yaml", resume=broken)
-    final = "final/trainable.safetensors"
-    return load_file(str(whole.run_dir / final)), load_file(str(broken / final))
+    if before_resume is not None:
+        before_resume(broken)
+    return Resumed(whole, tunesmith.train(broken / "config.yaml", resume=broken))

@@ -1,57 +1,60 @@
-"""The entry points: the CLI, the Python API and (later) the service all call these functions."""
+"""The entry points: the CLI, the Python API and (later) the service all call these functions.
+
+A command reads its config, finds the run's task and method plug-ins (tunesmith.plugins), builds
+one `Runtime`, and strings the generic steps together; what differs between tasks is asked of the
+task, never decided here by its name.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from tunesmith.build import build_model, build_objective, prepare_tokenizer, refuse_noop
+from tunesmith import registry
+from tunesmith.build import build_model, refuse_noop
 from tunesmith.config import RunConfig, apply_overrides, config_from_dict, read_yaml_config
 from tunesmith.config import load_config as _load_config
-from tunesmith.data.load import load_splits, read_sft_examples, read_task_examples
+from tunesmith.data.load import Splits, load_splits, without_unreadable
+from tunesmith.data.quality import QualityReport, gate
 from tunesmith.data.records import check_known_labels
 from tunesmith.errors import ConfigError
-from tunesmith.eval.answers import answer_prompts, exact_match, split_prompt
-from tunesmith.eval.evaluate import evaluate_items, predict_items, score_items
+from tunesmith.eval.evaluate import evaluate_items
 from tunesmith.eval.report import write_report
 from tunesmith.eval.retention import build_retention
+from tunesmith.inference import Trained, load_trained, prompt_inputs, read_prompts, runtime_for
+from tunesmith.inference import generate as generate_with
 from tunesmith.models.generate import Sampling
-from tunesmith.models.load import load_tokenizer
-from tunesmith.run_steps import (
-    evaluation_reference,
-    final_metrics,
-    open_or_create,
-    prediction_inputs,
-    prepare_objective,
-    quality_gate,
-    read_task_rows,
-    retention_summary,
-    skip_unreadable,
-    train_summary,
-    write_jsonl,
-    write_plan,
-)
-from tunesmith.runs import Run, config_hash, open_run, read_json, write_json, write_manifest
-from tunesmith.training.checkpoint import load_trainable, save_trainable
-from tunesmith.training.loop import StepCallback, make_autocast, resolve_precision, train_loop
+from tunesmith.plugins import Task, build_method, build_task
+from tunesmith.runs import config_hash, list_runs, open_or_create, read_json, write_json, write_jsonl, write_manifest
+from tunesmith.runtime import Runtime, make_runtime
+from tunesmith.training.checkpoint import save_trainable
+from tunesmith.training.loop import StepCallback, train_loop
+from tunesmith.training.plan import report_dropped, run_plan, train_summary
 from tunesmith.zoo import model_source_path
 
 __all__ = [
     "RunResult",
+    "RunSummary",
+    "Sampling",
+    "Trained",
     "check_data",
     "clean_data",
     "compare",
     "evaluate",
     "generate",
     "generate_file",
+    "generate_with",
     "load_config",
     "load_trained",
     "predict",
+    "preference_pairs",
+    "run_summaries",
+    "runtime_for",
     "score",
     "train",
 ]
@@ -61,16 +64,6 @@ __all__ = [
 class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
-
-
-@dataclass
-class Trained:
-    """A trained run, loaded for inference."""
-
-    config: RunConfig
-    model: nn.Module  # TextClassifier or CausalLM
-    objective: Any  # ClassificationObjective or SftObjective
-    run: Run
 
 
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
@@ -100,31 +93,37 @@ def train(
         The run directory and its final metrics (what eval.json holds).
     """
     cfg = _as_config(config, overrides, sections)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    task, method = build_task(cfg), build_method(cfg.method)
     torch.manual_seed(cfg.train.seed)
-    splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
-    tokenizer = prepare_tokenizer(cfg)
-    quality = quality_gate(cfg, tokenizer)
-    splits = skip_unreadable(splits, quality)
-    objective = build_objective(cfg, tokenizer, splits.labels)
-    model, method, names = build_model(cfg, len(splits.labels))
-    run = open_or_create(cfg, resume)
+    splits = load_splits(cfg.data, cfg.train.seed, lambda s: task.read_examples(s, cfg.data), task.labelled)
+    tokenizer = task.load_tokenizer()
+    quality = _quality_gate(cfg, task, tokenizer)
+    splits = without_unreadable(splits, quality.unreadable if quality else ())
+    objective = task.objective(tokenizer, splits.labels)
+    model, names = build_model(cfg, task, method, len(splits.labels))
+    runtime = make_runtime(cfg.train, cfg.eval, model)
+    model.to(runtime.device)
+    run = open_or_create(cfg.output.dir, cfg.output.name or f"{cfg.task}-{cfg.method.name}", cfg.to_dict(), resume)
     fingerprint = {"config_hash": config_hash(cfg.to_dict()), "data_hash": config_hash(splits.hashes, ())}
     train_items = objective.encode(splits.train, "train", pack_rows=True)
     val_items = objective.encode(splits.validation, "validation") if splits.validation else None
-    train_items, val_items = prepare_objective(cfg, objective, model, splits, train_items, val_items)
-    write_plan(run, cfg, splits, model, names, method, objective, len(train_items))
+    train_items, val_items = task.prepare(objective, model, runtime, splits, train_items, val_items)
+    _write_plan(run.dir, cfg, task, method.default_lr, splits, model, names, objective, runtime, len(train_items))
     if resume is None:
-        reward = getattr(objective, "reward_record", None)  # rl: which reward run or function
-        extra = {"reward": reward} if reward else None
-        write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name), extra)
+        extra = task.run_record(objective)
+        write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name), extra or None)
     if quality is not None:
         write_json(run.dir / "data_report.json", quality.to_dict())
-    if cfg.task == "sft" and splits.validation:
-        objective.sample_prompts = [p for p, _ in map(split_prompt, splits.validation) if p][: cfg.eval.samples]
-    baseline = final_metrics(cfg, objective, model, splits) if cfg.eval.baseline else None
-    retention = build_retention(cfg, objective, lambda source: read_task_rows(cfg, source))
+    baseline = _held_out_metrics(cfg, task, objective, model, splits, runtime) if cfg.eval.baseline else None
+    retention = build_retention(
+        cfg.eval.retention,
+        task.retention_default,
+        task.retention_metrics,
+        objective,
+        lambda source: task.read_examples(source, cfg.data),
+        cfg.train.seed,
+        cfg.eval.batch_size,
+    )
     started = time.perf_counter()
     outcome = train_loop(
         model=model,
@@ -137,6 +136,7 @@ def train(
         run=run,
         names=names,
         fingerprint=fingerprint,
+        runtime=runtime,
         resume=resume is not None,
         callbacks=callbacks or [],
         retention=retention,
@@ -148,12 +148,12 @@ def train(
         objective.tokenizer.save_pretrained(run.final / "tokenizer")
     if splits.labels:
         write_json(run.final / "labels.json", splits.labels)
-    metrics = final_metrics(cfg, objective, model, splits)
+    metrics = _held_out_metrics(cfg, task, objective, model, splits, runtime)
     if baseline is not None:
         metrics["baseline"] = baseline
     if retention is not None:
-        metrics["retention"] = retention_summary(retention, model, cfg, outcome)
-    metrics["train"] = train_summary(cfg, model, names, outcome, time.perf_counter() - started)
+        metrics["retention"] = retention.summary(model, runtime, outcome.retention)
+    metrics["train"] = train_summary(outcome, model, names, runtime.precision, time.perf_counter() - started)
     write_json(run.dir / "eval.json", metrics)
     write_report(run.dir)
     return RunResult(run.dir, metrics)
@@ -162,41 +162,32 @@ def train(
 def evaluate(
     run_dir: str | Path, data: str | Path, batch_size: int | None = None, generations: str | Path | None = None
 ) -> dict[str, Any]:
-    """Metrics of a trained run on a data file.
+    """Metrics of a trained run on a data file (what its task reports: for a classifier accuracy,
+    macro-F1 and the confusion matrix; for instruction tuning loss, perplexity and exact match).
 
-    Classification: accuracy, macro-F1, confusion matrix (labels must be known to the run).
-    sft: loss, perplexity and token accuracy on the completions, and exact match of greedy answers
-    against them; the answers are written as JSONL to `generations` (default: beside the run,
-    `generations-<data file stem>.jsonl`).
+    Labels must be known to the run. Where the task generates answers (exact match), they are
+    written as JSONL to `generations` (default: beside the run, `generations-<data file stem>.jsonl`).
     """
     trained = load_trained(run_dir)
-    cfg = trained.config
-    device = _device()
-    trained.model.to(device)
-    autocast = make_autocast(device, resolve_precision(cfg.train.precision, trained.model))
-    size = batch_size or cfg.eval.batch_size
-    if cfg.task == "sft":
-        examples = read_sft_examples(str(data), cfg.data)
-        items = trained.objective.encode(examples, "eval")
-        metrics = evaluate_items(trained.model, trained.objective, items, size, autocast, device)
-        metrics["rows"] = trained.objective.counts["eval"]
-        tok = trained.objective.tokenizer
-        template = trained.objective.resolved_template()
-        scores, records = exact_match(trained.model, tok, template, examples, cfg.eval.max_new_tokens, size, autocast)
-        metrics.update(scores)
+    cfg, task, objective = trained.config, trained.task, trained.objective
+    runtime = runtime_for(trained)
+    if batch_size is not None:
+        runtime = replace(runtime, eval_batch_size=batch_size)
+    examples = task.read_examples(str(data), cfg.data)
+    if objective.labels:
+        check_known_labels(examples, objective.labels, str(data))
+    items = task.prepare_eval(trained, objective.encode(examples, "eval"), runtime)
+    metrics = evaluate_items(trained.model, objective, items, runtime)
+    if "eval" in objective.counts:
+        metrics["rows"] = objective.counts["eval"]
+    scores, records = task.answers(trained.model, objective, examples, runtime, None)
+    metrics.update(scores)
+    if records:
+        assert trained.run is not None
         out = Path(generations) if generations else trained.run.dir / f"generations-{Path(data).stem}.jsonl"
         write_jsonl(out, records)
         metrics["generations"] = str(out)
-        return metrics
-    labelled = read_task_examples(str(data), cfg.data, cfg.task)
-    if trained.objective.labels:
-        check_known_labels(labelled, trained.objective.labels, str(data))
-    items = trained.objective.encode(labelled, "eval")
-    if cfg.task == "dpo":
-        items = evaluation_reference(trained.model, cfg, trained.objective, items, size, autocast)
-    if cfg.task == "rl":
-        trained.objective.bind(trained.model, autocast)
-    return evaluate_items(trained.model, trained.objective, items, size, autocast, device)
+    return metrics
 
 
 def generate(
@@ -205,9 +196,72 @@ def generate(
     sampling: Sampling | None = None,
     on_token: Any = None,
 ) -> list[str]:
-    """Completions of an instruction-tuned run for text prompts or chat conversations
+    """Completions of a run that generates text (sft, dpo, rl) for text prompts or chat conversations
     (`[{role, content}, ...]`), rendered exactly as training rendered its rows."""
-    return generate_with(load_trained(run_dir), prompts, sampling or Sampling(), on_token)
+    trained = load_trained(run_dir)
+    return generate_with(trained, prompts, sampling or Sampling(), runtime_for(trained), on_token)
+
+
+def generate_file(run_dir: str | Path, data: str | Path, sampling: Sampling | None = None) -> list[dict[str, Any]]:
+    """{prompt, output} for every row of a data file (completions, if present, are not used)."""
+    trained = load_trained(run_dir)
+    prompts = prompt_inputs(read_prompts(data, trained.config.data))
+    outputs = generate_with(trained, prompts, sampling or Sampling(), runtime_for(trained))
+    shown = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+    return [{"prompt": p, "output": o} for p, o in zip(shown, outputs, strict=True)]
+
+
+def predict(
+    run_dir: str | Path, texts: list[str] | None = None, data: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """Predicted label and class probabilities for each input (or each row of a data file).
+
+    For an image-classification run the inputs are image paths, and each result names its `image`.
+    """
+    if (texts is None) == (data is None):
+        raise ConfigError("predict: give either inputs or a data file, not both")
+    trained = load_trained(run_dir)
+    _require_output(trained, "label", "predict")
+    return trained.task.predict(trained, texts, None if data is None else str(data), runtime_for(trained))
+
+
+def score(run_dir: str | Path, prompts: list[str], responses: list[str]) -> list[float]:
+    """The reward model's score of each response to its prompt (a reward run)."""
+    if len(prompts) != len(responses):
+        raise ConfigError(f"score: {len(prompts)} prompts but {len(responses)} responses; give one response per prompt")
+    trained = load_trained(run_dir)
+    _require_output(trained, "score", "score")
+    return trained.task.score(trained, prompts, responses, runtime_for(trained))
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A run directory as `tunesmith runs ls` shows it."""
+
+    dir: Path
+    task: str
+    method: str
+    finished: bool
+    headline: dict[str, float]  # the task's headline metrics on test (else validation) data
+
+
+def run_summaries(parent: str | Path = "runs") -> list[RunSummary]:
+    """The runs under `parent`, each with its task, method, status and headline metrics."""
+    known = registry.tasks()
+    summaries = []
+    for run in list_runs(parent):
+        cfg = run.config() or {}
+        task_name = str(cfg.get("task", "classification"))
+        plugin = known.get(task_name)  # None for a task this installation does not have
+        method = cfg.get("method", {})
+        finished = (run.dir / "eval.json").is_file()
+        metrics = read_json(run.dir / "eval.json") if finished else {}
+        held = metrics.get("test") or metrics.get("validation") or {}
+        keys = plugin.headline if plugin is not None else ()
+        headline = {key: float(held[key]) for key in keys if isinstance(held.get(key), int | float)}
+        name = method.get("name", "?") if isinstance(method, dict) else str(method)
+        summaries.append(RunSummary(run.dir, task_name, name, finished, headline))
+    return summaries
 
 
 def check_data(
@@ -216,15 +270,11 @@ def check_data(
     task: str | None = None,
     validation: str | Path | None = None,
     max_length: int | None = None,
-) -> Any:
+) -> QualityReport:
     """The data quality report of a data file (what `tunesmith data check` prints): with `config`,
     its data settings, thresholds, task and model tokenizer; leakage against `validation`."""
-    from tunesmith.data.quality import check_task_file, quality_setup
-
-    cfg, task_name, tokenizer, references = quality_setup(
-        Path(path), task, _path(config), _path(validation), max_length
-    )
-    return check_task_file(path, cfg, task_name, tokenizer, references)
+    plugin, data, tokenizer, references = _data_setup(Path(path), task, config, validation, max_length)
+    return plugin.check_data(str(path), references, data, tokenizer)
 
 
 def clean_data(
@@ -234,20 +284,11 @@ def clean_data(
     task: str | None = None,
     validation: str | Path | None = None,
     max_length: int | None = None,
-) -> Any:
+) -> QualityReport:
     """Write the rows of `path` that pass the checks to `out`, and every dropped row with its reason to
     `<out stem>.dropped.jsonl`; returns the report (see `check_data`)."""
-    from tunesmith.data.quality import clean_file, quality_setup
-
-    cfg, task_name, tokenizer, references = quality_setup(
-        Path(path), task, _path(config), _path(validation), max_length
-    )
-    if task_name not in ("classification", "sft"):
-        raise ConfigError(
-            f"data clean is for classification and sft rows; for {task_name} data, run `tunesmith data check` "
-            "and fix the rows it lists"
-        )
-    return clean_file(path, out, cfg, task_name, tokenizer, references)  # type: ignore[arg-type]
+    plugin, data, tokenizer, references = _data_setup(Path(path), task, config, validation, max_length)
+    return plugin.clean_data(str(path), Path(out), references, data, tokenizer)
 
 
 def compare(
@@ -267,112 +308,105 @@ def compare(
     return run_compare(config, plan_variants(methods, shots, seeds), overrides, out)
 
 
-def _path(value: str | Path | None) -> Path | None:
-    return None if value is None else Path(value)
+def preference_pairs(
+    prompts: str | Path, out: str | Path, policy: str, reward: str, samples: int = 4, sampling: Sampling | None = None
+) -> Any:
+    """Sample `samples` completions per prompt from `policy` (a run or a model), rank them by `reward`
+    (a reward run or module:function) and write the best and worst as a preference pair (JSONL)."""
+    from tunesmith.pairs import build_pairs
+
+    return build_pairs(prompts, out, policy, reward, samples, sampling)
 
 
-def generate_file(run_dir: str | Path, data: str | Path, sampling: Sampling | None = None) -> list[dict[str, Any]]:
-    """{prompt, output} for every row of a data file (completions, if present, are not used)."""
-    trained = load_trained(run_dir)
-    examples = read_sft_examples(str(data), trained.config.data, require_completion=False)
-    prompts: list[Any] = [
-        e.text if e.text is not None else [{"role": m.role, "content": m.content} for m in split_prompt(e)[0]]
-        for e in examples
-    ]
-    outputs = generate_with(trained, prompts, sampling or Sampling())
-    shown = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
-    return [{"prompt": p, "output": o} for p, o in zip(shown, outputs, strict=True)]
+# --- the steps of a run ------------------------------------------------------------------------
 
 
-def generate_with(trained: Trained, prompts: list, sampling: Sampling, on_token: Any = None) -> list[str]:
-    """As `generate`, for a run already loaded (the chat loop keeps one). `on_token(row, id)` sees
-    each token as it is chosen."""
-    from tunesmith.data.sft import Message
-
-    if trained.config.task != "sft":
-        raise ConfigError(f"{trained.run.dir}: generation needs an sft run; this one is {trained.config.task}")
-    device = _device()
-    trained.model.to(device)
-    autocast = make_autocast(device, resolve_precision(trained.config.train.precision, trained.model))
-    rendered = [p if isinstance(p, str) else tuple(Message(m["role"], m["content"]) for m in p) for p in prompts]
-    objective = trained.objective
-    return answer_prompts(
-        trained.model,
-        objective.tokenizer,
-        objective.resolved_template(),
-        rendered,
-        sampling,
-        trained.config.eval.batch_size,
-        autocast,
-        on_token,
-    )
+def _quality_gate(cfg: RunConfig, task: Task, tokenizer: Any) -> QualityReport | None:
+    """The data quality report of the training data (leakage checked against validation/test files);
+    under `data.quality: fail` a breached threshold stops the run here, before any model is loaded."""
+    if cfg.data.quality == "off":
+        return None
+    held_out = [s for s in (cfg.data.validation, cfg.data.test) if isinstance(s, str)]
+    report = task.check_data(cfg.data.train, held_out, cfg.data, tokenizer)
+    gate(report, cfg.data.quality)
+    return report
 
 
-def predict(
-    run_dir: str | Path, texts: list[str] | None = None, data: str | Path | None = None
-) -> list[dict[str, Any]]:
-    """Predicted label and class probabilities for each input (or each row of a data file).
-
-    For an image-classification run the inputs are image paths, and each result names its `image`.
-    """
-    trained = load_trained(run_dir)
-    task = trained.config.task
-    if task == "sft":
-        raise ConfigError(f"{run_dir}: predict is for classification runs; use generate for {task}")
-    if (texts is None) == (data is None):
-        raise ConfigError("predict: give either inputs or a data file, not both")
-    examples = prediction_inputs(trained.config, texts, data)
-    device = _device()
-    trained.model.to(device)
-    autocast = make_autocast(device, resolve_precision(trained.config.train.precision, trained.model))
-    probs = predict_items(
-        trained.model,
-        trained.objective,
-        trained.objective.encode(examples),
-        trained.config.eval.batch_size,
-        autocast,
-        device,
-    )
-    labels = trained.objective.labels
-    shown = "image" if task == "image-classification" else "text"
-    return [
-        {
-            shown: ex.where if shown == "image" else ex.text,
-            "label": labels[int(p.argmax())],
-            "scores": {lab: float(v) for lab, v in zip(labels, p, strict=True)},
-        }
-        for ex, p in zip(examples, probs, strict=True)
-    ]
+def _write_plan(
+    run_dir: Path,
+    cfg: RunConfig,
+    task: Task,
+    default_lr: float,
+    splits: Splits,
+    model: torch.nn.Module,
+    names: list[str],
+    objective: Any,
+    runtime: Runtime,
+    n_items: int,
+) -> None:
+    """plan.json: labels, rows, steps, learning rate, precision, parameters, and what the task adds."""
+    rows = {"train": len(splits.train), "replayed": splits.replayed}
+    rows |= {"validation": len(splits.validation or []), "test": len(splits.test or [])}
+    plan = {"labels": splits.labels, "rows": rows}
+    plan |= run_plan(cfg.train, default_lr, runtime.precision, model, names, n_items)
+    if objective.counts:
+        plan["rows_encoded"] = objective.counts
+        report_dropped(objective.counts)
+    write_json(run_dir / "plan.json", plan | task.plan(objective))
 
 
-def score(run_dir: str | Path, prompts: list[str], responses: list[str]) -> list[float]:
-    """The reward model's score of each response to its prompt (a reward run)."""
-    trained = load_trained(run_dir)
-    if trained.config.task != "reward":
-        raise ConfigError(f"{run_dir}: score needs a reward run; this one is {trained.config.task}")
-    if len(prompts) != len(responses):
-        raise ConfigError(f"score: {len(prompts)} prompts but {len(responses)} responses; give one response per prompt")
-    device = _device()
-    trained.model.to(device)
-    autocast = make_autocast(device, resolve_precision(trained.config.train.precision, trained.model))
-    items = trained.objective.encode_responses(prompts, responses)
-    return score_items(trained.model, trained.objective, items, trained.config.eval.batch_size, autocast, device)
+def _held_out_metrics(
+    cfg: RunConfig, task: Task, objective: Any, model: torch.nn.Module, splits: Splits, runtime: Runtime
+) -> dict[str, Any]:
+    """Metrics on the validation and test splits, with what the task generates (exact match)."""
+    metrics: dict[str, Any] = {}
+    for name, examples in (("validation", splits.validation), ("test", splits.test)):
+        if examples:
+            metrics[name] = evaluate_items(model, objective, objective.encode(examples, name), runtime)
+            scores, _ = task.answers(model, objective, examples, runtime, cfg.eval.exact_match_rows)
+            metrics[name].update(scores)
+    return metrics
 
 
-def load_trained(run_dir: str | Path) -> Trained:
-    """Rebuild a run's model from its config and load its trained weights (strictly)."""
-    run = open_run(run_dir)
-    cfg = config_from_dict(run.config(), origin=str(run.dir / "config.yaml"))
-    weights = run.final / "trainable.safetensors"
-    if not weights.is_file():
-        raise ConfigError(f"{run.dir}: the run has no final weights (interrupted? resume it with --resume)")
-    labels = read_json(run.final / "labels.json") if cfg.task in ("classification", "image-classification") else []
-    model, method, names = build_model(cfg, len(labels))
-    load_trainable(model, names, weights)
-    refuse_noop(method, model)
-    model.eval()
-    tokenizer = prepare_tokenizer(cfg, _load_run_tokenizer(run, cfg))
-    return Trained(cfg, model, build_objective(cfg, tokenizer, labels), run)
+def _data_setup(
+    file: Path, requested: str | None, config: str | Path | None, validation: str | Path | None, max_length: int | None
+) -> tuple[Task, Any, Any, list[str]]:
+    """The task (`requested`, else the config's, else classification), data config, tokenizer (None
+    without a config) and leakage references for checking `file`: from a run config when given (its
+    data settings, task and model tokenizer), else defaults."""
+    known = list(registry.tasks())
+    if requested is not None and requested not in known:
+        raise ConfigError(f"--task {requested!r}: use {', '.join(known[:-1])} or {known[-1]}")
+    if config is None:  # the task's defaults; no model, so lengths are counted in words
+        cfg = load_config({"model": "(none)", "task": requested or "classification", "data": {"train": str(file)}})
+        plugin, tokenizer = build_task(cfg), None
+        references = [str(validation)] if validation is not None else []
+    else:
+        cfg = load_config(config)
+        if requested is not None and requested != cfg.task:
+            raise ConfigError(
+                f"--task {requested} but {config} has task: {cfg.task}; leave out --task or fix the config"
+            )
+        plugin = build_task(cfg)
+        tokenizer = plugin.load_tokenizer()
+        configured = [s for s in (cfg.data.validation, cfg.data.test) if isinstance(s, str)]
+        for source in configured:
+            if not Path(source).exists():
+                print(f"warning: {source} (from {config}) is not a file; no leakage check against it", file=sys.stderr)
+        references = [str(validation)] if validation is not None else [s for s in configured if Path(s).exists()]
+    data = cfg.data if max_length is None else cfg.data.model_copy(update={"max_length": max_length})
+    return plugin, data, tokenizer, references
+
+
+def _require_output(trained: Trained, output: str, verb: str) -> None:
+    """Refuse a command the run's task does not answer (predict needs labels, score needs scores)."""
+    given = trained.task.output
+    if given != output:
+        instead = {"label": "predict", "score": "score", "text": "generate or chat"}[given]
+        raise ConfigError(
+            f"{trained.where}: {verb} is for runs that give a {output}; this {trained.config.task} run gives "
+            f"a {given}: use tunesmith {instead}"
+        )
 
 
 def _as_config(config: RunConfig | dict | str | Path | None, overrides: list[str] | None, sections: dict) -> RunConfig:
@@ -389,16 +423,3 @@ def _as_config(config: RunConfig | dict | str | Path | None, overrides: list[str
         data, origin = read_yaml_config(config), str(config)
     data.update(sections)
     return config_from_dict(apply_overrides(data, overrides or []), origin=origin)
-
-
-def _load_run_tokenizer(run: Run, cfg: RunConfig):
-    from transformers import AutoTokenizer
-
-    if cfg.task == "image-classification":
-        return None
-    saved = run.final / "tokenizer"
-    return AutoTokenizer.from_pretrained(saved) if saved.is_dir() else load_tokenizer(cfg.model)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -141,7 +141,7 @@ def generate(
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
         return
     trained = api.load_trained(run_dir)
-    _stream(trained, [prompt], sampling)
+    _stream(trained, [prompt], sampling, api.runtime_for(trained))
 
 
 @app.command()
@@ -158,6 +158,7 @@ def chat(
     from tunesmith.models.generate import Sampling
 
     trained = api.load_trained(run_dir)
+    runtime = api.runtime_for(trained)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     err_console.print("chat: /reset starts over, /exit (or Ctrl-D) ends")
@@ -176,12 +177,12 @@ def chat(
             continue
         history.append({"role": "user", "content": line})
         sys.stdout.write("model> ")
-        reply = _stream(trained, [history], Sampling(max_new_tokens, temperature, top_p, seed + turn))
+        reply = _stream(trained, [history], Sampling(max_new_tokens, temperature, top_p, seed + turn), runtime)
         history.append({"role": "assistant", "content": reply})
         turn += 1
 
 
-def _stream(trained: Any, prompts: list, sampling: Any) -> str:
+def _stream(trained: Any, prompts: list, sampling: Any, runtime: Any) -> str:
     """Generate for one prompt, printing the text as tokens arrive; returns the whole answer."""
     from tunesmith import api
 
@@ -198,7 +199,7 @@ def _stream(trained: Any, prompts: list, sampling: Any) -> str:
             sys.stdout.flush()
             shown = text
 
-    answer = api.generate_with(trained, prompts, sampling, on_token)[0]
+    answer = api.generate_with(trained, prompts, sampling, runtime, on_token)[0]
     sys.stdout.write(answer[len(shown) :] + "\n")
     sys.stdout.flush()
     return answer
@@ -217,23 +218,14 @@ def methods() -> None:
 
 @runs_app.command("ls")
 def runs_ls(parent: Annotated[Path, typer.Argument(help="Runs directory.")] = Path("runs")) -> None:
-    """List runs with their method and held-out metrics."""
-    from tunesmith.runs import list_runs, read_json
+    """List runs with their task, method and the task's headline held-out metrics."""
+    from tunesmith import api
 
     table = Table("run", "task", "method", "status", "held-out metrics", box=None)
-    for run in list_runs(parent):
-        cfg = run.config()
-        method = cfg.get("method", {}).get("name", "?")
-        done = (run.dir / "eval.json").is_file()
-        metrics = read_json(run.dir / "eval.json") if done else {}
-        held = metrics.get("test") or metrics.get("validation") or {}
-        shown = [f"{key} {held[key]:.4f}" for key in _HEADLINE_METRICS if isinstance(held.get(key), float)]
-        status = "done" if done else "unfinished"
-        table.add_row(str(run.dir), cfg.get("task", "?"), method, status, ", ".join(shown) or "-")
+    for run in api.run_summaries(parent):
+        shown = ", ".join(f"{key} {value:.4f}" for key, value in run.headline.items()) or "-"
+        table.add_row(str(run.dir), run.task, run.method, "done" if run.finished else "unfinished", shown)
     console.print(table)
-
-
-_HEADLINE_METRICS = ("accuracy", "macro_f1", "exact_match", "loss")
 
 
 @runs_app.command("report")
@@ -304,12 +296,12 @@ def _print_result(run_dir: Path, metrics: dict[str, Any]) -> None:
 
 
 def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    """Every number the task reports (per-class tables and matrices are in eval.json and report.html)."""
     table = Table(title=title, box=None)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("accuracy", "macro_f1", "loss", "perplexity", "token_accuracy", "exact_match", "count"):
-        if key in metrics:
-            value = metrics[key]
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
 

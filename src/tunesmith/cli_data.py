@@ -1,13 +1,13 @@
 """The `tunesmith data` commands: `check` a data file against `data.thresholds`, `clean` it.
 
-Parsing and printing only; the work happens in tunesmith.data.quality.
+Parsing and printing only; the work happens in tunesmith.api (and the tasks' checks).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,7 +21,7 @@ err_console = Console(stderr=True)
 
 TaskOption = Annotated[
     str | None,
-    typer.Option(help="classification, image-classification or sft (default: the config's task, else classification)."),
+    typer.Option(help="The task whose checks apply (default: the config's task, else classification)."),
 ]
 ConfigOption = Annotated[
     Path | None,
@@ -48,7 +48,7 @@ def data_check(
 ) -> None:
     """Check a data file (duplicates, leakage, lengths, ...) against data.thresholds; exit 1 when a check fails."""
     from tunesmith.api import check_data
-    from tunesmith.data.quality_render import report_html, report_table
+    from tunesmith.data.quality.render import report_html
     from tunesmith.runs import atomic_write_text
 
     report = check_data(file, config, task, validation, max_length)
@@ -58,7 +58,7 @@ def data_check(
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        console.print(report_table(report))
+        _print_report(report)
     if not report.passed:
         raise typer.Exit(1)
 
@@ -75,14 +75,24 @@ def data_clean(
 ) -> None:
     """Write the rows worth keeping to OUTPUT, and each dropped row with its reason to <OUTPUT stem>.dropped.jsonl."""
     from tunesmith.api import clean_data
-    from tunesmith.data.quality_render import report_table, summary_line
+    from tunesmith.data.quality.render import summary_line
 
     report = clean_data(file, output, config, task, validation, max_length)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        console.print(report_table(report))
+        _print_report(report)
     err_console.print(Text(summary_line(report)))
+
+
+def _print_report(report: Any) -> None:
+    """The verdict, the table of checks, then what each found, one row per line and never cut."""
+    from tunesmith.data.quality.render import report_details, report_table, summary_line
+
+    console.print(Text(summary_line(report)), soft_wrap=True)
+    console.print(report_table(report))
+    for line in report_details(report):
+        console.print(Text(line), soft_wrap=True)  # Text: the data's own brackets are not rich markup
 
 
 @data_app.command("pairs")
@@ -97,10 +107,10 @@ def data_pairs(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
     """Sample completions per prompt, rank them by a reward, write the best and worst as a preference pair."""
-    from tunesmith.models.generate import Sampling
-    from tunesmith.pairs import build_pairs
+    from tunesmith import api
 
-    summary = build_pairs(prompts, output, policy, reward, samples, Sampling(max_new_tokens, temperature, 1.0, seed))
+    sampling = api.Sampling(max_new_tokens, temperature, 1.0, seed)
+    summary = api.preference_pairs(prompts, output, policy, reward, samples, sampling)
     err_console.print(
         f"{summary.pairs} pairs from {summary.prompts} prompts written to {summary.output} "
         f"({summary.ties} prompts gave no pair: their samples scored the same)"

@@ -21,20 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith import registry
 from tunesmith.config import load_config
 from tunesmith.errors import ConfigError
 from tunesmith.runs import atomic_write_text
 
-__all__ = ["Variant", "compare", "plan_variants"]
+__all__ = ["Variant", "compare", "headline", "plan_variants"]
 
-HEADLINE = {
-    "classification": ("accuracy", "macro_f1"),
-    "image-classification": ("accuracy", "top5_accuracy"),
-    "sft": ("exact_match", "loss"),
-    "reward": ("accuracy", "margin"),
-    "dpo": ("accuracy", "margin"),
-    "rl": ("reward", "kl"),
-}
+
+def headline(task: str) -> tuple[str, ...]:
+    """The metrics a task puts first (its columns in the tables)."""
+    return registry.task_class(task).headline  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -118,7 +115,7 @@ def summarize(outcomes: list[Outcome], task: str) -> list[dict[str, Any]]:
             rows.append(row)
             continue
         held = [m.metrics.get("test") or m.metrics.get("validation") or {} for m in ok]
-        for key in HEADLINE[task]:
+        for key in headline(task):
             values = [float(h[key]) for h in held if key in h]
             if values:
                 row[key] = statistics.mean(values)
@@ -136,7 +133,7 @@ def summarize(outcomes: list[Outcome], task: str) -> list[dict[str, Any]]:
 
 
 def to_markdown(rows: list[dict[str, Any]], task: str, title: str) -> str:
-    keys = HEADLINE[task]
+    keys = headline(task)
     header = ["variant", *keys, "trainable params", "wall time", "peak memory", "forgetting"]
     lines = [f"# compare: {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:

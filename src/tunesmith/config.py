@@ -2,56 +2,87 @@
 
 Loaded from YAML, overridden by `key.sub=value` strings or Python keyword arguments, validated
 once. Unknown keys are errors with a did-you-mean hint; every error is reported at once with its
-path. Defaults live only here.
+path. Defaults live only here and in the plug-ins' own sections: the `method` section is the
+registered methods' configs told apart by `name`, and each task may add a section of its own
+(`dpo:`, `rl:`); `run_config_type` assembles them from the registries.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
+import typing
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from tunesmith import registry
 from tunesmith.errors import ConfigError
 
 __all__ = [
-    "AdapterConfig",
     "AugmentConfig",
     "DataConfig",
-    "DpoConfig",
     "EarlyStoppingConfig",
     "EvalConfig",
-    "FeatureExtractionConfig",
-    "FullConfig",
-    "IA3Config",
-    "LoraConfig",
-    "MethodConfig",
+    "MethodSection",
     "ModelConfig",
     "OutputConfig",
-    "PartialConfig",
-    "PrefixTuningConfig",
-    "PromptTuningConfig",
-    "RlConfig",
+    "QualityThresholds",
+    "ReplayConfig",
+    "RetentionConfig",
     "RunConfig",
-    "TaskName",
+    "Section",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
     "load_config",
     "read_yaml_config",
+    "run_config_type",
 ]
 
 
-TaskName = Literal["classification", "image-classification", "sft", "reward", "dpo", "rl"]
+class Section(BaseModel):
+    """A config section: frozen, and an unknown key is an error.
 
+    YAML reads a bare `off`, `no` or `false` as a boolean: where a field's documented choices spell
+    one of those words (`data.quality: off`), the boolean is taken as that word.
+    """
 
-class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_words(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        fixed = dict(values)
+        for key, value in values.items():
+            field = cls.model_fields.get(key)
+            if isinstance(value, bool) and field is not None:
+                word = _spelled(field.annotation, value)
+                if word is not None:
+                    fixed[key] = word
+        return fixed
 
-class ModelConfig(_Section):
+
+def _spelled(annotation: Any, value: bool) -> str | None:
+    """The choice of a Literal field that YAML turns into `value` (off/no/false or on/yes/true)."""
+    if typing.get_origin(annotation) is not Literal:
+        return None
+    words = ("on", "yes", "true") if value else ("off", "no", "false")
+    return next((w for w in typing.get_args(annotation) if isinstance(w, str) and w.lower() in words), None)
+
+
+class MethodSection(Section):
+    """The base of every method's config section (each lives beside its method, tunesmith/methods/)."""
+
+    name: str
+
+
+class ModelConfig(Section):
     """The pre-trained model to start from."""
 
     name: str = Field(
@@ -73,125 +104,7 @@ class ModelConfig(_Section):
     )
 
 
-# --- methods: one config per method, told apart by `name` ------------------------------------
-
-
-class FullConfig(_Section):
-    """Train every weight."""
-
-    name: Literal["full"] = "full"
-    layer_lr_decay: float = Field(
-        1.0, gt=0.0, le=1.0, description="Multiply the LR by this for each block below the top (1 = off)."
-    )
-
-
-class FeatureExtractionConfig(_Section):
-    """Train only the new head on frozen (cached) backbone features."""
-
-    name: Literal["feature-extraction"] = "feature-extraction"
-
-
-class PartialConfig(_Section):
-    """Freeze the embeddings and the bottom blocks (or train only parameters matching a regex)."""
-
-    name: Literal["partial"] = "partial"
-    freeze_layers: int | None = Field(
-        None, ge=0, description="Freeze embeddings + the bottom K blocks (default: all but the top 2)."
-    )
-    trainable_regex: str | None = Field(
-        None, description="Train only parameters whose name matches this regex (plus the head)."
-    )
-    unfreeze_every: int | None = Field(
-        None, gt=0, description="Gradual unfreezing: unfreeze one more block (top down) every N epochs."
-    )
-    layer_lr_decay: float = Field(1.0, gt=0.0, le=1.0, description="Discriminative LR per block.")
-
-    @model_validator(mode="after")
-    def _one_selector(self) -> PartialConfig:
-        if self.trainable_regex is not None:
-            if self.freeze_layers is not None:
-                raise ValueError("set freeze_layers or trainable_regex, not both")
-            if self.unfreeze_every is not None or self.layer_lr_decay < 1:
-                raise ValueError(
-                    "unfreeze_every and layer_lr_decay work on blocks; they cannot combine with trainable_regex"
-                )
-        return self
-
-
-class LoraConfig(_Section):
-    """Low-rank updates beside chosen linear layers (Hu et al. 2021), through peft."""
-
-    name: Literal["lora"] = "lora"
-    r: int = Field(8, gt=0, description="Rank of the update.")
-    alpha: int = Field(16, gt=0, description="Scale: the update is multiplied by alpha / r.")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[str] | None = Field(
-        None, description="Module names to adapt (default: every linear layer inside the blocks)."
-    )
-    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
-
-
-class AdapterConfig(_Section):
-    """Bottleneck adapters after attention and feed-forward outputs (Houlsby et al. 2019)."""
-
-    name: Literal["adapter"] = "adapter"
-    bottleneck: int = Field(64, gt=0, description="Width of the down-projection.")
-    activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="Nonlinearity in the bottleneck.")
-    target_modules: list[str] | None = Field(
-        None, description="Output projections to wrap (default: attention and FFN outputs)."
-    )
-
-
-class PromptTuningConfig(_Section):
-    """Learned soft-prompt vectors prepended to the input (Lester et al. 2021), through peft."""
-
-    name: Literal["prompt-tuning"] = "prompt-tuning"
-    num_virtual_tokens: int = Field(20, gt=0, description="Length of the soft prompt.")
-    init_text: str | None = Field(None, description="Initialise the prompt from this text's embeddings.")
-
-
-class PrefixTuningConfig(_Section):
-    """Learned per-layer key/value prefixes (Li & Liang 2021), through peft."""
-
-    name: Literal["prefix-tuning"] = "prefix-tuning"
-    num_virtual_tokens: int = Field(20, gt=0, description="Length of the prefix at every layer.")
-    projection: bool = Field(False, description="Reparameterise prefixes through an MLP while training.")
-
-
-class IA3Config(_Section):
-    """Learned scaling vectors on keys, values and FFN activations (Liu et al. 2022), through peft."""
-
-    name: Literal["ia3"] = "ia3"
-    target_modules: list[str] | None = Field(None, description="Modules to scale (default: keys, values, FFN out).")
-    feedforward_modules: list[str] | None = Field(None, description="Which targets scale their input (FFN).")
-
-
-MethodConfig = Annotated[
-    FullConfig
-    | FeatureExtractionConfig
-    | PartialConfig
-    | LoraConfig
-    | AdapterConfig
-    | PromptTuningConfig
-    | PrefixTuningConfig
-    | IA3Config,
-    Field(discriminator="name"),
-]
-
-METHOD_NAMES = (
-    "full",
-    "feature-extraction",
-    "partial",
-    "lora",
-    "adapter",
-    "prompt-tuning",
-    "prefix-tuning",
-    "ia3",
-)
-
-
-class QualityThresholds(_Section):
+class QualityThresholds(Section):
     """Limits of the data quality gate (data/quality.py); a breach fails or warns per `data.quality`.
     Counts are rows; shares are fractions of the rows checked."""
 
@@ -213,14 +126,14 @@ class QualityThresholds(_Section):
     max_role_order: int = Field(0, ge=0, description="sft: conversations with roles out of order.")
 
 
-class ReplayConfig(_Section):
+class ReplayConfig(Section):
     """Mix rows of a retention set into training, against forgetting (experience replay)."""
 
     path: str = Field(description="Rows in the task's format (sft: also plain {text}), or a packaged data name.")
     fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of each epoch's training rows drawn from it.")
 
 
-class AugmentConfig(_Section):
+class AugmentConfig(Section):
     """Train-time image augmentation, drawn from the run's seed (evaluation never augments)."""
 
     crop_scale: tuple[float, float] = Field(
@@ -238,7 +151,7 @@ class AugmentConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the records come from and which fields hold what."""
 
     train: str = Field(description="Training file (JSONL, JSON, CSV, Parquet) or packaged data name.")
@@ -291,7 +204,7 @@ class DataConfig(_Section):
         return v
 
 
-class EarlyStoppingConfig(_Section):
+class EarlyStoppingConfig(Section):
     metric: str | None = Field(
         None, description="Validation metric to watch (default: eval.metric; accuracy, macro_f1, loss, perplexity)."
     )
@@ -299,7 +212,7 @@ class EarlyStoppingConfig(_Section):
     min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Optimisation and the loop's schedule."""
 
     epochs: float = Field(3, gt=0, description="Passes over the training data.")
@@ -330,7 +243,7 @@ class TrainConfig(_Section):
     )
 
 
-class RetentionConfig(_Section):
+class RetentionConfig(Section):
     """Measure what the base model knew, before training and at every evaluation (forgetting)."""
 
     data: str | None = Field(
@@ -345,7 +258,7 @@ class RetentionConfig(_Section):
     max_rows: int = Field(256, gt=0, description="Rows (or text chunks) of the retention set used.")
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     batch_size: int = Field(64, gt=0, description="Rows per evaluation batch.")
     baseline: bool = Field(False, description="Also evaluate before training (new head untrained).")
     metric: str | None = Field(
@@ -359,61 +272,25 @@ class EvalConfig(_Section):
     retention: RetentionConfig | None = Field(None, description="Measure forgetting of what the base model knew.")
 
 
-class DpoConfig(_Section):
-    """Direct preference optimisation (task: dpo) against the frozen base model as the reference."""
-
-    beta: float = Field(0.1, gt=0.0, description="KL strength: how far the policy may move from the reference.")
-    loss_type: Literal["sigmoid", "ipo", "simpo"] = Field(
-        "sigmoid", description="sigmoid (DPO), ipo, or simpo (reference-free, length-normalised)."
-    )
-    label_smoothing: float = Field(
-        0.0, ge=0.0, lt=0.5, description="Assumed share of flipped preference labels (cDPO; sigmoid and simpo)."
-    )
-    gamma: float = Field(0.5, ge=0.0, description="simpo: target reward margin.")
-
-
-class RlConfig(_Section):
-    """Reinforcement learning from a reward (task: rl): sample a group of completions per prompt, score
-    them, and move towards the better ones of each group, held near the base model by a KL penalty."""
-
-    reward: str | None = Field(
-        None,
-        description="A finished reward run directory, or module:function taking (prompts, completions), "
-        "returning one score per completion.",
-    )
-    group_size: int = Field(
-        4, ge=2, description="Completions sampled per prompt; advantages are relative to the group."
-    )
-    max_new_tokens: int = Field(32, gt=0, description="Longest completion sampled.")
-    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the completions.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass of the completions.")
-    kl_coef: float = Field(0.05, ge=0.0, description="Weight of the per-token KL penalty to the base model.")
-    advantage: Literal["grpo", "rloo"] = Field(
-        "grpo", description="grpo: (r - group mean) / group std; rloo: r - mean of the other completions."
-    )
-
-
-class OutputConfig(_Section):
+class OutputConfig(Section):
     dir: str = Field("runs", description="Parent directory of run directories.")
     name: str | None = Field(None, description="Run name (default: <task>-<method>).")
 
 
-class RunConfig(_Section):
-    """A whole run. `model`, `method` and `output` accept a plain string as shorthand."""
+class RunConfig(Section):
+    """A whole run. `model`, `method` and `output` accept a plain string as shorthand.
+
+    This class holds the core sections; `run_config_type()` is the class every config is validated
+    with: it adds the registered methods (`method` is one of their configs, by `name`), the registered
+    task names and each task's own section.
+    """
 
     model: ModelConfig
-    task: TaskName = Field(
-        "classification",
-        description="classification (text -> label), image-classification (image -> label), sft "
-        "(instruction tuning a causal LM), reward (a scalar score learned from preference pairs), dpo "
-        "(a causal LM tuned on preference pairs) or rl (a causal LM tuned online from a reward).",
-    )
-    method: MethodConfig = Field(default_factory=lambda: LoraConfig())
+    task: str = Field("classification", description="What the model learns to do (a registered task).")
+    method: MethodSection = Field(description="How the model changes (a registered method), e.g. {name: lora, r: 8}.")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    dpo: DpoConfig = Field(default_factory=DpoConfig)
-    rl: RlConfig = Field(default_factory=RlConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")
@@ -427,9 +304,49 @@ class RunConfig(_Section):
                 values[key] = {field: values[key]}
         return values
 
+    def section(self, name: str) -> Any:
+        """A task's own section (e.g. `dpo`), as its config class."""
+        return getattr(self, _attribute(name))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for YAML (the resolved config saved with each run)."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
+
+
+DEFAULT_METHOD = "lora"
+
+
+def run_config_type() -> type[RunConfig]:
+    """The RunConfig class for the registered plug-ins: `method` a union of their configs told apart
+    by `name`, `task` one of their names, plus one field per task section."""
+    methods, tasks = registry.methods(), registry.tasks()
+    return _assemble(
+        tuple((name, cls.config) for name, cls in methods.items()),
+        tuple((name, cls.section, cls.summary) for name, cls in tasks.items()),
+    )
+
+
+def _attribute(name: str) -> str:
+    return name.replace("-", "_")
+
+
+@cache
+def _assemble(
+    methods: tuple[tuple[str, type[MethodSection]], ...], tasks: tuple[tuple[str, type[Section] | None, str], ...]
+) -> type[RunConfig]:
+    configs = tuple(config for _, config in methods)
+    union = Annotated[Union[configs], Field(discriminator="name")]  # type: ignore[valid-type]  # noqa: UP007
+    task_names = Literal[tuple(name for name, _, _ in tasks)]  # type: ignore[valid-type]
+    described = "; ".join(f"{name} ({summary})" for name, _, summary in tasks)
+    fields: dict[str, Any] = {
+        "task": (task_names, Field("classification", description=f"What the model learns: {described}.")),
+        "method": (union, Field(default_factory=dict(methods)[DEFAULT_METHOD], description="How the model changes.")),
+    }
+    for name, section, _ in tasks:
+        if section is not None:  # `<task name>:` in the YAML (an attribute of the same name, - as _)
+            described = f"task {name}: {section.__doc__}"
+            fields[_attribute(name)] = (section, Field(default_factory=section, alias=name, description=described))
+    return create_model("RunConfig", __base__=RunConfig, __module__=__name__, **fields)  # type: ignore[call-overload,no-any-return]
 
 
 # --- loading, overriding, error reporting ----------------------------------------------------
@@ -463,8 +380,9 @@ def read_yaml_config(source: str | Path) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "config") -> RunConfig:
+    """Validate a config mapping (every problem reported at once, each with its path)."""
     try:
-        return RunConfig.model_validate(data)
+        return run_config_type().model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, origin)) from None
 
@@ -510,52 +428,53 @@ def _deep_copy(data: Any) -> Any:
 
 
 def _format_errors(exc: ValidationError, origin: str) -> str:
+    methods = registry.methods()
     lines = [f"{origin}: {exc.error_count()} problem(s):"]
     for err in exc.errors():
         raw = [str(p) for p in err["loc"]]
-        loc = [p for p in raw if not _is_union_tag(p)]
+        loc = [p for p in raw if p not in methods]  # leave out the union's tag (the method's name)
         path = ".".join(loc) or "(top level)"
-        lines.append(f"  {path}: {_explain(err, raw)}")
+        lines.append(f"  {path}: {_explain(err, raw, methods)}")
     return "\n".join(lines)
 
 
-def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and part in METHOD_NAMES
-
-
-def _explain(err: Any, raw_loc: list[str]) -> str:
+def _explain(err: Any, raw_loc: list[str], methods: dict[str, Any]) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
-        known = _known_fields(raw_loc[:-1])
-        loc = raw_loc
-        hint = difflib.get_close_matches(loc[-1], known, n=1)
-        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
-        return f"unknown key{suggestion} (known: {', '.join(sorted(known))})"
+        known = _known_fields(raw_loc[:-1], methods)
+        return f"unknown key{_did_you_mean(raw_loc[-1], known)} (known: {', '.join(sorted(known))})"
     if kind == "union_tag_invalid":
         bad = str(err.get("input", {}).get("name", "?")) if isinstance(err.get("input"), dict) else "?"
-        hint = difflib.get_close_matches(bad, METHOD_NAMES, n=1)
-        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
-        return f"unknown method '{bad}'{suggestion} (choose from {', '.join(METHOD_NAMES)})"
+        return f"unknown method '{bad}'{_did_you_mean(bad, list(methods))} (choose from {', '.join(methods)})"
     if kind == "missing":
         return "required, but not given"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return msg.replace("Input should be", "must be")
     if kind == "literal_error":
-        return f"{msg.replace('Input should be', 'must be')} (got {err.get('input')!r})"
+        given = err.get("input")
+        choices = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        hint = _did_you_mean(given, choices) if isinstance(given, str) else ""
+        return f"{msg.replace('Input should be', 'must be')} (got {given!r}){hint}"
     return msg.removeprefix("Value error, ")
 
 
-def _known_fields(raw_loc: list[str]) -> list[str]:
+def _did_you_mean(given: str, known: list[str]) -> str:
+    hint = difflib.get_close_matches(given, known, n=1)
+    return f"; did you mean '{hint[0]}'?" if hint else ""
+
+
+def _known_fields(raw_loc: list[str], methods: dict[str, Any]) -> list[str]:
     """The field names valid at `raw_loc` (which includes the method's tag), from the schema."""
-    model: Any = RunConfig
+    model: Any = run_config_type()
     for part in raw_loc:
-        if _is_union_tag(part):
-            model = _METHOD_BY_NAME[part]
+        if part in methods:
+            model = methods[part].config
             continue
         fields = getattr(model, "model_fields", {})
-        if part not in fields:
+        field = fields.get(part) or fields.get(_attribute(part))  # a task section's key may hold a -
+        if field is None:
             return []
-        model = _first_model(fields[part].annotation)
+        model = _first_model(field.annotation)
     return list(getattr(model, "model_fields", {}))
 
 
@@ -564,15 +483,3 @@ def _first_model(annotation: Any) -> Any:
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
     return annotation
-
-
-_METHOD_BY_NAME: dict[str, type[BaseModel]] = {
-    "full": FullConfig,
-    "feature-extraction": FeatureExtractionConfig,
-    "partial": PartialConfig,
-    "lora": LoraConfig,
-    "adapter": AdapterConfig,
-    "prompt-tuning": PromptTuningConfig,
-    "prefix-tuning": PrefixTuningConfig,
-    "ia3": IA3Config,
-}

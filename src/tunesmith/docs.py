@@ -12,10 +12,11 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from tunesmith import config as c
+from tunesmith import registry
 
-__all__ = ["config_reference"]
+__all__ = ["config_reference", "sections"]
 
-SECTIONS: list[tuple[str, type[BaseModel]]] = [
+CORE: list[tuple[str, type[BaseModel]]] = [
     ("model", c.ModelConfig),
     ("data", c.DataConfig),
     ("data.thresholds", c.QualityThresholds),
@@ -25,17 +26,21 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("train.early_stopping", c.EarlyStoppingConfig),
     ("eval", c.EvalConfig),
     ("eval.retention", c.RetentionConfig),
-    ("dpo", c.DpoConfig),
-    ("rl", c.RlConfig),
     ("output", c.OutputConfig),
-    *((f"method (name: {name})", cls) for name, cls in c._METHOD_BY_NAME.items()),
 ]
+
+
+def sections() -> list[tuple[str, type[BaseModel]]]:
+    """Every config section: the core ones, each task's own section, each method's options."""
+    tasks = [(name, cls.section) for name, cls in registry.tasks().items() if cls.section]
+    methods = [(f"method (name: {name})", cls.config) for name, cls in registry.methods().items()]
+    return [*CORE, *tasks, *methods]
 
 
 def config_reference() -> str:
     """Markdown: one table per config section, with each key's type, default and meaning."""
     parts = []
-    for title, model in SECTIONS:
+    for title, model in sections():
         rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             if name == "name" and title.startswith("method"):

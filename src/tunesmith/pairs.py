@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ConfigError
+from tunesmith.inference import Trained, load_base, load_trained, read_prompts, runtime_for
+from tunesmith.inference.drift import sample
 from tunesmith.models.generate import Sampling
+from tunesmith.runs import atomic_writer
+from tunesmith.tasks.rl.rewards import load_reward
 
 __all__ = ["PairsSummary", "build_pairs"]
 
@@ -40,16 +44,11 @@ def build_pairs(
         reward: a reward run directory, or module:function.
         samples: completions per prompt (at least 2).
     """
-    from tunesmith.data.load import read_sft_examples
-    from tunesmith.eval.drift import sample
-    from tunesmith.objectives.rewards import load_reward
-    from tunesmith.runs import atomic_writer
-
     if samples < 2:
         raise ConfigError(f"--samples {samples}: a pair needs at least 2 samples per prompt")
-    score, record = load_reward(reward)
     trained = _policy(policy, str(prompts))
-    rows = read_sft_examples(str(prompts), trained.config.data, require_completion=False)
+    score, record = load_reward(reward, runtime_for(trained))
+    rows = read_prompts(prompts, trained.config.data)
     texts = [e.messages[-1].content if e.messages else (e.text or "") for e in rows]
     sampling = sampling or Sampling(max_new_tokens=64, temperature=1.0, top_p=1.0)
     _, _, completions = sample(trained, [t for t in texts for _ in range(samples)], sampling)
@@ -76,16 +75,8 @@ def build_pairs(
     return PairsSummary(str(out), len(texts), pairs, ties, record)
 
 
-def _policy(policy: str, prompts: str) -> Any:
-    """A loaded run, or a base model wrapped as one (sampled as it is)."""
-    from tunesmith.api import Trained, load_trained
-
+def _policy(policy: str, prompts: str) -> Trained:
+    """A loaded run, or a base model loaded as instruction tuning would load it (sampled as it is)."""
     if (Path(policy) / "config.yaml").is_file():
         return load_trained(policy)
-    from tunesmith.build import build_model, build_objective, prepare_tokenizer
-    from tunesmith.config import load_config
-
-    cfg = load_config({"model": policy, "task": "sft", "method": "full", "data": {"train": prompts}})
-    model, _, _ = build_model(cfg, 0)
-    tokenizer = prepare_tokenizer(cfg)
-    return Trained(cfg, model.eval(), build_objective(cfg, tokenizer, []), run=None)  # type: ignore[arg-type]
+    return load_base(policy, "sft", prompts)

@@ -33,9 +33,13 @@ __all__ = [
     "create_run",
     "file_sha256",
     "list_runs",
+    "open_or_create",
     "open_run",
+    "peak_rss_mb",
     "read_json",
     "write_json",
+    "write_jsonl",
+    "write_manifest",
 ]
 
 PACKAGES = ("tunesmith", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy")
@@ -71,16 +75,32 @@ class Run:
 
 
 def create_run(parent: str | Path, name: str, config: dict[str, Any]) -> Run:
-    """A new `parent/<name>-<timestamp>` directory holding the resolved config."""
+    """A new `parent/<name>-<timestamp>` directory holding the resolved config.
+
+    Raises:
+        ConfigError: `parent` (output.dir) is a file, or a directory cannot be made there.
+    """
+    parent = Path(parent)
+    blocking = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"output.dir={parent}: {blocking} is a file, not a directory; give a directory for runs")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(parent) / f"{name}-{stamp}"
+    base = parent / f"{name}-{stamp}"
     path, n = base, 1
     while path.exists():
         n += 1
         path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError(f"output.dir={parent}: cannot make the run directory {path} ({exc.strerror})") from None
     atomic_write_text(path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     return Run(path)
+
+
+def open_or_create(parent: str | Path, name: str, config: dict[str, Any], resume: str | Path | None) -> Run:
+    """The interrupted run `resume` to continue, or a new run directory (see `create_run`)."""
+    return open_run(resume) if resume is not None else create_run(parent, name, config)
 
 
 def open_run(path: str | Path) -> Run:
@@ -148,6 +168,18 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """One JSON object a line, written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=_jsonable) + "\n" for r in records))
+
+
+def peak_rss_mb() -> float:
+    """The peak resident memory of this process so far, in MB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def config_hash(config: dict[str, Any], ignore: Iterable[str] = ("output",)) -> str:

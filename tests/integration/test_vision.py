@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import run_tunesmith
 from tunesmith.data.transforms import eval_transform
-from tunesmith.training.loop import resolve_precision
+from tunesmith.runtime import resolve_precision
 from tunesmith.zoo import packaged_data_rows
 
 pytestmark = pytest.mark.slow

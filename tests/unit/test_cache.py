@@ -15,12 +15,13 @@ from torch import nn
 
 import tunesmith
 from conftest import VOCAB, sentiment_rows
-from tunesmith.config import ModelConfig, PartialConfig
+from tunesmith.config import ModelConfig
 from tunesmith.data.records import Example
-from tunesmith.methods import build_method
+from tunesmith.methods.freeze import PartialConfig
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.models.load import build_classifier, load_tokenizer
-from tunesmith.objectives.classification import ClassificationObjective
+from tunesmith.plugins import build_method
+from tunesmith.tasks.classification import ClassificationObjective
 from tunesmith.training import cache as cache_module
 from tunesmith.training.cache import cache_hidden
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunesmith.build import build_model, build_objective, prepare_tokenizer
+from conftest import build_run_model, run_objective, run_tokenizer
 from tunesmith.config import config_from_dict
 from tunesmith.models.causal_lm import CausalLM
 from tunesmith.models.generate import Sampling, generate_ids
-from tunesmith.objectives.sft import SftObjective, pack
+from tunesmith.tasks.sft.objective import SftObjective, pack
 
 GENERATING_METHODS = ["full", "lora", "adapter", "ia3", "prompt-tuning", "prefix-tuning", "partial"]
 
@@ -40,7 +40,7 @@ def _perturb(model: torch.nn.Module, names: list[str]) -> None:
 
 def _build(tiny_llama: Path, method: str, tmp_path: Path, attention: str = "auto") -> CausalLM:
     torch.manual_seed(0)
-    model, _, names = build_model(_config(tiny_llama, method, tmp_path, attention), 0)
+    model, _, names = build_run_model(_config(tiny_llama, method, tmp_path, attention), 0)
     _perturb(model, names)
     model.eval()
     assert isinstance(model, CausalLM)
@@ -98,7 +98,7 @@ def _row(ids: list[int], first_trained: int) -> dict:
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_packed_rows_give_the_same_per_row_loss_as_alone(tiny_llama: Path, tmp_path: Path, attention: str) -> None:
     model = _build(tiny_llama, "lora", tmp_path, attention)
-    objective = SftObjective(prepare_tokenizer(_config(tiny_llama, "lora", tmp_path)), max_length=32, packing=True)
+    objective = SftObjective(run_tokenizer(_config(tiny_llama, "lora", tmp_path)), max_length=32, packing=True)
     rows = [_row([5, 6, 7, 8, 9, 10, 11], 3), _row([20, 21, 22, 23, 2], 2), _row([30, 31, 32, 33, 34, 35, 2], 4)]
 
     def loss_of(items: list[dict]) -> torch.Tensor:
@@ -125,7 +125,7 @@ def test_pack_fills_bins_first_fit_and_keeps_every_token() -> None:
 
 
 def test_labels_shift_and_mask_padding_by_attention_not_id(tiny_llama: Path, tmp_path: Path) -> None:
-    tok = prepare_tokenizer(_config(tiny_llama, "lora", tmp_path))
+    tok = run_tokenizer(_config(tiny_llama, "lora", tmp_path))
     objective = SftObjective(tok, max_length=16)
     eos = tok.eos_token_id
     assert tok.pad_token_id == eos  # the conftest tokenizer pads with its EOS, as SmolLM2 does
@@ -138,7 +138,7 @@ def test_labels_shift_and_mask_padding_by_attention_not_id(tiny_llama: Path, tmp
 
 def test_output_layer_frozen_except_for_full(tiny_llama: Path, tmp_path: Path) -> None:
     for method, trains_output in (("lora", False), ("partial", False), ("full", True)):
-        model, _, names = build_model(_config(tiny_llama, method, tmp_path), 0)
+        model, _, names = build_run_model(_config(tiny_llama, method, tmp_path), 0)
         assert isinstance(model, CausalLM)
         assert model.lm_head.weight.requires_grad is trains_output, method
         assert any(n.startswith("backbone.") for n in names)
@@ -148,25 +148,26 @@ def test_sft_refuses_methods_that_do_not_fit(tiny_llama: Path, tmp_path: Path) -
     from tunesmith.errors import ConfigError
 
     with pytest.raises(ConfigError, match="trains only a new head"):
-        build_model(_config(tiny_llama, "feature-extraction", tmp_path), 0)
+        build_run_model(_config(tiny_llama, "feature-extraction", tmp_path), 0)
     with pytest.raises(ConfigError, match="packing"):
-        build_model(_config(tiny_llama, "prompt-tuning", tmp_path, packing=True), 0)
+        build_run_model(_config(tiny_llama, "prompt-tuning", tmp_path, packing=True), 0)
 
 
 def test_objective_for_sft_task(tiny_llama: Path, tmp_path: Path) -> None:
     cfg = _config(tiny_llama, "lora", tmp_path, template="plain", train_on_prompt=True)
-    objective = build_objective(cfg, prepare_tokenizer(cfg), [])
+    objective = run_objective(cfg)
     assert isinstance(objective, SftObjective)
     assert objective.resolved_template() == "plain" and objective.train_on_prompt
 
 
 def test_frozen_matmuls_go_to_bf16_once_and_nothing_else_does(tiny_llama: Path, tmp_path: Path) -> None:
-    from tunesmith.training.loop import frozen_matmuls_to_bf16, make_autocast
+    from tunesmith.runtime import Runtime
+    from tunesmith.training.loop import frozen_matmuls_to_bf16
 
-    model, _, names = build_model(_config(tiny_llama, "lora", tmp_path), 0)
+    model, _, names = build_run_model(_config(tiny_llama, "lora", tmp_path), 0)
     assert isinstance(model, CausalLM)
     x = torch.tensor([[5, 6, 7, 8]])
-    autocast = make_autocast(torch.device("cpu"), "bf16")
+    autocast = Runtime(torch.device("cpu"), "bf16", 8).autocast
     with torch.no_grad(), autocast():
         before = model(input_ids=x, attention_mask=torch.ones_like(x)).hidden
     cast = frozen_matmuls_to_bf16(model, set(names))

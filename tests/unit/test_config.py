@@ -105,3 +105,29 @@ def test_partial_regex_cannot_combine_with_block_options() -> None:
         method = {"name": "partial", "trainable_regex": "layer", **extra}
         with pytest.raises(ConfigError, match="cannot combine with trainable_regex"):
             load_config({"model": "m", "method": method, "data": {"train": "x"}})
+
+
+def test_yaml_off_and_no_are_read_as_the_documented_words(tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare `off` as false; where `off` is a documented value, false means it."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndata:\n  train: x.jsonl\n  quality: off\n")
+    assert load_config(path).data.quality == "off"
+    assert load_config({"model": "m", "data": {"train": "x", "quality": False}}).data.quality == "off"
+    with pytest.raises(ConfigError, match="data.quality: must be 'fail', 'warn' or 'off' .got True."):
+        load_config({"model": "m", "data": {"train": "x", "quality": True}})  # no documented word means true
+
+
+def test_unknown_task_gets_a_hint() -> None:
+    with pytest.raises(ConfigError, match="task: must be .* \\(got 'sfft'\\); did you mean 'sft'\\?"):
+        load_config({"model": "m", "task": "sfft", "data": {"train": "x"}})
+
+
+def test_task_sections_come_from_the_tasks() -> None:
+    from tunesmith.tasks.dpo import DpoConfig
+    from tunesmith.tasks.rl import RlConfig
+
+    cfg = load_config({"model": "m", "task": "dpo", "dpo": {"beta": 0.2}, "data": {"train": "x"}})
+    assert isinstance(cfg.section("dpo"), DpoConfig) and cfg.section("dpo").beta == 0.2
+    assert isinstance(cfg.section("rl"), RlConfig)  # every registered task's section, at its defaults
+    with pytest.raises(ConfigError, match="dpo.betta: unknown key; did you mean 'beta'"):
+        load_config({"model": "m", "task": "dpo", "dpo": {"betta": 0.2}, "data": {"train": "x"}})

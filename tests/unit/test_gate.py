@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 
 import tunesmith
+from conftest import write_jsonl
 from tunesmith.errors import DataError
 
 
 def _with_conflict(base_config: dict, tmp_path: Path) -> dict:
     rows = [json.loads(line) for line in Path(base_config["data"]["train"]).read_text().splitlines()]
     rows += [{"text": "an odd unique film", "label": "positive"}, {"text": "an odd unique film", "label": "negative"}]
-    path = tmp_path / "conflict.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base_config["data"]["train"] = str(path)
+    base_config["data"]["train"] = str(write_jsonl(tmp_path / "conflict.jsonl", rows))
     base_config["train"]["max_steps"] = 1
     return base_config
 

@@ -12,7 +12,8 @@ import torch
 from tunesmith.errors import ConfigError
 from tunesmith.models import gguf as gguf_module
 from tunesmith.models.gguf import COMPLETE_MARKER, cache_root, convert_gguf
-from tunesmith.zoo import PACKAGED_MODELS, carrier_path, model_source_path, resolve_model_path
+from tunesmith.models.load import resolve_model_path
+from tunesmith.zoo import PACKAGED_MODELS, carrier_path, model_source_path
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["h e", "l l", "Ġ t"]

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from tunesmith.config import AugmentConfig, DataConfig, ModelConfig
-from tunesmith.data.image_quality import check_images
 from tunesmith.data.images import ImageExample, content_key, open_image
 from tunesmith.data.load import load_splits, read_image_examples
 from tunesmith.data.transforms import (
@@ -25,6 +24,7 @@ from tunesmith.data.transforms import (
 )
 from tunesmith.errors import DataError
 from tunesmith.models.image import image_preprocessing
+from tunesmith.tasks.image_classification import check_images
 
 PRE = Preprocessing(size=8, resize=10, mean=(127.0,) * 3, std=(128.0,) * 3)
 
@@ -137,9 +137,8 @@ def test_content_key_sees_pixels_not_names(tmp_path: Path) -> None:
 def test_copies_of_an_image_stay_on_one_side_of_the_split(tmp_path: Path) -> None:
     images = np.stack([digit(i % 10) for i in range(40)])  # every image 4 times
     np.savez(tmp_path / "d.npz", images=images, labels=np.array([i % 10 % 2 for i in range(40)]))
-    splits = load_splits(
-        DataConfig(train=str(tmp_path / "d.npz"), validation=0.25), seed=0, task="image-classification"
-    )
+    cfg = DataConfig(train=str(tmp_path / "d.npz"), validation=0.25)
+    splits = load_splits(cfg, seed=0, read=lambda source: read_image_examples(source, cfg), labelled=True)
     train_keys = {content_key(e.image) for e in splits.train}
     assert splits.validation and not any(content_key(e.image) in train_keys for e in splits.validation)
 
@@ -205,7 +204,7 @@ def test_image_gate_finds_unreadable_duplicates_conflicts_and_leakage(tmp_path: 
     (root / "dog" / "cat-copy.png").write_bytes((root / "cat" / "1.png").read_bytes())  # conflicting label
     held = [ImageExample(str(root / "cat" / "2.png"), "cat", "val:1"), ImageExample(digit(99), "dog", "val:2")]
     cfg = DataConfig(train=str(root))
-    report = check_images(read_image_examples(str(root), cfg), held, cfg)
+    report = check_images(read_image_examples(str(root), cfg), held, cfg, str(root))
     counts = {f.name: f.count for f in report.findings}
     assert counts["unreadable"] == 1 and report.unreadable == (str(root / "cat" / "broken.png"),)
     assert "cannot read the image" in report.finding("unreadable").examples[0]

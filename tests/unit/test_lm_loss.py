@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunesmith.objectives.lm_loss import linear_cross_entropy, token_losses
+from tunesmith.losses.lm import linear_cross_entropy, token_losses
 
 
 def _reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

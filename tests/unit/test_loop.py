@@ -7,26 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import tunesmith
+from conftest import Interrupt, final_weights, interrupt_and_resume, stop_at
 from tunesmith.errors import ConfigError
-
-
-class Interrupt(Exception):
-    """Stands in for a kill: raised from a step callback, nothing is saved on the way out."""
-
-
-def _interrupt_at(step_to_stop: int):
-    def callback(step: int, record: dict) -> None:
-        if step == step_to_stop:
-            raise Interrupt
-
-    return callback
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "trainable.safetensors"))
 
 
 def _only_run(parent: Path) -> Path:
@@ -37,23 +21,17 @@ def _only_run(parent: Path) -> Path:
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_resumed_run_ends_with_the_same_weights(base_config: dict, tmp_path: Path, method: str) -> None:
     cfg = {**base_config, "method": method, "train": {**base_config["train"], "save_every": 3, "epochs": 3}}
-    whole = tunesmith.train(output=str(tmp_path / "a"), **{k: v for k, v in cfg.items() if k != "output"})
 
-    with pytest.raises(Interrupt):
-        tunesmith.train(
-            output=str(tmp_path / "b"),
-            callbacks=[_interrupt_at(11)],
-            **{k: v for k, v in cfg.items() if k != "output"},
-        )
-    broken = _only_run(tmp_path / "b")
-    assert not (broken / "final").exists()
-    assert sorted(p.name for p in (broken / "checkpoints").glob("step-*")) == ["step-0000006", "step-0000009"]
+    def interrupted(broken: Path) -> None:
+        assert not (broken / "final").exists()
+        assert sorted(p.name for p in (broken / "checkpoints").glob("step-*")) == ["step-0000006", "step-0000009"]
+        (broken / "checkpoints" / ".tmp-half-written").mkdir()  # as a kill during a save leaves it
 
-    (broken / "checkpoints" / ".tmp-half-written").mkdir()  # as a kill during a save leaves it
-    resumed = tunesmith.train(broken / "config.yaml", resume=broken)
-    assert resumed.run_dir == broken
+    whole, resumed = interrupt_and_resume(tmp_path, 11, interrupted, **{k: v for k, v in cfg.items() if k != "output"})
+    broken = resumed.run_dir
+    assert broken.parent == tmp_path / "broken"
     assert not (broken / "checkpoints" / ".tmp-half-written").exists()
-    expected, got = _weights(whole.run_dir), _weights(broken)
+    expected, got = final_weights(whole.run_dir), final_weights(broken)
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
@@ -63,7 +41,7 @@ def test_resumed_run_ends_with_the_same_weights(base_config: dict, tmp_path: Pat
 def test_resume_refuses_a_changed_config(base_config: dict, tmp_path: Path) -> None:
     cfg = {**base_config, "train": {**base_config["train"], "save_every": 2}}
     with pytest.raises(Interrupt):
-        tunesmith.train(callbacks=[_interrupt_at(5)], **cfg)
+        tunesmith.train(callbacks=[stop_at(5)], **cfg)
     broken = _only_run(Path(cfg["output"]))
     with pytest.raises(ConfigError, match="config differs"):
         tunesmith.train(broken / "config.yaml", resume=broken, overrides=["train.lr=0.001"])
@@ -72,7 +50,7 @@ def test_resume_refuses_a_changed_config(base_config: dict, tmp_path: Path) -> N
 def test_resume_refuses_changed_data(base_config: dict, tmp_path: Path, sentiment_file: Path) -> None:
     cfg = {**base_config, "train": {**base_config["train"], "save_every": 2}}
     with pytest.raises(Interrupt):
-        tunesmith.train(callbacks=[_interrupt_at(5)], **cfg)
+        tunesmith.train(callbacks=[stop_at(5)], **cfg)
     broken = _only_run(Path(cfg["output"]))
     with sentiment_file.open("a") as fh:
         fh.write(json.dumps({"text": "a new good row", "label": "positive"}) + "\n")
@@ -82,7 +60,7 @@ def test_resume_refuses_changed_data(base_config: dict, tmp_path: Path, sentimen
 
 def test_resume_without_checkpoint_is_refused(base_config: dict, tmp_path: Path) -> None:
     with pytest.raises(Interrupt):
-        tunesmith.train(callbacks=[_interrupt_at(1)], **base_config)
+        tunesmith.train(callbacks=[stop_at(1)], **base_config)
     broken = _only_run(Path(base_config["output"]))
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         tunesmith.train(broken / "config.yaml", resume=broken)
@@ -135,7 +113,7 @@ def test_bf16_autocast_trains(base_config: dict) -> None:
     cfg = {**base_config, "method": "full", "train": {**base_config["train"], "precision": "bf16"}}
     result = tunesmith.train(**cfg)
     assert result.metrics["train"]["precision"] == "bf16"
-    weights = _weights(result.run_dir)
+    weights = final_weights(result.run_dir)
     assert all(t.dtype == torch.float32 for t in weights.values())  # fp32 master weights
     assert result.metrics["validation"]["loss"] < 0.69
 

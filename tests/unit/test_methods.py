@@ -18,22 +18,19 @@ from pydantic import BaseModel
 
 import tunesmith
 from conftest import VOCAB, sentiment_rows
-from tunesmith.config import (
-    METHOD_NAMES,
-    AdapterConfig,
-    FeatureExtractionConfig,
-    FullConfig,
-    IA3Config,
-    LoraConfig,
-    ModelConfig,
-    PartialConfig,
-    PrefixTuningConfig,
-    PromptTuningConfig,
-)
+from tunesmith import registry
+from tunesmith.config import ModelConfig
 from tunesmith.errors import ConfigError
-from tunesmith.methods import Method, build_method, method_descriptions
+from tunesmith.methods import method_descriptions
+from tunesmith.methods.adapter import AdapterConfig
+from tunesmith.methods.freeze import FeatureExtractionConfig, PartialConfig
+from tunesmith.methods.full import FullConfig
+from tunesmith.methods.ia3 import IA3Config
+from tunesmith.methods.lora import LoraConfig
+from tunesmith.methods.prompt import PrefixTuningConfig, PromptTuningConfig
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.models.load import build_classifier, load_tokenizer
+from tunesmith.plugins import Method, build_method
 from tunesmith.training.checkpoint import load_trainable, save_trainable
 
 # One config per method, small enough to keep the arithmetic below readable.
@@ -106,7 +103,7 @@ EXPECTED_COUNTS |= {
 
 
 def _build(tiny_bert: Path, cfg: BaseModel, seed: int = 0) -> tuple[TextClassifier, Method]:
-    """The model and method exactly as `tunesmith.api._build` makes them."""
+    """The model and method as a run makes them (`tunesmith.build.build_model`, minus the task's checks)."""
     torch.manual_seed(seed)  # adapter weights that are not zero-initialised draw from the global RNG
     model = build_classifier(ModelConfig(name=str(tiny_bert)), LABELS, seed=0)
     method = build_method(cfg)
@@ -163,7 +160,7 @@ def batch(tiny_bert: Path) -> dict[str, torch.Tensor]:
 
 
 def test_matrix_covers_every_registered_method() -> None:
-    assert set(CONFIGS) == set(METHOD_NAMES) == set(method_descriptions())
+    assert set(CONFIGS) == set(registry.methods()) == set(method_descriptions())
     assert all(CONFIGS[name].name == name for name in CONFIGS)  # type: ignore[attr-defined]
     assert set(EXPECTED_COUNTS) == set(CASES)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import tunesmith
+from conftest import interrupt_and_resume, write_jsonl
 from tunesmith.data.mix import few_shot, replay_rows
 from tunesmith.data.records import Example
 from tunesmith.errors import ConfigError, DataError
@@ -36,13 +37,8 @@ def test_replay_rows_make_up_the_fraction() -> None:
     assert replay_rows(replay, 90, 0.25, seed=0) == added
 
 
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def test_few_shot_and_replay_in_a_classification_run(base_config: dict, tmp_path: Path) -> None:
-    replay = _jsonl(tmp_path / "replay.jsonl", [{"text": "great film", "label": "positive"}] * 3)
+    replay = write_jsonl(tmp_path / "replay.jsonl", [{"text": "great film", "label": "positive"}] * 3)
     base_config["data"].update(few_shot=5, replay={"path": str(replay), "fraction": 0.5})
     result = tunesmith.train(**base_config)
     plan = json.loads((result.run_dir / "plan.json").read_text())
@@ -62,12 +58,12 @@ def sft_run(tiny_llama: Path, tmp_path: Path) -> dict:
         "model": str(tiny_llama),
         "task": "sft",
         "method": "full",
-        "data": {"train": str(_jsonl(tmp_path / "qa.jsonl", rows)), "validation": 0.25, "max_length": 64},
+        "data": {"train": str(write_jsonl(tmp_path / "qa.jsonl", rows)), "validation": 0.25, "max_length": 64},
         "train": {"epochs": 3, "batch_size": 8, "lr": 2e-2, "precision": "fp32", "save_every": 2},
         "eval": {
             "samples": 0,
             "exact_match_rows": 2,
-            "retention": {"data": str(_jsonl(tmp_path / "keep.jsonl", retention)), "max_rows": 8},
+            "retention": {"data": str(write_jsonl(tmp_path / "keep.jsonl", retention)), "max_rows": 8},
         },
         "output": str(tmp_path / "runs"),
     }
@@ -108,17 +104,6 @@ def test_classification_retention_needs_data(base_config: dict) -> None:
 
 
 def test_a_resumed_run_keeps_the_base_models_retention_baseline(sft_run: dict, tmp_path: Path) -> None:
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_3(step: int, record: dict) -> None:
-        if step == 3:
-            raise Interrupt
-
-    whole = tunesmith.train(**{**sft_run, "output": str(tmp_path / "a")})
-    with pytest.raises(Interrupt):
-        tunesmith.train(**{**sft_run, "output": str(tmp_path / "b")}, callbacks=[stop_at_3])
-    (broken,) = (tmp_path / "b").iterdir()
-    resumed = tunesmith.train(broken / "config.yaml", resume=broken)
+    whole, resumed = interrupt_and_resume(tmp_path, 3, **{k: v for k, v in sft_run.items() if k != "output"})
     assert resumed.metrics["retention"]["baseline"] == whole.metrics["retention"]["baseline"]
     assert resumed.metrics["retention"]["value"] == pytest.approx(whole.metrics["retention"]["value"], rel=1e-6)

@@ -14,8 +14,8 @@ from conftest import write_jsonl
 from tunesmith.data.preferences import as_sft, to_preference_examples
 from tunesmith.data.readers import Row, read_rows
 from tunesmith.errors import DataError
-from tunesmith.objectives.lm_loss import token_logprobs
-from tunesmith.objectives.preference_losses import dpo_loss, group_advantages, kl_k3, reward_loss, sequence_sums
+from tunesmith.losses.lm import token_logprobs
+from tunesmith.losses.preference import dpo_loss, group_advantages, kl_k3, reward_loss, sequence_sums
 
 
 def test_reward_loss_by_hand() -> None:

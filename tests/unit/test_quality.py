@@ -13,12 +13,22 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import FILLER, NEGATIVE, POSITIVE, invoke_cli, make_tiny_byte_tokenizer, write_jsonl
+from conftest import (
+    FILLER,
+    NEGATIVE,
+    POSITIVE,
+    check_task_file,
+    check_task_rows,
+    clean_task_file,
+    make_tiny_byte_tokenizer,
+    run_cli,
+    write_jsonl,
+)
 from tunesmith.config import DataConfig, QualityThresholds
-from tunesmith.data.keyindex import KeyIndex
-from tunesmith.data.minhash import estimate_jaccard, signatures
-from tunesmith.data.quality import check_file, check_rows, clean_file, dropped_path, gate, stream_rows
-from tunesmith.data.quality_render import report_html
+from tunesmith.data.quality import dropped_path, gate, stream_rows
+from tunesmith.data.quality.keyindex import KeyIndex
+from tunesmith.data.quality.minhash import estimate_jaccard, signatures
+from tunesmith.data.quality.render import report_html
 from tunesmith.data.readers import Row, UnreadableRow, iter_rows, read_rows
 from tunesmith.errors import DataError
 
@@ -75,7 +85,9 @@ def config(train: Path, **overrides: Any) -> DataConfig:
 
 
 def test_every_injected_problem_is_counted(injected: dict[str, Any]) -> None:
-    report = check_file(injected["train"], config(injected["train"]), "classification", None, [injected["validation"]])
+    report = check_task_file(
+        injected["train"], config(injected["train"]), "classification", None, [injected["validation"]]
+    )
     counts = {f.name: f.count for f in report.findings}
     assert counts == {
         "schema_errors": K,
@@ -105,17 +117,17 @@ def test_label_balance_counts_labelled_rows_and_fails_below_the_minimum(tmp_path
     rows = clean_rows(40)
     rows = [row for i, row in enumerate(rows) if row["label"] == "positive" or i < 8]  # 20 positive, 4 negative
     path = write_jsonl(tmp_path / "t.jsonl", rows)
-    report = check_file(path, config(path, thresholds={"min_class_share": 0.2}), "classification")
+    report = check_task_file(path, config(path, thresholds={"min_class_share": 0.2}), "classification")
     balance = report.finding("label_balance")
     assert (balance.count, balance.total, balance.stats["rarest"]) == (4, 24, "negative")
     assert balance.stats["labels"] == {"positive": 20, "negative": 4}
     assert not balance.passed
-    assert check_file(path, config(path, thresholds={"min_class_share": 0.1}), "classification").passed
+    assert check_task_file(path, config(path, thresholds={"min_class_share": 0.1}), "classification").passed
 
 
 def test_clean_drops_each_problem_with_its_reason_and_keeps_the_rest(injected: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out" / "clean.jsonl"
-    report = clean_file(
+    report = clean_task_file(
         injected["train"], out, config(injected["train"]), "classification", None, [injected["validation"]]
     )
     dropped = [json.loads(line) for line in dropped_path(out).read_text().splitlines()]
@@ -148,7 +160,7 @@ def test_clean_drops_each_problem_with_its_reason_and_keeps_the_rest(injected: d
     assert by_reason["leakage"]["detail"] == f"equal to {injected['validation']}:1"
     assert by_reason["empty"]["row"] == {"text": " \t ", "label": "positive"}
     # The cleaned file passes the checks that clean can fix.
-    again = check_file(out, config(out), "classification", None, [injected["validation"]])
+    again = check_task_file(out, config(out), "classification", None, [injected["validation"]])
     assert again.passed and again.finding("duplicates").count == 0
 
 
@@ -156,7 +168,7 @@ def test_clean_keeps_the_files_own_field_names(tmp_path: Path) -> None:
     rows = [{"review": row["text"], "stars": row["label"]} for row in clean_rows(6)]
     path = write_jsonl(tmp_path / "t.jsonl", [*rows, rows[0], {"review": "", "stars": "positive"}])
     cfg = DataConfig(train=str(path), column_map={"review": "text", "stars": "label"})
-    clean_file(path, tmp_path / "c.jsonl", cfg, "classification")
+    clean_task_file(path, tmp_path / "c.jsonl", cfg, "classification")
     assert [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()] == rows
     dropped = [json.loads(line) for line in dropped_path(tmp_path / "c.jsonl").read_text().splitlines()]
     assert [(d["reason"], d["detail"]) for d in dropped] == [
@@ -168,9 +180,9 @@ def test_clean_keeps_the_files_own_field_names(tmp_path: Path) -> None:
 def test_clean_refuses_an_output_that_is_not_jsonl_or_is_the_input(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "t.jsonl", clean_rows(4))
     with pytest.raises(DataError, match=r"name the output file \.jsonl"):
-        clean_file(path, tmp_path / "c.csv", DataConfig(train=str(path)), "classification")
+        clean_task_file(path, tmp_path / "c.csv", DataConfig(train=str(path)), "classification")
     with pytest.raises(DataError, match="would overwrite the input"):
-        clean_file(path, path, DataConfig(train=str(path)), "classification")
+        clean_task_file(path, path, DataConfig(train=str(path)), "classification")
 
 
 def test_exact_duplicates_ignore_case_and_whitespace_and_near_ones_word_order(tmp_path: Path) -> None:
@@ -178,7 +190,7 @@ def test_exact_duplicates_ignore_case_and_whitespace_and_near_ones_word_order(tm
     text = base[0]["text"]
     variants = [f"  {text.upper()} ", text.replace(" ", "\n  "), " ".join(reversed(text.split()))]
     rows = [Row(r, f"f:{i}") for i, r in enumerate([*base, *({"text": v, "label": "positive"} for v in variants)])]
-    report = check_rows(rows, DataConfig(train="f"), "classification")  # the default threshold, 0.8
+    report = check_task_rows(rows, DataConfig(train="f"), "classification")  # the default threshold, 0.8
     assert report.finding("duplicates").count == 2
     near = report.finding("near_duplicates")
     assert near.count == 1 and near.examples == ("f:22 (Jaccard ~1.00 with f:0)",)
@@ -189,7 +201,7 @@ def test_duplicates_are_found_across_batches_and_in_very_long_rows() -> None:
     rows += [rows[0], {**rows[1], "text": one_word_changed(rows[1]["text"])}]
     long = " ".join(f"w{i}" for i in range(100_000))  # 600k characters: its minima span several chunks
     rows += [{"text": long, "label": "positive"}, {"text": f"{long} extra", "label": "positive"}]
-    report = check_rows([Row(r, f"f:{i}") for i, r in enumerate(rows)], config(Path("f")), "classification")
+    report = check_task_rows([Row(r, f"f:{i}") for i, r in enumerate(rows)], config(Path("f")), "classification")
     assert report.finding("duplicates").examples == ("f:5000 (same text as f:0)",)
     near = report.finding("near_duplicates").examples
     assert [example.split(" (")[0] for example in near] == ["f:5001", "f:5003"]
@@ -199,7 +211,7 @@ def test_duplicates_are_found_across_batches_and_in_very_long_rows() -> None:
 @pytest.mark.parametrize("overlong", ["truncate", "drop", "error"])
 def test_overlong_rows_are_counted_as_data_overlong_treats_them(overlong: str) -> None:
     rows = [Row({"text": " ".join(["word"] * n), "label": "a"}, f"f:{n}") for n in range(1, 41)]
-    report = check_rows(rows, DataConfig(train="f", max_length=20, overlong=overlong), "classification")
+    report = check_task_rows(rows, DataConfig(train="f", max_length=20, overlong=overlong), "classification")
     found = report.finding("overlong")
     assert found.count == 20 and found.stats["p50"] == 20 and found.stats["max"] == 40
     assert (found.stats["truncated"], found.stats["dropped"]) == {
@@ -214,7 +226,7 @@ def test_overlong_rows_are_counted_as_data_overlong_treats_them(overlong: str) -
 
 def test_check_passes_clean_data_and_counts_nothing(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "t.jsonl", clean_rows(300))
-    report = check_file(path, DataConfig(train=str(path)), "classification")
+    report = check_task_file(path, DataConfig(train=str(path)), "classification")
     assert report.passed
     assert all(f.count == 0 for f in report.findings if f.name != "label_balance")
 
@@ -222,7 +234,7 @@ def test_check_passes_clean_data_and_counts_nothing(tmp_path: Path) -> None:
 def test_csv_rows_with_the_wrong_number_of_values_are_schema_errors(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
     path.write_text('text,label\n"good film, really",positive\nbad,film,negative\n"dull film",negative\n')
-    report = check_file(path, DataConfig(train=str(path)), "classification")
+    report = check_task_file(path, DataConfig(train=str(path)), "classification")
     assert report.finding("schema_errors").examples == (
         f"{path}:3: 3 values but the header has 2 columns; quote values that contain the delimiter or fix the row",
     )
@@ -254,7 +266,7 @@ def sft_rows() -> list[dict[str, Any]]:
 
 def test_sft_role_order_untrainable_and_missing_eos_on_the_tiny_llama_tokenizer() -> None:
     rows = [Row(record, f"s.jsonl:{i}") for i, record in enumerate(sft_rows(), start=1)]
-    report = check_rows(rows, DataConfig(train="s", max_length=64), "sft", make_tiny_byte_tokenizer())
+    report = check_task_rows(rows, DataConfig(train="s", max_length=64), "sft", make_tiny_byte_tokenizer())
     counts = {f.name: f.count for f in report.findings}
     assert counts == {
         "schema_errors": 0,
@@ -283,7 +295,7 @@ def test_sft_role_order_untrainable_and_missing_eos_on_the_tiny_llama_tokenizer(
 
 def test_sft_without_a_tokenizer_counts_words_and_skips_the_eos_check() -> None:
     rows = [Row(record, f"s.jsonl:{i}") for i, record in enumerate(sft_rows(), start=1)]
-    report = check_rows(rows, DataConfig(train="s", max_length=64), "sft")
+    report = check_task_rows(rows, DataConfig(train="s", max_length=64), "sft")
     assert report.finding("untrainable").count == 1  # weight 0 only: truncation needs tokens
     eos = report.finding("missing_eos")
     assert not eos.checked and eos.passed and "tokenizer" in eos.detail
@@ -292,7 +304,7 @@ def test_sft_without_a_tokenizer_counts_words_and_skips_the_eos_check() -> None:
 
 def test_sft_row_the_chat_template_cannot_render_is_a_schema_error() -> None:
     record = {"messages": [{"role": "assistant", "content": "I speak first"}, {"role": "user", "content": "ok"}]}
-    report = check_rows([Row(record, "s:1")], DataConfig(train="s"), "sft", make_tiny_byte_tokenizer())
+    report = check_task_rows([Row(record, "s:1")], DataConfig(train="s"), "sft", make_tiny_byte_tokenizer())
     assert report.finding("schema_errors").count == 1
     assert "cannot be rendered" in report.finding("schema_errors").examples[0]
     assert report.finding("role_order").count == 1
@@ -301,7 +313,7 @@ def test_sft_row_the_chat_template_cannot_render_is_a_schema_error() -> None:
 def test_clean_drops_untrainable_sft_rows(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "s.jsonl", sft_rows())
     out = tmp_path / "c.jsonl"
-    report = clean_file(path, out, DataConfig(train=str(path), max_length=64), "sft", make_tiny_byte_tokenizer())
+    report = clean_task_file(path, out, DataConfig(train=str(path), max_length=64), "sft", make_tiny_byte_tokenizer())
     assert report.cleaned is not None and report.cleaned.dropped == {"empty": 1, "untrainable": 2}
     details = [json.loads(line)["detail"] for line in dropped_path(out).read_text().splitlines()]
     assert "weight 0" in details[0] and "data.max_length (64)" in details[1]
@@ -312,7 +324,7 @@ def test_clean_drops_untrainable_sft_rows(tmp_path: Path) -> None:
 
 
 def test_gate_fails_warns_or_stays_off(injected: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
-    report = check_file(injected["train"], config(injected["train"]), "classification")
+    report = check_task_file(injected["train"], config(injected["train"]), "classification")
     with pytest.raises(DataError) as info:
         gate(report, "fail")
     message = str(info.value)
@@ -324,7 +336,7 @@ def test_gate_fails_warns_or_stays_off(injected: dict[str, Any], capsys: pytest.
     assert len(lines) == 3 and all(line.startswith("warning: data quality:") for line in lines)
     gate(report, "off")
     assert capsys.readouterr().err == ""
-    fine = check_rows([Row(clean_rows(1)[0], "f:1")], DataConfig(train="f"), "classification")
+    fine = check_task_rows([Row(clean_rows(1)[0], "f:1")], DataConfig(train="f"), "classification")
     gate(fine, "fail")  # a report that passes goes through silently
     assert fine.passed and capsys.readouterr().err == ""
 
@@ -332,7 +344,7 @@ def test_gate_fails_warns_or_stays_off(injected: dict[str, Any], capsys: pytest.
 # ------------------------------------------------------------------------------ the CLI
 
 
-run_cli = invoke_cli
+run_cli = run_cli
 
 
 def test_cli_check_json_exits_1_with_the_injected_counts(
@@ -487,7 +499,7 @@ def test_minhash_estimates_jaccard_within_a_tenth() -> None:
 
 def test_report_to_dict_is_json_and_html_escapes_the_data(tmp_path: Path) -> None:
     rows = [Row({"text": "<b>x</b>", "label": "a"}, "f:1"), Row({"text": "<b>x</b>", "label": "a"}, "f:2")]
-    report = check_rows(rows, DataConfig(train="f"), "classification", source="<f>")
+    report = check_task_rows(rows, DataConfig(train="f"), "classification", source="<f>")
     assert json.loads(json.dumps(report.to_dict()))["findings"][2]["count"] == 1
     page = report_html(report)
     assert "<f>" not in page and "&lt;f&gt;" in page
@@ -500,6 +512,6 @@ def test_clean_with_conflicts_in_more_rows_than_one_growth_step(tmp_path: Path) 
     flipped = {**rows[0], "label": "negative" if rows[0]["label"] == "positive" else "positive"}
     rows.insert(1, flipped)  # early: nothing after row 1 relates to another row
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    report = clean_file(train, tmp_path / "out.jsonl", config(train), "classification")
+    report = clean_task_file(train, tmp_path / "out.jsonl", config(train), "classification")
     assert report.finding("conflicting").count == 1
     assert sum(1 for _ in (tmp_path / "out.jsonl").open()) == 1499  # both rows of the conflicting text dropped

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_jsonl
 from tunesmith.data.readers import Row, read_rows
 from tunesmith.errors import DataError
 
@@ -20,10 +21,6 @@ RECORDS = [
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def _jsonl(path: Path, records: list[dict]) -> Path:
-    return _write(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def test_jsonl_round_trip_with_line_numbers_and_blank_lines(tmp_path: Path) -> None:
@@ -200,25 +197,25 @@ def test_empty_data_set(tmp_path: Path, name: str, content: str) -> None:
 
 
 def test_column_map_renames_fields(tmp_path: Path) -> None:
-    path = _jsonl(tmp_path / "d.jsonl", [{"review": "nice", "stars": 5, "id": 1}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"review": "nice", "stars": 5, "id": 1}])
     rows = read_rows(path, column_map={"review": "text", "stars": "label"})
     assert rows[0].data == {"id": 1, "text": "nice", "label": 5}
 
 
 def test_column_map_replaces_an_existing_field_and_can_swap(tmp_path: Path) -> None:
-    path = _jsonl(tmp_path / "d.jsonl", [{"text": "title", "body": "the body", "a": 1, "b": 2}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "title", "body": "the body", "a": 1, "b": 2}])
     row = read_rows(path, column_map={"body": "text", "a": "b", "b": "a"})[0]
     assert row.data == {"text": "the body", "b": 1, "a": 2}
 
 
 def test_column_map_key_in_some_rows_only_is_fine(tmp_path: Path) -> None:
-    path = _jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"body": "b"}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"body": "b"}])
     rows = read_rows(path, column_map={"body": "text"})
     assert [r.data for r in rows] == [{"text": "a"}, {"text": "b"}]
 
 
 def test_column_map_unknown_key(tmp_path: Path) -> None:
-    path = _jsonl(tmp_path / "d.jsonl", RECORDS)
+    path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
     with pytest.raises(DataError) as info:
         read_rows(path, column_map={"sentence": "text"})
     message = str(info.value)

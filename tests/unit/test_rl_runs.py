@@ -134,7 +134,7 @@ def test_interrupted_rl_run_resumes_exactly(
         data={"train": str(prompts), "validation": 0.25, "max_length": 32},
         eval={"baseline": True},
         train={"epochs": 2, "batch_size": 3, "lr": 2e-2, "precision": "fp32", "save_every": 2},
-    )
+    ).weights
     for name in want:
         assert torch.equal(want[name], got[name]), name
 
@@ -142,10 +142,10 @@ def test_interrupted_rl_run_resumes_exactly(
 def test_data_pairs_ranks_sampled_completions(
     tiny_llama: Path, prompts: Path, tmp_path: Path, rewards_module: str, monkeypatch, capsys
 ) -> None:
-    from conftest import invoke_cli
+    from conftest import run_cli
 
     out = tmp_path / "pairs.jsonl"
-    code, _, err = invoke_cli(
+    code, _, err = run_cli(
         monkeypatch,
         capsys,
         "data",
@@ -174,8 +174,8 @@ def test_data_pairs_ranks_sampled_completions(
 def test_kl_to_base_is_positive_after_tuning(
     tiny_llama: Path, prompts: Path, tmp_path: Path, rewards_module: str
 ) -> None:
-    from tunesmith.api import load_trained
-    from tunesmith.eval.drift import kl_to_base, sample
+    from tunesmith.inference import load_trained
+    from tunesmith.inference.drift import kl_to_base, sample
     from tunesmith.models.generate import Sampling
 
     result = rl_run(tiny_llama, prompts, tmp_path, f"{rewards_module}:letters", epochs=2)

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import tunesmith
-from conftest import invoke_cli
+from conftest import interrupt_and_resume, run_cli, write_jsonl
 
 WORDS = ["red", "blue", "green", "gold"]
 
@@ -22,11 +22,6 @@ WORDS = ["red", "blue", "green", "gold"]
 def qa_rows(n: int) -> list[dict]:
     """Questions whose answer is the colour word in them: learnable by a tiny model."""
     return [{"prompt": f"colour of {WORDS[i % 4]} {i}?", "completion": WORDS[i % 4]} for i in range(n)]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture()
@@ -42,15 +37,11 @@ def sft_config(tiny_llama: Path, tmp_path: Path) -> dict:
     }
 
 
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
-    code, out, err = invoke_cli(monkeypatch, capsys, *args)
-    return code, out + err
-
-
 def test_train_generate_chat_eval_through_the_cli(sft_config: dict, tmp_path: Path, monkeypatch, capsys) -> None:
     config = tmp_path / "sft.yaml"
     config.write_text(yaml.safe_dump(sft_config))
-    code, out = run_cli(monkeypatch, capsys, "train", config)
+    code, out, err = run_cli(monkeypatch, capsys, "train", config)
+    out += err
     assert code == 0, out
     (run_dir,) = (tmp_path / "runs").iterdir()
     metrics = json.loads((run_dir / "eval.json").read_text())
@@ -61,25 +52,31 @@ def test_train_generate_chat_eval_through_the_cli(sft_config: dict, tmp_path: Pa
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["template"] == "chat" and plan["rows_encoded"]["train"]["kept"] == 36
 
-    code, out = run_cli(monkeypatch, capsys, "generate", run_dir, "colour of red 5?", "--max-new-tokens", "4")
+    code, out, err = run_cli(monkeypatch, capsys, "generate", run_dir, "colour of red 5?", "--max-new-tokens", "4")
+
+    out += err
     assert code == 0, out
     expected = tunesmith.api.generate(run_dir, ["colour of red 5?"], tunesmith.api.Sampling(max_new_tokens=4))[0]
     assert out.strip() == expected.strip()  # the streamed text is the whole answer
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\ncolour of blue 1?\n/exit\n"))
-    code, out = run_cli(monkeypatch, capsys, "chat", run_dir, "--max-new-tokens", "3", "--temperature", "0")
+    code, out, err = run_cli(monkeypatch, capsys, "chat", run_dir, "--max-new-tokens", "3", "--temperature", "0")
+    out += err
     assert code == 0, out
     assert out.count("model> ") == 2
 
     held_out = write_jsonl(tmp_path / "held.jsonl", qa_rows(8))
-    code, out = run_cli(monkeypatch, capsys, "eval", run_dir, "--data", held_out, "--json")
+    code, out, err = run_cli(monkeypatch, capsys, "eval", run_dir, "--data", held_out, "--json")
+    out += err
     assert code == 0, out
     result = json.loads(out[out.index("{") :])
     assert result["answered"] == 8 and 0.0 <= result["exact_match"] <= 1.0
     written = [json.loads(line) for line in Path(result["generations"]).read_text().splitlines()]
     assert len(written) == 8 and {"prompt", "reference", "output", "match"} <= written[0].keys()
 
-    code, out = run_cli(monkeypatch, capsys, "generate", run_dir, "--data", held_out, "--max-new-tokens", "2")
+    code, out, err = run_cli(monkeypatch, capsys, "generate", run_dir, "--data", held_out, "--max-new-tokens", "2")
+
+    out += err
     assert code == 0, out
     assert len([line for line in out.splitlines() if line.startswith("{")]) == 8
 
@@ -97,23 +94,10 @@ def test_a_tiny_model_learns_the_answers(sft_config: dict) -> None:
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_resumed_sft_run_ends_with_the_same_weights(sft_config: dict, tmp_path: Path, packing: bool) -> None:
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_5(step: int, record: dict) -> None:
-        if step == 5:
-            raise Interrupt
-
     sft_config["data"]["packing"] = packing
     sft_config["train"]["save_every"] = 2
     cfg = {k: v for k, v in sft_config.items() if k != "output"}
-    whole = tunesmith.train(output=str(tmp_path / "a"), **cfg)
-    with pytest.raises(Interrupt):
-        tunesmith.train(output=str(tmp_path / "b"), callbacks=[stop_at_5], **cfg)
-    (broken,) = (tmp_path / "b").iterdir()
-    tunesmith.train(broken / "config.yaml", resume=broken)
-    expected = load_file(str(whole.run_dir / "final" / "trainable.safetensors"))
-    got = load_file(str(broken / "final" / "trainable.safetensors"))
+    expected, got = interrupt_and_resume(tmp_path, 5, **cfg).weights
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
@@ -141,7 +125,8 @@ def test_bad_rows_get_one_line_naming_the_row(case: str, sft_config: dict, tmp_p
     sft_config["data"]["train"] = str(data)
     config = tmp_path / "sft.yaml"
     config.write_text(yaml.safe_dump(sft_config))
-    code, out = run_cli(monkeypatch, capsys, "train", config)
+    code, out, err = run_cli(monkeypatch, capsys, "train", config)
+    out += err
     assert code == 2
     assert "bad.jsonl:4" in out and expected in out and "Traceback" not in out
 
@@ -156,7 +141,8 @@ def test_overlong_rows_follow_the_policy(sft_config: dict, tmp_path: Path, monke
     sft_config["data"]["overlong"] = "error"
     config = tmp_path / "sft.yaml"
     config.write_text(yaml.safe_dump(sft_config))
-    code, out = run_cli(monkeypatch, capsys, "train", config)
+    code, out, err = run_cli(monkeypatch, capsys, "train", config)
+    out += err
     assert code == 2 and "long.jsonl:17" in out and "max_length" in out
 
 
@@ -179,8 +165,9 @@ def test_tokenizer_without_pad_token_pads_with_eos(sft_config: dict, tmp_path: P
 
 def test_generate_refuses_a_classification_run(base_config: dict, monkeypatch, capsys) -> None:
     result = tunesmith.train(**{**base_config, "train": {**base_config["train"], "max_steps": 1}})
-    code, out = run_cli(monkeypatch, capsys, "generate", result.run_dir, "hello")
-    assert code == 2 and "sft run" in out
+    code, out, err = run_cli(monkeypatch, capsys, "generate", result.run_dir, "hello")
+    out += err
+    assert code == 2 and "a classification run gives a label, not text; use tunesmith predict" in out
 
 
 @pytest.mark.parametrize("method", ["full", "partial", "lora", "adapter", "ia3", "prompt-tuning", "prefix-tuning"])
@@ -231,6 +218,7 @@ def test_a_model_peft_cannot_wrap_gets_a_clear_error(sft_config: dict, tmp_path:
     sft_config.update(method="prompt-tuning")
     config = tmp_path / "sft.yaml"
     config.write_text(yaml.safe_dump(sft_config))
-    code, out = run_cli(monkeypatch, capsys, "train", config)
+    code, out, err = run_cli(monkeypatch, capsys, "train", config)
+    out += err
     assert code == 2 and "Traceback" not in out
     assert "method.name=prompt-tuning: peft cannot wrap" in out and "choose lora, adapter or ia3" in out

@@ -59,6 +59,10 @@ class ImageExample:
     label: str | None
     where: str = ""
 
+    def key(self) -> str:
+        """What splits and samples hash: the pixels (or file bytes), not the name, so copies move together."""
+        return content_key(self.image)
+
 
 def image_rows(source: str, column_map: dict[str, str] | None = None) -> list[Row] | None:
     """Rows of an image-only source (a folder, a saved `datasets` directory, an `.npz` file), or

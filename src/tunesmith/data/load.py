@@ -2,39 +2,45 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tunesmith.config import DataConfig
 from tunesmith.data.images import ImageExample, read_image_table, table_base, to_image_examples
 from tunesmith.data.mix import few_shot, replay_rows
-from tunesmith.data.preferences import to_preference_examples
-from tunesmith.data.readers import Row, read_rows
+from tunesmith.data.preferences import PreferenceExample, to_preference_examples
+from tunesmith.data.readers import Row, UnreadableRow, iter_rows, read_rows
 from tunesmith.data.records import Example, check_known_labels, resolve_labels, to_examples
 from tunesmith.data.sft import SftExample, to_sft_examples
 from tunesmith.data.split import sample, split_by_hash
 from tunesmith.runs import file_sha256
 from tunesmith.zoo import PACKAGED_DATA, packaged_data_rows
 
+_NAMED = 3  # unreadable examples named on the console (the report lists all)
+
 __all__ = [
     "Splits",
+    "iter_source_rows",
     "load_splits",
     "read_examples",
     "read_image_examples",
+    "read_preference_examples",
     "read_sft_examples",
     "read_source_rows",
-    "read_task_examples",
     "source_hash",
+    "without_unreadable",
 ]
 
 
 @dataclass
 class Splits:
-    train: list[Any]  # Example (classification) or SftExample (sft)
+    train: list[Any]  # the task's examples (Example, SftExample, ImageExample, PreferenceExample)
     validation: list[Any] | None
     test: list[Any] | None
-    labels: list[str]  # empty for sft
+    labels: list[str]  # empty for tasks without a label set
     # source name -> content hash (sha256 of the file, or the packaged carrier's file)
     hashes: dict[str, str] = field(default_factory=dict)
     replayed: int = 0  # rows of data.replay appended to train
@@ -53,17 +59,9 @@ def read_image_examples(source: str, cfg: DataConfig, require_labels: bool = Tru
     return to_image_examples(rows, cfg.image_field, cfg.label_field, base, cfg.label_map, require_labels)
 
 
-def read_task_examples(source: str, cfg: DataConfig, task: str) -> list[Any]:
-    """Examples of `task` from a data file or packaged data name."""
-    if task == "sft":
-        return read_sft_examples(source, cfg)
-    if task == "image-classification":
-        return read_image_examples(source, cfg)
-    if task in ("reward", "dpo"):
-        return to_preference_examples(_rows(source, cfg))
-    if task == "rl":  # prompts; a completion, if present, is not used
-        return read_sft_examples(source, cfg, require_completion=False)
-    return read_examples(source, cfg)
+def read_preference_examples(source: str, cfg: DataConfig) -> list[PreferenceExample]:
+    """Preference pairs ({prompt, chosen, rejected} or OpenAI DPO rows)."""
+    return to_preference_examples(_rows(source, cfg))
 
 
 def read_sft_examples(source: str, cfg: DataConfig, require_completion: bool = True) -> list[SftExample]:
@@ -71,29 +69,30 @@ def read_sft_examples(source: str, cfg: DataConfig, require_completion: bool = T
     return to_sft_examples(_rows(source, cfg), require_completion)
 
 
-def load_splits(cfg: DataConfig, seed: int, task: str = "classification") -> Splits:
-    """Train / validation / test examples and the label order, every label checked."""
+def load_splits(cfg: DataConfig, seed: int, read: Callable[[str], list[Any]], labelled: bool) -> Splits:
+    """Train / validation / test examples and the label order (`labelled` tasks: every label checked).
 
-    def read(source: str, cfg: DataConfig) -> list[Any]:
-        return read_task_examples(source, cfg, task)
-
-    train = read(cfg.train, cfg)
+    Args:
+        read: the task's reader, from a data source to its examples.
+        labelled: whether examples carry labels of a label set to resolve and check.
+    """
+    train = read(cfg.train)
     validation: list[Any] | None = None
     if isinstance(cfg.validation, float):
         train, validation = split_by_hash(train, cfg.validation)
     elif isinstance(cfg.validation, str):
-        validation = read(cfg.validation, cfg)
+        validation = read(cfg.validation)
     if cfg.limit is not None:
         train = sample(train, cfg.limit, seed)
     if cfg.few_shot is not None:
         train = few_shot(train, cfg.few_shot, seed)
-    test = read(cfg.test, cfg) if cfg.test else None
-    replay = read(cfg.replay.path, cfg) if cfg.replay else []
+    test = read(cfg.test) if cfg.test else None
+    replay = read(cfg.replay.path) if cfg.replay else []
     sources = [s for s in (cfg.train, cfg.validation, cfg.test) if isinstance(s, str)]
     sources += [cfg.replay.path] if cfg.replay else []
     hashes = {s: source_hash(s) for s in sources}
     mixed = replay_rows(replay, len(train), cfg.replay.fraction, seed) if cfg.replay else []
-    if task in ("sft", "reward", "dpo", "rl"):  # no labels: instruction rows, preference pairs, prompts
+    if not labelled:
         return Splits(train + mixed, validation, test, [], hashes, len(mixed))
     labels = resolve_labels(train, cfg.labels)
     if mixed:
@@ -105,9 +104,46 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "classification") -> Spl
     return Splits(train + mixed, validation, test, labels, hashes, len(mixed))
 
 
+def without_unreadable(splits: Splits, unreadable: Sequence[str]) -> Splits:
+    """The splits without the examples (by origin) the quality gate could not read; it has named each
+    one in its report. Says on stderr how many were skipped, and names the first few."""
+    bad = set(unreadable)
+    if not bad:
+        return splits
+
+    def keep(rows: list[Any] | None) -> list[Any] | None:
+        return None if rows is None else [r for r in rows if r.where not in bad]
+
+    shown = ", ".join(list(unreadable)[:_NAMED])
+    more = f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else ""
+    print(
+        f"skipping {len(bad)} unreadable example(s): {shown}{more} (all are listed in the run's data_report.json)",
+        file=sys.stderr,
+    )
+    return replace(splits, train=keep(splits.train) or [], validation=keep(splits.validation), test=keep(splits.test))
+
+
 def read_source_rows(source: str, cfg: DataConfig) -> list[Row]:
     """The raw rows of a data file or packaged data set (column_map applied)."""
     return _rows(source, cfg)
+
+
+def iter_source_rows(source: str | Path, cfg: DataConfig) -> Iterator[Row | UnreadableRow]:
+    """The records of a data file (streamed, `column_map` applied) or of a packaged data set, in order:
+    each a `Row` or, where it cannot be read, an `UnreadableRow` (for the data gate, which reports them).
+
+    Raises:
+        DataError: the file cannot be read at all (see `readers.iter_rows`).
+    """
+    if str(source) in PACKAGED_DATA and not Path(source).exists():
+        yield from _rows(str(source), cfg)
+        return
+    pending: list[UnreadableRow] = []
+    for row in iter_rows(source, cfg.column_map, on_error=pending.append):
+        yield from pending
+        pending.clear()
+        yield row
+    yield from pending
 
 
 def source_hash(source: str) -> str:

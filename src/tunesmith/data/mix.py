@@ -13,12 +13,12 @@ import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from tunesmith.data.split import example_key, stable_hash
+from tunesmith.data.split import Keyed, example_key, stable_hash
 from tunesmith.errors import DataError
 
 __all__ = ["few_shot", "replay_rows"]
 
-_E = TypeVar("_E")
+_E = TypeVar("_E", bound=Keyed)
 
 
 def few_shot(examples: Sequence[_E], k: int, seed: int) -> list[_E]:
@@ -34,7 +34,7 @@ def few_shot(examples: Sequence[_E], k: int, seed: int) -> list[_E]:
     salt = f"few-shot-{seed}"
     groups: dict[Any, list[int]] = {}
     for index, example in enumerate(examples):
-        groups.setdefault(getattr(example, "label", None), []).append(index)
+        groups.setdefault(example.label, []).append(index)
     chosen: set[int] = set()
     for indices in groups.values():
         ranked = sorted(indices, key=lambda i: (stable_hash(example_key(examples[i]), salt), i))

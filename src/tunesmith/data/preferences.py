@@ -44,6 +44,13 @@ class PreferenceExample:
     kind: Literal["prompt", "chat"] = "prompt"
     where: str = ""
 
+    label = None  # pairs have no label (splits and few-shot treat them as one group)
+
+    def key(self) -> str:
+        """What splits and samples hash: the prompt and both responses."""
+        prompt = "".join(f"\x00{m.role}\x01{m.content}" for m in self.prompt)
+        return f"{prompt}\x02{self.chosen}\x03{self.rejected}"
+
 
 def to_preference_examples(rows: Sequence[Row]) -> list[PreferenceExample]:
     """Examples from rows in either format.

@@ -46,6 +46,10 @@ class Example:
     text_pair: str | None = None
     where: str = ""
 
+    def key(self) -> str:
+        """What splits and samples hash: the text and its pair, so exact copies share a side."""
+        return self.text + "\x00" + (self.text_pair or "")
+
 
 class _RowError(Exception):
     """A problem with one field of one row (collected, then reported together)."""

@@ -57,6 +57,12 @@ class SftExample:
     kind: Literal["chat", "prompt", "text"] = "chat"
     where: str = ""
 
+    label = None  # instruction rows have no label (splits and few-shot treat them as one group)
+
+    def key(self) -> str:
+        """What splits and samples hash: the text and every turn, so exact copies share a side."""
+        return (self.text or "") + "".join(f"\x00{m.role}\x01{m.content}" for m in self.messages)
+
 
 class _RowError(Exception):
     """A problem with one row (collected, then reported together)."""

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
-from tunesmith.data.images import ImageExample, content_key
-from tunesmith.data.preferences import PreferenceExample
-from tunesmith.data.records import Example
 from tunesmith.errors import DataError
 
-_E = TypeVar("_E")  # a classification Example or an instruction-tuning SftExample
+__all__ = ["Keyed", "example_key", "sample", "split_by_hash", "stable_hash"]
 
-__all__ = ["example_key", "sample", "split_by_hash", "stable_hash"]
+
+class Keyed(Protocol):
+    """An example as splits and samples see it: a label (None for unlabelled kinds) and a key that is
+    equal for exact copies (every example class in tunesmith.data has both)."""
+
+    @property
+    def label(self) -> str | None: ...
+
+    def key(self) -> str: ...
+
+
+_E = TypeVar("_E", bound=Keyed)
 
 
 def stable_hash(text: str, salt: str = "") -> float:
@@ -51,7 +59,7 @@ def split_by_hash(examples: Sequence[_E], fraction: float, salt: str = "split") 
     keys = [example_key(ex) for ex in examples]
     groups: dict[str | None, list[int]] = {}
     for index, ex in enumerate(examples):
-        groups.setdefault(getattr(ex, "label", None), []).append(index)
+        groups.setdefault(ex.label, []).append(index)
     picked: set[str] = set()
     kept: set[str] = set()
     for indices in groups.values():
@@ -105,15 +113,6 @@ def _pick_keys(keys: list[str], fraction: float, salt: str) -> set[str]:
     return picked
 
 
-def example_key(example: Any) -> str:
-    """What the hash sees: the text and text pair (or an instruction row's messages), so exact
-    duplicates share a side."""
-    if isinstance(example, Example):
-        return example.text + "\x00" + (example.text_pair or "")
-    if isinstance(example, ImageExample):
-        return content_key(example.image)  # the pixels, not the file name: copies move together
-    if isinstance(example, PreferenceExample):
-        prompt = "".join(f"\x00{m.role}\x01{m.content}" for m in example.prompt)
-        return f"{prompt}\x02{example.chosen}\x03{example.rejected}"
-    turns = "".join(f"\x00{m.role}\x01{m.content}" for m in example.messages)
-    return (example.text or "") + turns
+def example_key(example: Keyed) -> str:
+    """What the hash sees: the example's own key, so exact duplicates share a side."""
+    return example.key()

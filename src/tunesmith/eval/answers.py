@@ -13,8 +13,8 @@ from typing import Any
 
 from tunesmith.data.sft import Message, SftExample
 from tunesmith.data.templates import encode_prompt
+from tunesmith.eval.evaluate import eval_batches
 from tunesmith.models.generate import Sampling, generate_ids
-from tunesmith.training.batching import eval_batches
 
 __all__ = ["answer_prompts", "eos_ids", "exact_match", "normalize_answer", "split_prompt"]
 

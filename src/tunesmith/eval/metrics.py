@@ -8,7 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ConfusionMetrics", "higher_is_better"]
+from tunesmith.losses.preference import reward_loss
+
+__all__ = ["ConfusionMetrics", "PreferenceMetrics", "higher_is_better"]
 
 
 def higher_is_better(metric: str) -> bool:
@@ -62,4 +64,38 @@ class ConfusionMetrics:
             "count": self.count,
             "f1_per_class": {label: float(f1[i]) for i, label in enumerate(self.labels)},
             "confusion": {"labels": self.labels, "matrix": self.matrix.tolist()},
+        }
+
+
+class PreferenceMetrics:
+    """Preference accuracy (the chosen response scores higher), mean margin, mean scores and loss."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.correct = 0
+        self.sums = {"margin": 0.0, "chosen": 0.0, "rejected": 0.0, "loss": 0.0}
+
+    def update_batch(self, scores: Any, batch: dict[str, torch.Tensor]) -> None:
+        """A reward model's scores (2B, 1) of B chosen responses, then B rejected ones."""
+        chosen, rejected = scores[:, 0].float().cpu().chunk(2)
+        self.add(chosen, rejected, float(reward_loss(chosen, rejected)) * len(chosen))
+
+    def add(self, chosen: torch.Tensor, rejected: torch.Tensor, loss_sum: float) -> None:
+        """Count a batch of pairs by their scores (or implicit rewards) and summed loss."""
+        self.count += len(chosen)
+        self.correct += int((chosen > rejected).sum())
+        self.sums["margin"] += float((chosen - rejected).sum())
+        self.sums["chosen"] += float(chosen.sum())
+        self.sums["rejected"] += float(rejected.sum())
+        self.sums["loss"] += loss_sum
+
+    def compute(self) -> dict[str, Any]:
+        n = max(self.count, 1)
+        return {
+            "accuracy": self.correct / n,
+            "margin": self.sums["margin"] / n,
+            "chosen": self.sums["chosen"] / n,
+            "rejected": self.sums["rejected"] / n,
+            "loss": self.sums["loss"] / n,
+            "count": self.count,
         }

@@ -16,15 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from tunesmith.config import RunConfig
+from tunesmith.config import RetentionConfig
+from tunesmith.data.split import sample
 from tunesmith.errors import ConfigError
 from tunesmith.eval.evaluate import evaluate_items
+from tunesmith.runtime import Runtime
 
 __all__ = ["Retention", "build_retention"]
-
-DEFAULT_TEXT = "hamlet-retention"  # packaged general English: Acts IV-V of Hamlet (zoo.py)
 
 
 @dataclass
@@ -39,9 +37,9 @@ class Retention:
     source: str
     baseline: float | None = None
 
-    def measure(self, model: Any, autocast: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+    def measure(self, model: Any, runtime: Runtime) -> dict[str, Any]:
         """The score now, against the baseline (the first measurement becomes the baseline)."""
-        metrics = evaluate_items(model, self.objective, self.items, self.batch_size, autocast, device)
+        metrics = evaluate_items(model, self.objective, self.items, runtime, self.batch_size)
         if self.metric not in metrics:
             raise ConfigError(f"eval.retention.metric={self.metric}: this task reports {sorted(metrics)}")
         value = float(metrics[self.metric])
@@ -57,26 +55,46 @@ class Retention:
             "within_bound": self.max_drop is None or worse <= self.max_drop,
         }
 
+    def summary(self, model: Any, runtime: Runtime, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """The final model's retention against the base model's, the history of evaluations, and
+        whether training stopped for it (what eval.json records)."""
+        return {
+            **self.measure(model, runtime),
+            "source": self.source,
+            "max_drop": self.max_drop,
+            "history": history,
+            "stopped_for_retention": any(not r["within_bound"] for r in history),
+        }
 
-def build_retention(cfg: RunConfig, objective: Any, read: Callable[[str], list[Any]]) -> Retention | None:
+
+def build_retention(
+    spec: RetentionConfig | None,
+    default_source: str | None,
+    metrics: Sequence[str],
+    objective: Any,
+    read: Callable[[str], list[Any]],
+    seed: int,
+    batch_size: int,
+) -> Retention | None:
     """The run's retention set (None when `eval.retention` is not set).
 
     Args:
+        spec: `eval.retention`.
+        default_source: the task's retention set when `spec` names none (None: the task has none).
+        metrics: the metrics of the task's evaluation that retention may watch.
         read: reads a data source into the task's examples (files or packaged names).
     """
-    from tunesmith.data.split import sample
-
-    spec = cfg.eval.retention
     if spec is None:
         return None
-    source = spec.data or (DEFAULT_TEXT if cfg.task == "sft" else None)
+    source = spec.data or default_source
     if source is None:
         raise ConfigError(
-            "eval.retention.data: a classifier has no default retention set; give labelled rows of a task "
-            "the model should keep doing well (e.g. an earlier task's validation set)"
+            "eval.retention.data: this task has no default retention set; give rows in its format of what the "
+            "model should keep doing well (e.g. an earlier task's validation set)"
         )
-    if cfg.task == "sft" and spec.metric == "accuracy":
-        raise ConfigError("eval.retention.metric=accuracy: a causal LM's retention is measured as perplexity")
-    examples = sample(read(source), spec.max_rows, cfg.train.seed)
+    if spec.metric not in metrics:
+        shown = ", ".join(metrics) or "none of eval.retention's metrics"
+        raise ConfigError(f"eval.retention.metric={spec.metric}: this task's evaluation reports {shown}")
+    examples = sample(read(source), spec.max_rows, seed)
     items = objective.encode(examples, "retention")
-    return Retention(spec.metric, items, objective, cfg.eval.batch_size, spec.max_drop, source)
+    return Retention(spec.metric, items, objective, batch_size, spec.max_drop, source)

@@ -1,53 +1,32 @@
 """Methods change the model: which weights train and what is added (DESIGN §4).
 
-Each method lives in its own module and registers itself by name. The loop talks to a method only
-through the `Method` protocol below and never asks which method is active.
+Each method lives in its own module with its config section and registers itself by name
+(tunesmith.registry). The loop talks to a method only through the `Method` protocol
+(tunesmith.plugins) and never asks which method is active.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from torch import nn
 
+from tunesmith import registry
 from tunesmith.models.classifier import TextClassifier
-from tunesmith.registry import METHODS
 
-__all__ = ["BaseMethod", "Method", "build_method", "freeze_backbone", "method_descriptions", "param_groups"]
-
-
-class Method(Protocol):
-    name: str
-    default_lr: float
-    # True when nothing before the head trains: the loop may cache pooled backbone features.
-    frozen_backbone: bool
-    # Blocks 0..frozen_blocks-1 and the embeddings never train and run without dropout: the loop may
-    # cache the token states entering block `frozen_blocks` (0 = nothing to cache). Set by `apply`.
-    frozen_blocks: int
-    # Positions the method adds in front of every input (prompt tuning's virtual tokens).
-    extra_positions: int
-
-    def apply(self, model: TextClassifier) -> None:
-        """Prepare `model` in place: wrap or add modules, set `requires_grad` on what trains."""
-
-    def param_groups(self, model: TextClassifier, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
-        """Optimizer parameter groups over every parameter this method will ever train."""
-
-    def on_epoch_start(self, model: TextClassifier, epoch: int) -> None:
-        """Hook for schedules that change what trains (gradual unfreezing)."""
-
-    def noop_reason(self, model: TextClassifier) -> str | None:
-        """Why the added weights are still an identity (None when they moved or cannot tell)."""
+__all__ = ["BaseMethod", "freeze_backbone", "method_descriptions", "param_groups"]
 
 
 class BaseMethod:
-    """Defaults for the optional hooks; methods override what they need."""
+    """Defaults for the optional hooks and capabilities; methods override what they need."""
 
     name = "base"
     default_lr = 1e-4
     frozen_backbone = False
     frozen_blocks = 0
     extra_positions = 0
+    virtual_tokens = False
+    checkpointing_refusal: str | None = None
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -70,16 +49,9 @@ def freeze_backbone(model: TextClassifier) -> None:
         param.requires_grad_(True)
 
 
-def build_method(cfg: Any) -> Method:
-    """The registered method for a method config section."""
-    _register_all()
-    return METHODS[cfg.name](cfg)  # type: ignore[no-any-return]
-
-
 def method_descriptions() -> dict[str, str]:
     """name -> one-line description, in registration order."""
-    _register_all()
-    return {name: (factory.__doc__ or "").strip().splitlines()[0] for name, factory in METHODS.items()}
+    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in registry.methods().items()}
 
 
 def param_groups(
@@ -100,8 +72,3 @@ def param_groups(
         decay = 0.0 if no_decay else weight_decay
         groups.setdefault((base, decay), []).append(param)
     return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
-
-
-def _register_all() -> None:
-    # Importing the modules runs their @register_method decorators.
-    from tunesmith.methods import adapter, freeze, full, ia3, lora, prompt  # noqa: F401

@@ -5,15 +5,30 @@ computes exactly what the base computes."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
-from tunesmith.config import AdapterConfig
+from tunesmith.config import MethodSection
 from tunesmith.methods import BaseMethod, freeze_backbone
 from tunesmith.methods.targets import OUTPUT_PROJECTIONS, match_targets
+from tunesmith.models.anatomy import linear_width
 from tunesmith.models.classifier import TextClassifier
-from tunesmith.models.load import linear_width
 from tunesmith.registry import register_method
+
+
+class AdapterConfig(MethodSection):
+    """Bottleneck adapters after attention and feed-forward outputs (Houlsby et al. 2019)."""
+
+    name: Literal["adapter"] = "adapter"
+    bottleneck: int = Field(64, gt=0, description="Width of the down-projection.")
+    activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="Nonlinearity in the bottleneck.")
+    target_modules: list[str] | None = Field(
+        None, description="Output projections to wrap (default: attention and FFN outputs)."
+    )
+
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -41,6 +56,7 @@ class AdapterMethod(BaseMethod):
     """Insert small bottleneck layers after attention and FFN outputs; train only those."""
 
     name = "adapter"
+    config = AdapterConfig
     default_lr = 1e-3
 
     def __init__(self, cfg: AdapterConfig) -> None:

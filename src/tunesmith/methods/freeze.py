@@ -5,16 +5,51 @@ is; gradual unfreezing from ULMFiT, Howard & Ruder 2018)."""
 from __future__ import annotations
 
 import re
+from typing import Literal
 
+from pydantic import Field, model_validator
 from torch import nn
 
-from tunesmith.config import FeatureExtractionConfig, PartialConfig
+from tunesmith.config import MethodSection
 from tunesmith.errors import ConfigError
 from tunesmith.methods import BaseMethod, freeze_backbone, param_groups
 from tunesmith.methods.full import layer_decay_scale
+from tunesmith.models.anatomy import block_index, find_blocks, is_input_stage
 from tunesmith.models.classifier import TextClassifier
-from tunesmith.models.load import block_index, find_blocks, is_input_stage
 from tunesmith.registry import register_method
+
+
+class FeatureExtractionConfig(MethodSection):
+    """Train only the new head on frozen (cached) backbone features."""
+
+    name: Literal["feature-extraction"] = "feature-extraction"
+
+
+class PartialConfig(MethodSection):
+    """Freeze the embeddings and the bottom blocks (or train only parameters matching a regex)."""
+
+    name: Literal["partial"] = "partial"
+    freeze_layers: int | None = Field(
+        None, ge=0, description="Freeze embeddings + the bottom K blocks (default: all but the top 2)."
+    )
+    trainable_regex: str | None = Field(
+        None, description="Train only parameters whose name matches this regex (plus the head)."
+    )
+    unfreeze_every: int | None = Field(
+        None, gt=0, description="Gradual unfreezing: unfreeze one more block (top down) every N epochs."
+    )
+    layer_lr_decay: float = Field(1.0, gt=0.0, le=1.0, description="Discriminative LR per block.")
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> PartialConfig:
+        if self.trainable_regex is not None:
+            if self.freeze_layers is not None:
+                raise ValueError("set freeze_layers or trainable_regex, not both")
+            if self.unfreeze_every is not None or self.layer_lr_decay < 1:
+                raise ValueError(
+                    "unfreeze_every and layer_lr_decay work on blocks; they cannot combine with trainable_regex"
+                )
+        return self
 
 
 @register_method("feature-extraction")
@@ -22,6 +57,7 @@ class FeatureExtractionMethod(BaseMethod):
     """Freeze the backbone; train only the new head on cached features (fastest, fewest weights)."""
 
     name = "feature-extraction"
+    config = FeatureExtractionConfig
     default_lr = 2e-3
     frozen_backbone = True
 
@@ -38,6 +74,7 @@ class PartialMethod(BaseMethod):
     train the rest and the head."""
 
     name = "partial"
+    config = PartialConfig
     default_lr = 5e-5
 
     def __init__(self, cfg: PartialConfig) -> None:

@@ -3,11 +3,24 @@ Clark et al. 2020): lower blocks, which hold more general features, move more sl
 
 from __future__ import annotations
 
-from tunesmith.config import FullConfig
+from typing import Literal
+
+from pydantic import Field
+
+from tunesmith.config import MethodSection
 from tunesmith.methods import BaseMethod, param_groups
+from tunesmith.models.anatomy import block_index, find_blocks, is_input_stage
 from tunesmith.models.classifier import TextClassifier
-from tunesmith.models.load import block_index, find_blocks, is_input_stage
 from tunesmith.registry import register_method
+
+
+class FullConfig(MethodSection):
+    """Train every weight."""
+
+    name: Literal["full"] = "full"
+    layer_lr_decay: float = Field(
+        1.0, gt=0.0, le=1.0, description="Multiply the LR by this for each block below the top (1 = off)."
+    )
 
 
 def layer_decay_scale(model: TextClassifier, decay: float):
@@ -29,6 +42,7 @@ class FullMethod(BaseMethod):
     """Train every weight of the backbone and the new head."""
 
     name = "full"
+    config = FullConfig
     default_lr = 5e-5
 
     def __init__(self, cfg: FullConfig) -> None:

@@ -3,13 +3,24 @@
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from tunesmith.config import IA3Config
+import torch
+from pydantic import Field
+
+from tunesmith.config import MethodSection
 from tunesmith.methods import BaseMethod
 from tunesmith.methods.targets import FFN_OUTPUT, KEYS_VALUES, match_targets
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.registry import register_method
+
+
+class IA3Config(MethodSection):
+    """Learned scaling vectors on keys, values and FFN activations (Liu et al. 2022), through peft."""
+
+    name: Literal["ia3"] = "ia3"
+    target_modules: list[str] | None = Field(None, description="Modules to scale (default: keys, values, FFN out).")
+    feedforward_modules: list[str] | None = Field(None, description="Which targets scale their input (FFN).")
 
 
 @register_method("ia3")
@@ -17,6 +28,7 @@ class IA3Method(BaseMethod):
     """Train scaling vectors on keys, values and FFN inputs: the fewest weights of any adapter."""
 
     name = "ia3"
+    config = IA3Config
     default_lr = 5e-3
 
     def __init__(self, cfg: IA3Config) -> None:

@@ -3,13 +3,30 @@ peft; DoRA (Liu et al. 2024) and rank-stabilised scaling (Kalajdzievski 2023) as
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from tunesmith.config import LoraConfig
+import torch
+from pydantic import Field
+
+from tunesmith.config import MethodSection
 from tunesmith.methods import BaseMethod
 from tunesmith.methods.targets import lora_targets
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.registry import register_method
+
+
+class LoraConfig(MethodSection):
+    """Low-rank updates beside chosen linear layers (Hu et al. 2021), through peft."""
+
+    name: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0, description="Rank of the update.")
+    alpha: int = Field(16, gt=0, description="Scale: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt (default: every linear layer inside the blocks)."
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
 
 
 @register_method("lora")
@@ -17,6 +34,7 @@ class LoraMethod(BaseMethod):
     """Train low-rank updates beside the block linears (and a conv net's convs); the base stays frozen."""
 
     name = "lora"
+    config = LoraConfig
     default_lr = 5e-4
 
     def __init__(self, cfg: LoraConfig) -> None:

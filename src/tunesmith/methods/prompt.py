@@ -3,13 +3,31 @@ et al. 2021) or per-layer key/value prefixes (prefix tuning, Li & Liang 2021), t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from tunesmith.config import PrefixTuningConfig, PromptTuningConfig
+from pydantic import Field
+
+from tunesmith.config import MethodSection
 from tunesmith.errors import ConfigError
 from tunesmith.methods import BaseMethod
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.registry import register_method
+
+
+class PromptTuningConfig(MethodSection):
+    """Learned soft-prompt vectors prepended to the input (Lester et al. 2021), through peft."""
+
+    name: Literal["prompt-tuning"] = "prompt-tuning"
+    num_virtual_tokens: int = Field(20, gt=0, description="Length of the soft prompt.")
+    init_text: str | None = Field(None, description="Initialise the prompt from this text's embeddings.")
+
+
+class PrefixTuningConfig(MethodSection):
+    """Learned per-layer key/value prefixes (Li & Liang 2021), through peft."""
+
+    name: Literal["prefix-tuning"] = "prefix-tuning"
+    num_virtual_tokens: int = Field(20, gt=0, description="Length of the prefix at every layer.")
+    projection: bool = Field(False, description="Reparameterise prefixes through an MLP while training.")
 
 
 def _wrap(model: TextClassifier, peft_cfg, method: str) -> None:
@@ -31,7 +49,9 @@ class PromptTuningMethod(BaseMethod):
     """Train a few virtual-token embeddings prepended to every input; the model is untouched."""
 
     name = "prompt-tuning"
+    config = PromptTuningConfig
     default_lr = 3e-2
+    virtual_tokens = True
 
     def __init__(self, cfg: PromptTuningConfig) -> None:
         super().__init__(cfg)
@@ -59,7 +79,10 @@ class PrefixTuningMethod(BaseMethod):
     """Train key/value prefixes at every layer; the model is untouched."""
 
     name = "prefix-tuning"
+    config = PrefixTuningConfig
     default_lr = 1e-2
+    virtual_tokens = True
+    checkpointing_refusal = "the prefix is a cache that checkpointing cannot recompute"
 
     def __init__(self, cfg: PrefixTuningConfig) -> None:
         super().__init__(cfg)

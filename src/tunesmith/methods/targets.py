@@ -8,7 +8,7 @@ import re
 from torch import nn
 
 from tunesmith.errors import ConfigError
-from tunesmith.models.load import find_blocks, is_linear, linear_names
+from tunesmith.models.anatomy import find_blocks, is_linear, linear_names
 
 __all__ = ["block_linears", "lora_targets", "match_targets"]
 

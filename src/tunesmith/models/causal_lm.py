@@ -2,7 +2,7 @@
 
 The split mirrors the text classifier's, so every method applies to a causal LM unchanged: methods
 wrap or freeze `backbone`; `head` is empty (a causal LM gets no new head); the output layer stays
-outside the backbone, where the chunked loss (objectives/lm_loss.py) reads its weight and projects
+outside the backbone, where the chunked loss (losses/lm.py) reads its weight and projects
 only the positions that are trained. `forward` therefore returns hidden states, never logits.
 """
 

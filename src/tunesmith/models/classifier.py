@@ -58,7 +58,7 @@ class TextClassifier(nn.Module):
         DistilBERT); callers still check the split against the full forward before trusting it.
         """
         from tunesmith.errors import ConfigError
-        from tunesmith.models.load import find_blocks
+        from tunesmith.models.anatomy import find_blocks
 
         if not isinstance(getattr(self.backbone, "embeddings", None), nn.Module):
             return False
@@ -142,7 +142,7 @@ def _view(backbone: nn.Module, blocks: slice, states_given: bool) -> nn.Module:
     is rebuilt on every call (a few shallow copies): one built once could go stale if a submodule
     of the model were replaced later.
     """
-    from tunesmith.models.load import find_blocks
+    from tunesmith.models.anatomy import find_blocks
 
     path, stack = find_blocks(backbone)
     view = _shallow_copy(backbone)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -13,20 +12,16 @@ from tunesmith.config import ModelConfig
 from tunesmith.errors import ConfigError
 from tunesmith.models.causal_lm import CausalLM
 from tunesmith.models.classifier import TextClassifier
-from tunesmith.zoo import PACKAGED_MODELS, resolve_model_path
+from tunesmith.zoo import PACKAGED_MODELS, model_source_path
 
 __all__ = [
     "attention_kernel",
     "build_causal_lm",
     "build_classifier",
-    "find_blocks",
-    "is_input_stage",
-    "is_linear",
-    "linear_names",
-    "linear_width",
     "load_backbone",
     "load_error",
     "load_tokenizer",
+    "resolve_model_path",
     "resolve_source",
 ]
 
@@ -102,51 +97,6 @@ def attention_kernel(cfg: ModelConfig, max_length: int) -> str:
     return "eager" if not torch.cuda.is_available() and max_length <= 512 else "sdpa"
 
 
-def find_blocks(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated blocks (name, module): a conv net's `stages` list where it has one (ResNet,
-    ConvNeXt, EfficientNet-Lite0; not one stage's own layers), else the longest `ModuleList`
-    (a transformer's blocks)."""
-    best: tuple[str, nn.ModuleList] | None = None
-    lists = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-    stages = [(n, m) for n, m in lists if n.split(".")[-1] == "stages"]
-    for name, module in stages[:1] or lists:
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    if best is None or len(best[1]) == 0:
-        raise ConfigError(f"{type(backbone).__name__}: found no stack of transformer blocks")
-    return best
-
-
-def linear_names(root: nn.Module, prefix: str = "") -> list[str]:
-    """Full names of every linear layer under `root`: `nn.Linear`, and the transposed `Conv1D`
-    that GPT-2-family models use for theirs."""
-    return [f"{prefix}{name}" for name, module in root.named_modules() if is_linear(module) and name]
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def linear_width(module: nn.Module) -> int:
-    """Output features of a linear layer (`nn.Linear.out_features`, `Conv1D.nf`)."""
-    width = getattr(module, "out_features", None) or getattr(module, "nf", None)
-    if not isinstance(width, int):
-        raise ConfigError(f"{type(module).__name__}: cannot tell its output width")
-    return width
-
-
-def is_input_stage(name: str) -> bool:
-    """Whether a parameter outside the blocks belongs to the input stage: a transformer's
-    embeddings, a conv net's stem (`embedder` in Hugging Face ResNets, `stem_*` in EfficientNet)."""
-    return "embed" in name or "stem" in name
-
-
-def block_index(param_name: str, blocks_name: str) -> int | None:
-    """Which block a parameter name belongs to (None outside the blocks)."""
-    match = re.search(re.escape(blocks_name) + r"\.(\d+)\.", param_name)
-    return int(match.group(1)) if match else None
-
-
 def _resolve(cfg: ModelConfig) -> str:
     return resolve_source(cfg, "text")
 
@@ -169,6 +119,24 @@ def resolve_source(cfg: ModelConfig, kind: str) -> str:
     if looks_local and not Path(path).expanduser().is_dir():
         raise ConfigError(f"model.name={cfg.name}: no such directory")
     return str(Path(path).expanduser()) if looks_local else path
+
+
+def resolve_model_path(name: str) -> str:
+    """The directory to load `name` from.
+
+    A packaged short name becomes its directory; a packaged GGUF or any path ending in `.gguf`
+    becomes its fp32 conversion, made once and cached (see `tunesmith.models.gguf`); anything else
+    (a local directory, a hub id) is returned unchanged.
+
+    Raises:
+        ConfigError: a packaged carrier is not installed, or a `.gguf` file cannot be converted.
+    """
+    source = model_source_path(name)
+    if source.lower().endswith(".gguf"):
+        from tunesmith.models.gguf import convert_gguf  # lazy: it pulls in transformers when converting
+
+        return str(convert_gguf(source))
+    return source
 
 
 def _load_error(name: str, exc: Exception, kind: str = "a model") -> str:

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tunesmith.training.batching import eval_batches
+from tunesmith.eval.evaluate import eval_batches
+from tunesmith.runtime import Runtime
 
 __all__ = ["allocate_store", "cache_features", "cache_hidden", "cache_text_items"]
 
@@ -144,8 +145,7 @@ def cache_text_items(
     model: Any,
     items: Sequence[dict[str, Any]],
     k: int | None,
-    batch_size: int,
-    autocast: Callable[[], Any],
+    runtime: Runtime,
     max_bytes: int,
     spill_dir: Path,
     name: str,
@@ -153,9 +153,10 @@ def cache_text_items(
     """`cache_frozen` of the text objectives (assigned as their method): pooled features when nothing
     before the head trains (`k` None), else the token states entering block `k`; the items unchanged
     where the model cannot be split there."""
+    size, autocast = runtime.eval_batch_size, runtime.autocast
     if k is None:
-        return cache_features(model, items, objective.collate, batch_size, autocast, max_bytes, spill_dir, name)
-    hidden = cache_hidden(model, items, objective.collate, batch_size, autocast, max_bytes, spill_dir, name, k)
+        return cache_features(model, items, objective.collate, size, autocast, max_bytes, spill_dir, name)
+    hidden = cache_hidden(model, items, objective.collate, size, autocast, max_bytes, spill_dir, name, k)
     return list(items) if hidden is None else hidden
 
 

@@ -1,20 +1,18 @@
 """The one training loop (DESIGN §7), on accelerate.
 
-Reads top to bottom: set up precision and device, cache frozen work, build the optimizer and
-schedule, optionally restore a checkpoint, then step through epochs of length-grouped batches with
-gradient accumulation, clipping, periodic validation, early stopping and atomic checkpoints.
-The loop never asks which method or objective is active: it talks to them through their protocols.
+Reads top to bottom: take the device and precision from the command's `Runtime`, cache frozen
+work, build the optimizer and schedule, optionally restore a checkpoint, then step through epochs
+of length-grouped batches with gradient accumulation, clipping, periodic validation, early stopping
+and atomic checkpoints. The loop knows no task and no method: it talks to the objective and the
+method through their protocols (tunesmith.plugins), and what it needs of them is a field there.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,12 +23,13 @@ from tunesmith.errors import ConfigError
 from tunesmith.eval.evaluate import evaluate_items
 from tunesmith.eval.metrics import higher_is_better
 from tunesmith.runs import Run, read_json
-from tunesmith.training.batching import epoch_batches
+from tunesmith.runtime import Runtime
+from tunesmith.training.batching import epoch_batches, total_steps
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint
 from tunesmith.training.checkpoint import save_trainable as save_weights
 from tunesmith.training.dropout import use_fast_dropout
 
-__all__ = ["LoopResult", "frozen_matmuls_to_bf16", "make_autocast", "resolve_precision", "train_loop"]
+__all__ = ["LoopResult", "StepCallback", "frozen_matmuls_to_bf16", "train_loop"]
 
 StepCallback = Callable[[int, dict[str, Any]], None]
 
@@ -46,44 +45,6 @@ class LoopResult:
     skipped_steps: int = 0  # optimizer steps left out because a loss was not finite
     evals: list[dict[str, Any]] = field(default_factory=list)
     retention: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_precision(precision: str, model: torch.nn.Module | None = None) -> str:
-    """'auto' -> 'bf16' on a GPU with bf16 or a CPU with AVX-512 BF16 / AMX, else 'fp32'.
-
-    On a CPU, 'auto' gives 'fp32' for a `model` that trains convolutions (a conv net fine-tuned in
-    full, in part or with LoRA on its convs): under bf16 autocast the backward pass of oneDNN's
-    convolutions was slow, and an EfficientNet-Lite0 step ran 1.7x faster in fp32 (channels-last,
-    64 px: 339 vs 202 images/s). Where no convolution trains (feature extraction), bf16 stays: the
-    frozen forward pass ran 2.7x faster in it.
-    """
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if model is not None and trains_convolutions(model):
-        return "fp32"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
-
-
-def trains_convolutions(model: torch.nn.Module) -> bool:
-    """Whether a backward pass runs through a spatial convolution whose weights (or LoRA weights
-    beside it) train."""
-    has_spatial = any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) for m in model.modules())
-    return has_spatial and any(
-        isinstance(m, torch.nn.Conv2d) and any(p.requires_grad for p in m.parameters(recurse=False))
-        for m in model.modules()
-    )
-
-
-def make_autocast(device: torch.device, precision: str) -> Callable[[], AbstractContextManager[Any]]:
-    """bf16 autocast: matmuls in bf16, master weights, loss and gradients stay fp32."""
-    enabled = precision == "bf16"
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def frozen_matmuls_to_bf16(model: torch.nn.Module, trained: set[str]) -> int:
@@ -126,6 +87,7 @@ def train_loop(
     run: Run,
     names: list[str],
     fingerprint: dict[str, str],
+    runtime: Runtime,
     resume: bool = False,
     callbacks: Sequence[StepCallback] = (),
     retention: Any = None,
@@ -133,10 +95,8 @@ def train_loop(
     from accelerate import Accelerator
     from transformers import get_scheduler  # imported before the clock starts (~2 s the first time)
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device = accelerator.device
-    precision = resolve_precision(cfg.precision, model)
-    autocast = make_autocast(device, precision)
+    accelerator = Accelerator(cpu=runtime.device.type == "cpu")
+    device, autocast = runtime.device, runtime.autocast
     model.to(device)
     if device.type == "cpu":
         use_fast_dropout(model)  # torch's per-element Bernoulli draw was a third of a CPU LoRA step
@@ -145,15 +105,13 @@ def train_loop(
 
     # Frozen work done once: what runs before the first trainable weight is computed a single time.
     if method.frozen_backbone or method.frozen_blocks > 0:
-        train_items, val_items = _cache(model, method, objective, train_items, val_items, cfg, eval_cfg, autocast, run)
-    if precision == "bf16":
+        train_items, val_items = _cache(model, method, objective, train_items, val_items, cfg, runtime, run)
+    if runtime.precision == "bf16":
         # After caching: the cache checks its split against an fp32 forward, which needs fp32 weights.
         frozen_matmuls_to_bf16(model, set(names))
 
-    n_batches = math.ceil(len(train_items) / cfg.batch_size)
-    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    optimizer, scheduler = _optimizer(model, method, cfg, total_steps, get_scheduler)
+    steps = total_steps(len(train_items), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+    optimizer, scheduler = _optimizer(model, method, cfg, steps, get_scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "bad_evals": 0, **fingerprint}
@@ -162,20 +120,20 @@ def train_loop(
     step = int(state.get("step", 0))
     result = LoopResult(steps=step, train_seconds=0.0, samples=0, tokens=0, best=state["best"])
     if retention is not None:
-        _retention_baseline(retention, state, model, autocast, device, run, result)
+        _retention_baseline(retention, state, model, runtime, run, result)
     watch = (cfg.early_stopping.metric if cfg.early_stopping else None) or eval_cfg.metric or objective.default_metric
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     paused = 0.0  # seconds spent validating or checkpointing, left out of the throughput
     running: list[float] = []
     postfix: dict[str, str] = {}  # the progress bar shows the latest loss and validation metric
     model.train()
 
-    while step < total_steps and not result.stopped_early:
+    while step < steps and not result.stopped_early:
         epoch = state["epoch"]
         method.on_epoch_start(model, epoch)
         batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
         b = state["batch"]
-        while b < len(batches) and step < total_steps:
+        while b < len(batches) and step < steps:
             group = batches[b : b + cfg.grad_accum]  # micro-batches of one optimizer step
             finite = True
             for ids in group:
@@ -203,11 +161,9 @@ def train_loop(
             state.update(step=step, epoch=epoch, batch=b)
 
             record: dict[str, Any] = {"step": step, "epoch": round(epoch + b / len(batches), 4)}
-            if (step % cfg.log_every == 0 or step == total_steps) and running:
+            if (step % cfg.log_every == 0 or step == steps) and running:
                 record.update(loss=sum(running) / len(running), lr=scheduler.get_last_lr()[0])
-                stats = getattr(objective, "step_stats", None)  # e.g. rl: mean reward, KL, completion length
-                if stats is not None:
-                    record.update(stats())
+                record.update(objective.step_stats())  # e.g. rl: mean reward, KL, completion length
                 running.clear()
                 run.log({"kind": "train", **record})
             epoch_end = b >= len(batches)
@@ -217,8 +173,8 @@ def train_loop(
             t0 = time.perf_counter()
             if due_eval:
                 assert val_items is not None
-                metrics = evaluate_items(model, objective, val_items, eval_cfg.batch_size, autocast, device)
-                kept = retention.measure(model, autocast, device) if retention is not None else None
+                metrics = evaluate_items(model, objective, val_items, runtime)
+                kept = retention.measure(model, runtime) if retention is not None else None
                 within = kept is None or kept["within_bound"]
                 _track_best(metrics, watch, step, state, cfg, run, model, names, result, within)
                 if kept is not None:
@@ -228,13 +184,13 @@ def train_loop(
                         result.stopped_early = True
                         run.log({"kind": "retention_stop", "step": step, "best": state["best"]})
                 run.log({"kind": "eval", "step": step, "epoch": record["epoch"], "metrics": metrics})
-                samples = objective.eval_samples(model, autocast, eval_cfg.max_new_tokens)
+                samples = objective.eval_samples(model, runtime, eval_cfg.max_new_tokens)
                 if samples:
                     run.log({"kind": "samples", "step": step, "samples": samples})
                 result.evals.append({"step": step, **metrics})
                 postfix[watch] = f"{metrics.get(watch, float('nan')):.4f}"
             due_save = step % cfg.save_every == 0 if cfg.save_every else (due_eval or epoch_end)
-            if due_save and step < total_steps:
+            if due_save and step < steps:
                 save_checkpoint(run.checkpoints, step, model, names, optimizer, scheduler, state)
             paused += time.perf_counter() - t0
             if "loss" in record:
@@ -258,7 +214,7 @@ def train_loop(
     return result
 
 
-def _cache(model, method, objective, train_items, val_items, cfg, eval_cfg, autocast, run):
+def _cache(model, method, objective, train_items, val_items, cfg, runtime, run):
     """Pooled features of a frozen backbone, else what enters block `method.frozen_blocks` (the
     objective knows its inputs; it leaves items as they are where nothing can be cached)."""
     max_bytes = cfg.cache_max_mb * 2**20
@@ -266,29 +222,29 @@ def _cache(model, method, objective, train_items, val_items, cfg, eval_cfg, auto
     k = None if method.frozen_backbone else method.frozen_blocks
 
     def cache(items, name):
-        return objective.cache_frozen(model, items, k, eval_cfg.batch_size, autocast, max_bytes, spill, name)
+        return objective.cache_frozen(model, items, k, runtime, max_bytes, spill, name)
 
     return cache(train_items, "train"), (None if val_items is None else cache(val_items, "validation"))
 
 
-def _optimizer(model: Any, method: Any, cfg: TrainConfig, total_steps: int, get_scheduler: Any):
+def _optimizer(model: Any, method: Any, cfg: TrainConfig, steps: int, get_scheduler: Any):
     lr = cfg.lr if cfg.lr is not None else method.default_lr
     groups = method.param_groups(model, lr, cfg.head_lr or lr, cfg.weight_decay)
     if not groups:
         raise ConfigError(f"method.name={method.name}: no parameter is trainable")
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    warmup = round(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    warmup = round(cfg.warmup_ratio * steps)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     return optimizer, scheduler
 
 
-def _retention_baseline(retention, state, model, autocast, device, run, result) -> None:
+def _retention_baseline(retention, state, model, runtime, run, result) -> None:
     """What the base model knew: measured before the first step (kept in the checkpoint state, so a
     resumed run compares against the same baseline)."""
     if state.get("retention_baseline") is not None:
         retention.baseline = state["retention_baseline"]
         return
-    kept = retention.measure(model, autocast, device)
+    kept = retention.measure(model, runtime)
     state["retention_baseline"] = retention.baseline
     run.log({"kind": "retention", "step": 0, **kept})
     result.retention.append({"step": 0, **kept})

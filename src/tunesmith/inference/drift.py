@@ -8,21 +8,25 @@ model built afresh from the run's config (full, partial, bottleneck adapters).
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
+from tunesmith.data.templates import encode_prompt, resolve_template
 from tunesmith.errors import ConfigError
+from tunesmith.inference import Trained, base_model
+from tunesmith.losses.lm import token_logprobs
+from tunesmith.losses.preference import kl_k3
+from tunesmith.models.anatomy import adapters_off, can_switch_off
 from tunesmith.models.generate import Sampling, generate_ids
-from tunesmith.objectives.lm_loss import token_logprobs
-from tunesmith.objectives.preference_losses import kl_k3
 
 __all__ = ["kl_to_base", "sample", "sample_with_kl"]
 
 
 @torch.no_grad()
 def sample(
-    trained: Any, prompts: list[str], sampling: Sampling, batch_size: int = 16, from_base: bool = False
+    trained: Trained, prompts: list[str], sampling: Sampling, batch_size: int = 16, from_base: bool = False
 ) -> tuple[list[list[int]], list[list[int]], list[str]]:
     """Prompt ids, completion ids and completion texts sampled from a trained causal-LM run (sft, dpo,
     rl), rendered as training rendered its prompts.
@@ -33,9 +37,8 @@ def sample(
     Raises:
         ConfigError: `from_base` for a run whose method has no adapter to switch off.
     """
-    from tunesmith.data.templates import encode_prompt, resolve_template
-
-    model, tokenizer = trained.model.eval(), trained.objective.tokenizer
+    model: Any = trained.model.eval()
+    tokenizer: Any = trained.objective.tokenizer
     template = resolve_template(tokenizer, trained.config.data.template)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     context = _adapter_off(trained) if from_base else contextlib.nullcontext()
@@ -49,13 +52,10 @@ def sample(
 
 
 @torch.no_grad()
-def kl_to_base(trained: Any, prompt_ids: list[list[int]], completions: list[list[int]]) -> float:
+def kl_to_base(trained: Trained, prompt_ids: list[list[int]], completions: list[list[int]]) -> float:
     """Mean per-token KL(tuned || base) over the completion tokens."""
-    from tunesmith.build import build_model
-
     model = trained.model.eval()
-    switchable = callable(getattr(model.backbone, "disable_adapter", None))
-    base = model if switchable else build_model(trained.config, 0)[0].eval()
+    base = base_model(trained)
     total, tokens = 0.0, 0
     for prompt, completion in zip(prompt_ids, completions, strict=True):
         if not completion:
@@ -63,7 +63,7 @@ def kl_to_base(trained: Any, prompt_ids: list[list[int]], completions: list[list
         row = torch.tensor([prompt + completion])
         targets = row[0, len(prompt) :]
         policy = _logps(model, row, len(prompt), targets)
-        with _adapter_off(trained) if switchable else contextlib.nullcontext():
+        with adapters_off(base):
             reference = _logps(base, row, len(prompt), targets)
         total += float(kl_k3(policy, reference).sum())
         tokens += len(completion)
@@ -71,18 +71,17 @@ def kl_to_base(trained: Any, prompt_ids: list[list[int]], completions: list[list
 
 
 def sample_with_kl(
-    trained: Any, prompts: list[str], sampling: Sampling, batch_size: int = 16
+    trained: Trained, prompts: list[str], sampling: Sampling, batch_size: int = 16
 ) -> tuple[list[str], float]:
     """Completions sampled from the run, and the mean per-token KL of the run's model to its base on them."""
     prompt_ids, completions, texts = sample(trained, prompts, sampling, batch_size)
     return texts, kl_to_base(trained, prompt_ids, completions)
 
 
-def _adapter_off(trained: Any) -> Any:
-    switch = getattr(trained.model.backbone, "disable_adapter", None)
-    if not callable(switch):
-        raise ConfigError(f"{trained.run.dir}: method {trained.config.method.name} has no adapter to switch off")
-    return switch()
+def _adapter_off(trained: Trained) -> AbstractContextManager[Any]:
+    if not can_switch_off(trained.model):
+        raise ConfigError(f"{trained.where}: method {trained.config.method.name} has no adapter to switch off")
+    return adapters_off(trained.model)
 
 
 def _logps(model: Any, row: torch.Tensor, start: int, targets: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 Rows arrive in batches; each keeps a few bytes of state whatever its length (a 64-bit hash of its
 normalised text, a 128-byte MinHash signature and its band keys, its label, a reason code), so a
 million rows fit in a few hundred MB. Every row gets one reason: kept, or why `clean` drops it.
+The pass is the same for every task that checks rows; what is task-specific comes from the task's
+`RowChecks`.
 """
 
 from __future__ import annotations
@@ -10,19 +12,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from tunesmith.config import DataConfig
-from tunesmith.data.keyindex import GrowingArray, KeyIndex
-from tunesmith.data.lengths import SftMeasure, classification_lengths, sft_measures
-from tunesmith.data.minhash import NearDuplicateIndex, signatures
+from tunesmith.data.quality.keyindex import GrowingArray, KeyIndex
+from tunesmith.data.quality.minhash import NearDuplicateIndex, signatures
+from tunesmith.data.quality.report import Finding
+from tunesmith.data.quality.rows import Measure, RowFacts, normalize
 from tunesmith.data.readers import Row, UnreadableRow
-from tunesmith.data.row_facts import RowFacts, Task, inspect_row, normalize, role_problem
-from tunesmith.data.sft import SftExample
 
-__all__ = ["BATCH", "BATCH_CHARS", "REASONS", "Scan", "Tally"]
+__all__ = ["BATCH", "BATCH_CHARS", "REASONS", "RowChecks", "Scan", "Tally"]
 
 BATCH = 2048  # rows checked at once
 BATCH_CHARS = 1_000_000  # ... or fewer, when their texts are longer than this in all
@@ -40,8 +41,24 @@ _TALLIES = (
     "overlong",
     "untrainable",
     "missing_eos",
-    "role_order",
 )
+
+
+class RowChecks(Protocol):
+    """A task's part of the streamed gate."""
+
+    task: str  # the task's name, for the report
+    labelled: bool  # a copy with another label is a conflict (not a duplicate), and labels are counted
+    tallies: tuple[str, ...]  # tallies of its own, filled from `RowFacts.notes` (e.g. role_order)
+
+    def inspect(self, row: Row) -> RowFacts:
+        """Read one row as training would."""
+
+    def measure(self, facts: Sequence[RowFacts], tokenizer: Any | None) -> list[Measure]:
+        """Lengths (and what stays trained) of readable rows, as training would encode them."""
+
+    def findings(self, scan: Scan) -> tuple[Finding, ...]:
+        """Its findings after the common ones (schema errors, empty rows, duplicates, near duplicates)."""
 
 
 @dataclass
@@ -95,8 +112,8 @@ class Scan:
         conflicts: first row of a text -> the labels the text has.
     """
 
-    def __init__(self, cfg: DataConfig, task: Task, tokenizer: Any | None) -> None:
-        self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
+    def __init__(self, cfg: DataConfig, checks: RowChecks, tokenizer: Any | None) -> None:
+        self.cfg, self.checks, self.tokenizer = cfg, checks, tokenizer
         self.rows = 0
         self.wheres = _WhereBook()
         self.reasons = GrowingArray(np.uint8)
@@ -106,7 +123,7 @@ class Scan:
         self.conflicts: dict[int, set[str]] = {}
         self.conflicting_rows = 0
         self.untrainable_why: list[str] = []
-        self.tally = {name: Tally() for name in _TALLIES}
+        self.tally = {name: Tally() for name in (*_TALLIES, *checks.tallies)}
         self.label_counts: Counter[str] = Counter()
         self.length_counts = np.zeros(1, dtype=np.int64)  # rows of each length
         self.reference_rows = self.reference_unusable = 0
@@ -127,6 +144,9 @@ class Scan:
         self.wheres.add(first, [item.where for item in items])
         facts = [self._inspect(item) for item in items]
         codes = np.zeros(len(items), dtype=np.uint8)
+        for i, fact in enumerate(facts):
+            for tally, note in fact.notes if fact.status == "ok" else ():
+                self.tally[tally].add(f"{items[i].where}: {note}")
         untrainable = self._measure(first, facts)
         for i, fact in enumerate(facts):
             if fact.status != "ok":
@@ -145,44 +165,21 @@ class Scan:
     def _inspect(self, item: Row | UnreadableRow) -> RowFacts:
         if isinstance(item, UnreadableRow):
             return RowFacts("schema_error", problem=item.problem)
-        return inspect_row(item, self.cfg, self.task)
+        return self.checks.inspect(item)
 
     def _measure(self, first: int, facts: list[RowFacts]) -> dict[int, str]:
-        """Lengths, and for sft what stays trained; returns the untrainable rows with the reason.
+        """Lengths, and what stays trained; returns the untrainable rows with the reason.
 
         A row that cannot be rendered becomes a schema error in `facts`.
         """
         ok = [i for i, fact in enumerate(facts) if fact.status == "ok"]
-        if self.task == "classification":
-            lengths = classification_lengths([facts[i].text for i in ok], [facts[i].pair for i in ok], self.tokenizer)
-            self._count_lengths(first, ok, lengths)
-            return {}
-        cfg = self.cfg
-        examples: list[SftExample] = []
-        for i in ok:
-            example = facts[i].example
-            assert example is not None, "ok sft rows carry their example"
-            examples.append(example)
-            problem = role_problem(example.messages) if example.kind == "chat" else ""
-            if problem:
-                self.tally["role_order"].add(f"{self.wheres.get(first + i)}: {problem}")
-        measures = sft_measures(
-            examples,
-            self.tokenizer,
-            cfg.template,
-            cfg.train_on_prompt,
-            cfg.max_length,
-            cfg.overlong,
-        )
+        measures = self.checks.measure([facts[i] for i in ok], self.tokenizer)
         for i, measure in zip(ok, measures, strict=True):
             if measure.error:
                 facts[i] = RowFacts("schema_error", problem=f"cannot be rendered: {measure.error}")
                 self.notes[first + i] = facts[i].problem
         kept = [(i, m) for i, m in zip(ok, measures, strict=True) if not m.error]
         self._count_lengths(first, [i for i, _ in kept], [m.length for _, m in kept])
-        return self._sft_tallies(first, kept)
-
-    def _sft_tallies(self, first: int, kept: list[tuple[int, SftMeasure]]) -> dict[int, str]:
         untrainable: dict[int, str] = {}
         for i, measure in kept:
             where = self.wheres.get(first + i)
@@ -208,17 +205,17 @@ class Scan:
     def _compare(self, first: int, ok: np.ndarray, facts: list[RowFacts], codes: np.ndarray) -> None:
         """Exact duplicates, conflicting labels and near duplicates of the readable rows.
 
-        A copy of an earlier text is a duplicate when it has the same label (sft: always), else a
+        A copy of an earlier text is a duplicate when it has the same label (unlabelled rows: always), else a
         conflict; near duplicates are looked for among texts not seen before.
         """
         rows = first + ok
-        keys = np.fromiter((hash(normalize(f.compared)) for f in facts), dtype=np.int64, count=len(facts))
+        keys = np.fromiter((hash(normalize(f.text)) for f in facts), dtype=np.int64, count=len(facts))
         self._exact.add(keys.view(np.uint64), rows)
         groups = self._exact.first(keys.view(np.uint64))
         repeated = groups != rows
         self.related.set(rows[repeated], groups[repeated])
         duplicate = repeated
-        if self.task == "classification":
+        if self.checks.labelled:
             duplicate = repeated & ~self._check_labels(rows, groups, repeated, [f.label or "" for f in facts])
         codes[ok[duplicate]] = DUPLICATE
         for row, group in zip(rows[duplicate], groups[duplicate], strict=True):
@@ -226,7 +223,7 @@ class Scan:
         distinct = np.flatnonzero(~repeated)
         if not len(distinct):
             return
-        best, similarity = self.near.add(rows[distinct], signatures([facts[j].compared for j in distinct]))
+        best, similarity = self.near.add(rows[distinct], signatures([facts[j].text for j in distinct]))
         near = best >= 0
         codes[ok[distinct[near]]] = NEAR
         self.related.set(rows[distinct[near]], best[near])
@@ -267,13 +264,13 @@ class Scan:
         self.reference_unusable += len(items) - len(usable)
         if not usable:
             return
-        keys = np.fromiter((hash(normalize(f.compared)) for _, f in usable), dtype=np.int64, count=len(usable))
+        keys = np.fromiter((hash(normalize(f.text)) for _, f in usable), dtype=np.int64, count=len(usable))
         equal = self._exact.first(keys.view(np.uint64))
         rest = np.flatnonzero(equal < 0)
         near = np.full(len(usable), -1, dtype=np.int64)
         similarity = np.zeros(len(usable))
         if len(rest):
-            near[rest], similarity[rest] = self.near.query(signatures([usable[j][1].compared for j in rest]))
+            near[rest], similarity[rest] = self.near.query(signatures([usable[j][1].text for j in rest]))
         for j, (where, _) in enumerate(usable):
             if equal[j] >= 0:
                 self._leak(int(equal[j]), where, None)

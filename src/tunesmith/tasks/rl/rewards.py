@@ -14,26 +14,37 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ConfigError
+from tunesmith.inference import load_trained
+from tunesmith.runtime import Runtime
 
-__all__ = ["RewardSource", "load_reward"]
+__all__ = ["RewardSource", "check_reward_spec", "load_reward"]
 
 RewardSource = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
 
-def load_reward(spec: str | None) -> tuple[RewardSource, dict[str, Any]]:
-    """The reward function named by `rl.reward`, and its record for the manifest.
+def check_reward_spec(spec: str | None) -> None:
+    """Raise ConfigError unless `spec` names a directory or has the form module:function (cheap: the
+    reward itself is loaded when the run binds it)."""
+    if not spec:
+        raise ConfigError("rl.reward: task rl needs a reward: a reward run directory or module:function")
+    module_name, sep, name = spec.partition(":")
+    if not Path(spec).expanduser().is_dir() and (not sep or not module_name or not name):
+        raise ConfigError(f"rl.reward={spec!r}: neither a directory nor module:function (e.g. my_rewards:positive)")
+
+
+def load_reward(spec: str | None, runtime: Runtime) -> tuple[RewardSource, dict[str, Any]]:
+    """The reward function named by `rl.reward`, and its record for the manifest. A reward run scores
+    on `runtime` (the command's device and precision).
 
     Raises:
         ConfigError: no reward given, a module or function that cannot be found, or a directory that
             is not a finished reward run.
     """
-    if not spec:
-        raise ConfigError("rl.reward: task rl needs a reward: a reward run directory or module:function")
+    check_reward_spec(spec)
+    assert spec is not None
     if Path(spec).expanduser().is_dir():
-        return _reward_run(Path(spec).expanduser())
-    module_name, sep, name = spec.partition(":")
-    if not sep or not module_name or not name:
-        raise ConfigError(f"rl.reward={spec!r}: neither a directory nor module:function (e.g. my_rewards:positive)")
+        return _reward_run(Path(spec).expanduser(), runtime)
+    module_name, _, name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -46,23 +57,17 @@ def load_reward(spec: str | None) -> tuple[RewardSource, dict[str, Any]]:
     return function, record
 
 
-def _reward_run(run_dir: Path) -> tuple[RewardSource, dict[str, Any]]:
-    from tunesmith.api import load_trained
-    from tunesmith.eval.evaluate import score_items
-    from tunesmith.training.loop import make_autocast, resolve_precision
-
+def _reward_run(run_dir: Path, runtime: Runtime) -> tuple[RewardSource, dict[str, Any]]:
     trained = load_trained(run_dir)
-    if trained.config.task != "reward":
-        raise ConfigError(f"rl.reward={run_dir}: a {trained.config.task} run, not a reward run")
-    model, objective = trained.model.eval(), trained.objective
-    for param in model.parameters():
-        param.requires_grad_(False)
+    if trained.task.output != "score":
+        raise ConfigError(
+            f"rl.reward={run_dir}: a {trained.config.task} run gives a {trained.task.output}, not a score; "
+            "give a reward run"
+        )
+    trained.model.eval().requires_grad_(False).to(runtime.device)
 
     def score(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        device = next(model.parameters()).device
-        autocast = make_autocast(device, resolve_precision(trained.config.train.precision, model))
-        items = objective.encode_responses(list(prompts), list(completions))
-        return score_items(model, objective, items, trained.config.eval.batch_size, autocast, device)
+        return trained.task.score(trained, list(prompts), list(completions), runtime)
 
     weights = run_dir / "final" / "trainable.safetensors"
     return score, {"kind": "reward run", "run": str(run_dir.resolve()), "sha256": _sha256(weights)}

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CHUNK_TOKENS", "linear_cross_entropy", "token_logprobs", "token_losses"]
+__all__ = ["CHUNK_TOKENS", "IGNORE", "linear_cross_entropy", "token_logprobs", "token_losses"]
 
 CHUNK_TOKENS = 1024  # 1024 x 49,152 fp32 logits = 200 MB at a time
+IGNORE = -100  # the label of a position that is not trained (or not scored)
 
 
 def linear_cross_entropy(

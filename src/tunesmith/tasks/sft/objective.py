@@ -1,9 +1,9 @@
-"""Instruction tuning (supervised fine-tuning) of a causal LM: next-token loss on completion tokens.
+"""The objective of instruction tuning: next-token loss on completion tokens.
 
-Rows are rendered and masked in data/sft.py (what is trained: completion / assistant tokens and the
-EOS). Here they are batched, optionally packed several to a sequence (each row attends only to
-itself and its positions restart, so a packed row computes what it computes alone), and scored
-with the chunked loss of objectives/lm_loss.py on the trained positions only.
+Rows are rendered and masked by data/templates.py (what is trained: completion / assistant tokens
+and the EOS). Here they are batched, optionally packed several to a sequence (each row attends only
+to itself and its positions restart, so a packed row computes what it computes alone), and scored
+with the chunked loss of losses/lm.py on the trained positions only.
 """
 
 from __future__ import annotations
@@ -16,20 +16,20 @@ import torch
 
 from tunesmith.data.sft import SftExample
 from tunesmith.data.templates import encode_examples, resolve_template
+from tunesmith.eval.answers import answer_prompts
+from tunesmith.losses.lm import IGNORE, linear_cross_entropy, token_losses
 from tunesmith.models.causal_lm import LMOutput
-from tunesmith.objectives.lm_loss import linear_cross_entropy, token_losses
+from tunesmith.models.generate import Sampling
+from tunesmith.runtime import Runtime
+from tunesmith.training.batching import padded_width
 from tunesmith.training.cache import cache_text_items
 
-__all__ = ["IGNORE", "LMMetrics", "SftObjective", "pack"]
-
-IGNORE = -100  # label of a position that is not trained
-PAD_MULTIPLE = 8  # see ClassificationObjective.padded_width
+__all__ = ["LMMetrics", "SftObjective", "pack"]
 
 Item = dict[str, Any]
 
 
 class SftObjective:
-    name = "sft"
     default_metric = "loss"
 
     def __init__(
@@ -50,6 +50,7 @@ class SftObjective:
         # Padding is masked by the attention mask, never by id, so any id will do (pad may equal EOS).
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
+        self.labels: list[str] = []  # instruction rows have no label set
         self.counts: dict[str, dict[str, int]] = {}  # split name -> rows kept, truncated, dropped...
         self.sample_prompts: list[Any] = []  # validation prompts generated at each evaluation
 
@@ -57,16 +58,13 @@ class SftObjective:
         """'chat' or 'plain': how prompts are rendered, in training and at inference alike."""
         return resolve_template(self.tokenizer, self.template)  # type: ignore[arg-type]
 
-    def eval_samples(self, model: Any, autocast: Any, max_new_tokens: int) -> list[dict[str, str]]:
+    def eval_samples(self, model: Any, runtime: Runtime, max_new_tokens: int) -> list[dict[str, Any]]:
         """Greedy answers to the fixed validation prompts, so a log shows behaviour, not only loss."""
-        from tunesmith.eval.answers import answer_prompts
-        from tunesmith.models.generate import Sampling
-
         if not self.sample_prompts:
             return []
         template = self.resolved_template()
         outputs = answer_prompts(
-            model, self.tokenizer, template, self.sample_prompts, Sampling(max_new_tokens), 8, autocast
+            model, self.tokenizer, template, self.sample_prompts, Sampling(max_new_tokens), 8, runtime.autocast
         )
         return [{"prompt": p[-1].content, "output": o} for p, o in zip(self.sample_prompts, outputs, strict=True)]
 
@@ -129,6 +127,10 @@ class SftObjective:
 
     def new_metrics(self) -> LMMetrics:
         return LMMetrics()
+
+    @staticmethod
+    def step_stats() -> dict[str, float]:
+        return {}
 
 
 class LMMetrics:
@@ -206,8 +208,3 @@ def _packed_mask(items: Sequence[Item], width: int) -> dict[str, torch.Tensor]:
     # Additive form: both attention kernels accept it ("eager" misreads a boolean 4-D mask).
     mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
     return {"attention_mask": mask[:, None], "position_ids": positions}
-
-
-def padded_width(longest: int, max_length: int) -> int:
-    rounded = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
-    return min(rounded, max(longest, max_length))

@@ -1,5 +1,6 @@
-"""The data quality report for people: a terminal table (rich) and a self-contained HTML page
-(inline CSS, no scripts, no external assets: it opens from disk or an e-mail attachment)."""
+"""The data quality report for people: a terminal table (rich) with the rows found listed below it,
+and a self-contained HTML page (inline CSS, no scripts, no external assets: it opens from disk or
+an e-mail attachment)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from tunesmith.data.quality_report import Finding, QualityReport
+from tunesmith.data.quality.report import Finding, QualityReport
 
-__all__ = ["report_html", "report_table", "summary_line"]
+__all__ = ["report_details", "report_html", "report_table", "summary_line"]
 
 
 def summary_line(report: QualityReport) -> str:
@@ -29,30 +30,37 @@ def summary_line(report: QualityReport) -> str:
 
 
 def report_table(report: QualityReport) -> Table:
-    """The findings as a rich table: check, count, share, limit, result, and what was found where."""
-    fixes = [f"fix {f.name}: {f.fix} (limit: {f.setting})" for f in report.failed]
-    table = Table(
-        title=summary_line(report),
-        title_justify="left",
-        caption="\n".join(fixes),
-        caption_justify="left",
-        show_lines=True,
-    )
+    """The checks as a rich table: check, count, share, limit and result (narrow enough for an
+    80-column terminal; the summary line and what was found where are in `report_details`)."""
+    table = Table()
     table.add_column("check", no_wrap=True)
     for name in ("count", "share", "limit"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("result", no_wrap=True)
-    table.add_column("details")
     for f in report.findings:
-        table.add_row(
-            f.name,
-            f"{f.count:,}",
-            f"{f.share:.1%}" if f.total else "-",
-            f.limit_text(),
-            _result(f),
-            Text("\n".join(_details(f))),  # Text: the data's own brackets are not rich markup
-        )
+        table.add_row(f.name, f"{f.count:,}", f"{f.share:.1%}" if f.total else "-", f.limit_text(), _result(f))
     return table
+
+
+def report_details(report: QualityReport) -> list[str]:
+    """Below the table, one block per check that failed or found rows: how it was checked, the fix
+    (failed checks), and the first rows found, each on its own line with its full origin."""
+    lines: list[str] = []
+    for f in report.findings:
+        found_rows = f.limit_kind in ("count", "share", None) and f.count > 0 and bool(f.examples)
+        if f.passed and not found_rows:
+            continue
+        state = "FAILED" if not f.passed else "found"
+        lines.append(f"{f.name} ({state}, {f.count:,}): {f.detail}" if f.detail else f"{f.name} ({state}, {f.count:,})")
+        if f.name == "overlong" and f.stats:
+            s = f.stats
+            lines.append(f"  lengths: p50 {s['p50']}, p90 {s['p90']}, p99 {s['p99']}, max {s['max']} {s['unit']}")
+        lines += [f"  {example}" for example in f.examples]
+        if found_rows and f.count > len(f.examples):
+            lines.append(f"  ... and {f.count - len(f.examples):,} more")
+        if not f.passed:
+            lines.append(f"  fix: {f.fix} (limit: {f.setting})")
+    return lines
 
 
 def _result(f: Finding) -> Text:
@@ -61,15 +69,6 @@ def _result(f: Finding) -> Text:
     if not f.passed:
         return Text("FAIL", style="bold red")
     return Text("ok" if f.limit is not None or not f.count else "found", style="green" if not f.count else "yellow")
-
-
-def _details(f: Finding) -> list[str]:
-    """What a person reads about a finding: how it was checked, the numbers, the first rows found."""
-    lines = [f.detail] if f.detail else []
-    if f.name == "overlong" and f.stats:
-        s = f.stats
-        lines.append(f"p50 {s['p50']}, p90 {s['p90']}, p99 {s['p99']}, max {s['max']} {s['unit']}")
-    return lines + [f"  {example}" for example in f.examples]
 
 
 _STYLE = """

@@ -1,44 +1,31 @@
-"""The data quality gate (DESIGN §6), run before training and alone as `tunesmith data check`.
+"""The streamed data quality gate (DESIGN §6), run before training and alone as `tunesmith data check`.
 
 `check_rows` / `check_file` report schema errors, empty rows, exact and near duplicates (MinHash),
-texts with conflicting labels, train/validation leakage, label balance, lengths against
-`max_length`, rows with no trained token, missing EOS and chat role order, each against
-`data.thresholds`. `clean_file` writes the rows worth keeping and every dropped row with its
-reason: nothing is dropped silently. Both stream: memory grows by a few hundred bytes a row,
-whatever the rows' length.
+train/validation leakage and lengths against `max_length`, and what the task's `RowChecks` adds
+(texts with conflicting labels and label balance; rows with no trained token, missing EOS and chat
+role order), each against `data.thresholds`. `clean_file` writes the rows worth keeping and every
+dropped row with its reason: nothing is dropped silently. Both stream: memory grows by a few
+hundred bytes a row, whatever the rows' length.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-from tunesmith.config import DataConfig, TaskName
-from tunesmith.data.quality_findings import findings
-from tunesmith.data.quality_report import CleanSummary, Finding, QualityReport, gate
-from tunesmith.data.quality_scan import BATCH, BATCH_CHARS, REASONS, Scan
+from tunesmith.config import DataConfig
+from tunesmith.data.load import iter_source_rows
+from tunesmith.data.quality.findings import findings
+from tunesmith.data.quality.report import CleanSummary, QualityReport
+from tunesmith.data.quality.scan import BATCH, BATCH_CHARS, REASONS, RowChecks, Scan
 from tunesmith.data.readers import Row, UnreadableRow, iter_rows
-from tunesmith.data.row_facts import Task, inspect_row
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import DataError
 from tunesmith.runs import atomic_writer
 
-__all__ = [
-    "CleanSummary",
-    "Finding",
-    "QualityReport",
-    "check_file",
-    "check_rows",
-    "check_task_file",
-    "clean_file",
-    "dropped_path",
-    "gate",
-    "quality_setup",
-    "stream_rows",
-]
+__all__ = ["check_file", "check_rows", "clean_file", "dropped_path", "stream_rows"]
 
 
 def stream_rows(path: str | Path, column_map: dict[str, str] | None = None) -> Iterator[Row | UnreadableRow]:
@@ -58,7 +45,7 @@ def stream_rows(path: str | Path, column_map: dict[str, str] | None = None) -> I
 def check_rows(
     rows: Iterable[Row | UnreadableRow],
     cfg: DataConfig,
-    task: Task,
+    checks: RowChecks,
     tokenizer: Any | None = None,
     reference: Iterable[Row | UnreadableRow] | None = None,
     source: str = "rows",
@@ -68,7 +55,7 @@ def check_rows(
     Args:
         rows: the training rows (fields already renamed by `data.column_map`).
         cfg: fields, `max_length`, `overlong`, `template`, `train_on_prompt` and `thresholds`.
-        task: "classification" or "sft".
+        checks: the task's part of the checks (how a row is read, measured and reported).
         tokenizer: the model's tokenizer; without it lengths are whitespace words and the EOS check
             is skipped.
         reference: validation/test rows, checked for leakage after the training rows.
@@ -77,44 +64,25 @@ def check_rows(
     Returns:
         The report; `report.passed` is False when a limit in `cfg.thresholds` is breached.
     """
-    scan = _scan(rows, cfg, task, tokenizer, reference)
-    return QualityReport(source, task, scan.rows, findings(scan), _unit(tokenizer))
+    scan = _scan(rows, cfg, checks, tokenizer, reference)
+    return QualityReport(source, checks.task, scan.rows, findings(scan), _unit(tokenizer))
 
 
 def check_file(
     path: str | Path,
     cfg: DataConfig,
-    task: Task,
+    checks: RowChecks,
     tokenizer: Any | None = None,
     references: Sequence[str | Path] = (),
 ) -> QualityReport:
-    """Check a training file (see `check_rows`); `references` are validation/test files for leakage.
+    """Check a training file or packaged data set (see `check_rows`); `references` are
+    validation/test files (or packaged names) for leakage.
 
     Raises:
         DataError: a file cannot be read at all (missing, unknown type, no rows, bad CSV header).
     """
     reference = _reference_rows(references, cfg) if references else None
-    return check_rows(stream_rows(path, cfg.column_map), cfg, task, tokenizer, reference, source=str(path))
-
-
-def check_task_file(
-    path: str | Path, cfg: DataConfig, task: TaskName, tokenizer: Any | None, references: Sequence[str | Path]
-) -> QualityReport:
-    """`check_file` for text rows; the image gate for image data, the pair checks for preference data."""
-    from tunesmith.data.load import read_task_examples
-
-    if task not in ("image-classification", "reward", "dpo", "rl"):
-        return check_file(path, cfg, task, tokenizer, references)  # type: ignore[arg-type]
-    held = [e for r in references for e in read_task_examples(str(r), cfg, task)]
-    examples = read_task_examples(str(path), cfg, task)
-    if task == "image-classification":
-        from tunesmith.data.image_quality import check_images
-
-        return check_images(examples, held, cfg, source=str(path))
-    from tunesmith.data.preference_quality import check_preferences, check_prompts
-
-    report = check_prompts(examples, held, cfg) if task == "rl" else check_preferences(examples, held, cfg, task)
-    return replace(report, source=str(path))
+    return check_rows(iter_source_rows(path, cfg), cfg, checks, tokenizer, reference, source=str(path))
 
 
 def dropped_path(out: str | Path) -> Path:
@@ -127,7 +95,7 @@ def clean_file(
     path: str | Path,
     out: str | Path,
     cfg: DataConfig,
-    task: Task,
+    checks: RowChecks,
     tokenizer: Any | None = None,
     references: Sequence[str | Path] = (),
 ) -> QualityReport:
@@ -136,7 +104,7 @@ def clean_file(
 
     Dropped: unreadable rows and schema errors, empty rows, exact duplicates (the first copy is
     kept), near duplicates (the first of each group is kept), every row of a text with conflicting
-    labels, training rows that leak into `references`, and sft rows with no trained token.
+    labels, training rows that leak into `references`, and rows with no trained token.
 
     Returns:
         The check of `path` (as `check_file` gives it) with `cleaned` saying what was written.
@@ -150,22 +118,22 @@ def clean_file(
     if out.resolve() == path.resolve():
         raise DataError(f"{out}: would overwrite the input; write the cleaned rows to another file")
     reference = _reference_rows(references, cfg) if references else None
-    scan = _scan(stream_rows(path, cfg.column_map), cfg, task, tokenizer, reference)
+    scan = _scan(stream_rows(path, cfg.column_map), cfg, checks, tokenizer, reference)
     kept = _write_clean(path, out, scan)
     dropped = {reason: count for reason, count in scan.dropped().items() if reason != "kept" and count}
     summary = CleanSummary(str(out), str(dropped_path(out)), kept, dropped)
-    report = QualityReport(str(path), task, scan.rows, findings(scan), _unit(tokenizer))
+    report = QualityReport(str(path), checks.task, scan.rows, findings(scan), _unit(tokenizer))
     return replace(report, cleaned=summary)
 
 
 def _scan(
     rows: Iterable[Row | UnreadableRow],
     cfg: DataConfig,
-    task: Task,
+    checks: RowChecks,
     tokenizer: Any | None,
     reference: Iterable[Row | UnreadableRow] | None,
 ) -> Scan:
-    scan = Scan(cfg, task, tokenizer)
+    scan = Scan(cfg, checks, tokenizer)
     for batch in _batches(rows):
         scan.add(batch)
     if reference is not None:
@@ -205,7 +173,7 @@ def _chars(item: Row | UnreadableRow) -> int:
 
 def _reference_rows(paths: Sequence[str | Path], cfg: DataConfig) -> Iterator[Row | UnreadableRow]:
     for path in paths:
-        yield from stream_rows(path, cfg.column_map)
+        yield from iter_source_rows(path, cfg)
 
 
 def _unit(tokenizer: Any | None) -> Literal["tokens", "words"]:
@@ -242,36 +210,4 @@ def _problem(row: Row, scan: Scan) -> str:
     column_map = scan.cfg.column_map
     data = {key: value for key, value in row.data.items() if key not in column_map}
     data.update({column_map[key]: value for key, value in row.data.items() if key in column_map})
-    return inspect_row(Row(data, row.where), scan.cfg, scan.task).problem
-
-
-def quality_setup(
-    file: Path, task: str | None, config: Path | None, validation: Path | None, max_length: int | None
-) -> tuple[Any, TaskName, Any, list[Path]]:
-    """The data config, task, tokenizer (None without a config) and leakage references for checking
-    `file`: from a run config when given (its data settings, task and model tokenizer), else defaults."""
-    from tunesmith.config import DataConfig, load_config
-
-    tasks = get_args(TaskName)
-    if task is not None and task not in tasks:
-        raise ConfigError(f"--task {task!r}: use {', '.join(tasks[:-1])} or {tasks[-1]}")
-    task_name: TaskName = task or "classification"  # type: ignore[assignment]
-    tokenizer = None
-    if config is None:
-        cfg = DataConfig(train=str(file))
-        references = [validation] if validation is not None else []
-    else:
-        from tunesmith.build import prepare_tokenizer
-
-        run = load_config(config)
-        if task is not None and task != run.task:
-            raise ConfigError(f"--task {task} but {config} has task: {run.task}; leave out --task or fix the config")
-        cfg, task_name, tokenizer = run.data, run.task, prepare_tokenizer(run)
-        configured = [Path(s) for s in (cfg.validation, cfg.test) if isinstance(s, str)]
-        for path in configured:
-            if not path.exists():
-                print(f"warning: {path} (from {config}) is not a file; no leakage check against it", file=sys.stderr)
-        references = [validation] if validation is not None else [p for p in configured if p.exists()]
-    if max_length is not None:
-        cfg = cfg.model_copy(update={"max_length": max_length})
-    return cfg, task_name, tokenizer, references
+    return scan.checks.inspect(Row(data, row.where)).problem

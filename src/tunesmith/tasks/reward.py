@@ -10,21 +10,63 @@ rejected ones, so one forward pass scores both sides.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from tunesmith.config import DataConfig
+from tunesmith.data.load import read_preference_examples
 from tunesmith.data.preferences import PreferenceExample, encode_pairs
-from tunesmith.objectives.classification import PAD_MULTIPLE
-from tunesmith.objectives.preference_losses import reward_loss
+from tunesmith.data.quality import QualityReport
+from tunesmith.data.quality.pairs import check_preferences
+from tunesmith.data.sft import Message
+from tunesmith.eval.evaluate import score_items
+from tunesmith.eval.metrics import PreferenceMetrics
+from tunesmith.losses.preference import reward_loss
+from tunesmith.models.load import build_classifier
+from tunesmith.registry import register_task
+from tunesmith.runtime import Runtime
+from tunesmith.tasks.base import BaseTask
+from tunesmith.training.batching import PAD_MULTIPLE
 
-__all__ = ["PreferenceMetrics", "RewardObjective"]
+__all__ = ["RewardObjective", "RewardTask"]
 
 Item = dict[str, Any]
 
 
-class RewardObjective:
+@register_task("reward")
+class RewardTask(BaseTask):
+    """(Prompt, response) -> a score, learned from preference pairs."""
+
     name = "reward"
+    summary = "a scalar score learned from preference pairs"
+    headline = ("accuracy", "margin")
+    output = "score"
+    retention_metrics = ("accuracy",)
+
+    def read_examples(self, source: str, data: DataConfig, targets: bool = True) -> list[PreferenceExample]:
+        return read_preference_examples(source, data)
+
+    def check_data(
+        self, source: str, references: Sequence[str], data: DataConfig, tokenizer: Any | None
+    ) -> QualityReport:
+        held = [e for r in references for e in read_preference_examples(r, data)]
+        return check_preferences(read_preference_examples(source, data), held, data, self.name, source)
+
+    def build_model(self, num_labels: int) -> nn.Module:
+        return build_classifier(self.cfg.model, 1, self.cfg.train.seed)  # one output: the score
+
+    def objective(self, tokenizer: Any | None, labels: Sequence[str]) -> RewardObjective:
+        return RewardObjective(tokenizer, self.cfg.data.max_length, self.cfg.data.overlong)
+
+    def score(self, trained: Any, prompts: list[str], responses: list[str], runtime: Runtime) -> list[float]:
+        items = trained.objective.encode_responses(prompts, responses)
+        return score_items(trained.model, trained.objective, items, runtime)
+
+
+class RewardObjective:
     default_metric = "accuracy"
 
     def __init__(self, tokenizer: Any, max_length: int, overlong: str = "truncate") -> None:
@@ -55,8 +97,6 @@ class RewardObjective:
 
     def encode_responses(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Item]:
         """Items that score one response to one prompt each (both sides of the item are that response)."""
-        from tunesmith.data.sft import Message
-
         pairs = [
             PreferenceExample((Message("user", p),), r, r, "prompt", f"input {i + 1}")
             for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
@@ -88,48 +128,28 @@ class RewardObjective:
         return reward_loss(chosen, rejected)
 
     @staticmethod
-    def eval_samples(model: Any, autocast: Any, max_new_tokens: int) -> list[dict[str, str]]:
+    def eval_samples(model: Any, runtime: Runtime, max_new_tokens: int) -> list[dict[str, Any]]:
         return []
 
     def new_metrics(self) -> PreferenceMetrics:
         return PreferenceMetrics()
 
-    def cache_frozen(self, model: Any, items: Sequence[Item], *args: Any) -> list[Item]:
+    def cache_frozen(
+        self,
+        model: Any,
+        items: Sequence[Item],
+        k: int | None,
+        runtime: Runtime,
+        max_bytes: int,
+        spill_dir: Path,
+        name: str,
+    ) -> list[Item]:
         """Items as they are: both sides of a pair run through the model at every step."""
         return list(items)
 
-
-class PreferenceMetrics:
-    """Preference accuracy (the chosen response scores higher), mean margin, mean scores and loss."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.correct = 0
-        self.sums = {"margin": 0.0, "chosen": 0.0, "rejected": 0.0, "loss": 0.0}
-
-    def update_batch(self, scores: Any, batch: dict[str, torch.Tensor]) -> None:
-        chosen, rejected = scores[:, 0].float().cpu().chunk(2)
-        self.add(chosen, rejected, float(reward_loss(chosen, rejected)) * len(chosen))
-
-    def add(self, chosen: torch.Tensor, rejected: torch.Tensor, loss_sum: float) -> None:
-        """Count a batch of pairs by their scores (or implicit rewards) and summed loss."""
-        self.count += len(chosen)
-        self.correct += int((chosen > rejected).sum())
-        self.sums["margin"] += float((chosen - rejected).sum())
-        self.sums["chosen"] += float(chosen.sum())
-        self.sums["rejected"] += float(rejected.sum())
-        self.sums["loss"] += loss_sum
-
-    def compute(self) -> dict[str, Any]:
-        n = max(self.count, 1)
-        return {
-            "accuracy": self.correct / n,
-            "margin": self.sums["margin"] / n,
-            "chosen": self.sums["chosen"] / n,
-            "rejected": self.sums["rejected"] / n,
-            "loss": self.sums["loss"] / n,
-            "count": self.count,
-        }
+    @staticmethod
+    def step_stats() -> dict[str, float]:
+        return {}
 
 
 def _prompt_text(example: PreferenceExample) -> str:

@@ -11,28 +11,105 @@ scored, through `token_logprobs`, which never holds (tokens, vocab) logits.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
+from torch import nn
 
-from tunesmith.config import DpoConfig
+from tunesmith.config import DataConfig, Section
+from tunesmith.data.load import Splits, read_preference_examples
 from tunesmith.data.preferences import PreferenceExample, encode_pairs
+from tunesmith.data.quality import QualityReport
+from tunesmith.data.quality.pairs import check_preferences
+from tunesmith.eval.evaluate import eval_batches
+from tunesmith.eval.metrics import PreferenceMetrics
+from tunesmith.inference import base_model
+from tunesmith.losses.lm import IGNORE, token_logprobs
+from tunesmith.losses.preference import dpo_loss, sequence_sums
+from tunesmith.models.anatomy import adapters_off
 from tunesmith.models.causal_lm import LMOutput
-from tunesmith.objectives.lm_loss import token_logprobs
-from tunesmith.objectives.preference_losses import dpo_loss, sequence_sums
-from tunesmith.objectives.reward import PreferenceMetrics
-from tunesmith.objectives.sft import IGNORE, padded_width
-from tunesmith.training.batching import eval_batches
+from tunesmith.plugins import Method
+from tunesmith.registry import register_task
+from tunesmith.runtime import Runtime
+from tunesmith.tasks.base import BaseTask, build_lm, refuse_head_only
+from tunesmith.training.batching import padded_width
 
-__all__ = ["DpoObjective"]
+__all__ = ["DpoConfig", "DpoObjective", "DpoTask"]
 
 Item = dict[str, Any]
 
 
-class DpoObjective:
+class DpoConfig(Section):
+    """Direct preference optimisation against the frozen base model as the reference."""
+
+    beta: float = Field(0.1, gt=0.0, description="KL strength: how far the policy may move from the reference.")
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo, or simpo (reference-free, length-normalised)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Assumed share of flipped preference labels (cDPO; sigmoid and simpo)."
+    )
+    gamma: float = Field(0.5, ge=0.0, description="simpo: target reward margin.")
+
+
+@register_task("dpo")
+class DpoTask(BaseTask):
+    """Preference pairs -> a causal LM that prefers the chosen responses (DPO, IPO, SimPO)."""
+
     name = "dpo"
+    summary = "a causal LM tuned on preference pairs"
+    section = DpoConfig
+    headline = ("accuracy", "margin")
+    output = "text"
+    retention_metrics = ("accuracy",)
+
+    def read_examples(self, source: str, data: DataConfig, targets: bool = True) -> list[PreferenceExample]:
+        return read_preference_examples(source, data)
+
+    def check_data(
+        self, source: str, references: Sequence[str], data: DataConfig, tokenizer: Any | None
+    ) -> QualityReport:
+        held = [e for r in references for e in read_preference_examples(r, data)]
+        return check_preferences(read_preference_examples(source, data), held, data, self.name, source)
+
+    def check_method(self, method: Method) -> None:
+        refuse_head_only(method)
+
+    def build_model(self, num_labels: int) -> nn.Module:
+        return build_lm(self.cfg)
+
+    def objective(self, tokenizer: Any | None, labels: Sequence[str]) -> DpoObjective:
+        d = self.cfg.data
+        return DpoObjective(tokenizer, d.max_length, self.cfg.section(self.name), d.template, d.overlong)
+
+    def prepare(
+        self,
+        objective: Any,
+        model: nn.Module,
+        runtime: Runtime,
+        splits: Splits,
+        train_items: list[Item],
+        val_items: list[Item] | None,
+    ) -> tuple[list[Item], list[Item] | None]:
+        """The reference's log-probabilities of every pair (train, validation and test), computed once
+        with the model as it starts."""
+        train_items = objective.add_reference(model, train_items, runtime)
+        if val_items is not None:
+            val_items = objective.add_reference(model, val_items, runtime)
+        if splits.test:
+            objective.add_reference(model, objective.encode(splits.test, "test"), runtime)
+        return train_items, val_items
+
+    def prepare_eval(self, trained: Any, items: list[Item], runtime: Runtime) -> list[Item]:
+        """The reference for evaluating a trained run: its peft adapter switched off where it has
+        one, else the base model built afresh."""
+        return trained.objective.add_reference(base_model(trained), items, runtime)  # type: ignore[no-any-return]
+
+
+class DpoObjective:
     default_metric = "loss"
 
     def __init__(
@@ -72,7 +149,7 @@ class DpoObjective:
         return items
 
     @torch.no_grad()
-    def add_reference(self, model: Any, items: list[Item], batch_size: int, autocast: Any) -> list[Item]:
+    def add_reference(self, model: Any, items: list[Item], runtime: Runtime) -> list[Item]:
         """Items with the reference's log-probabilities of both responses, computed with `model` as the
         reference (in eval mode, any peft adapter switched off); remembered for later encodes."""
         missing = [i for i, it in enumerate(items) if "reference" not in it]
@@ -82,10 +159,10 @@ class DpoObjective:
         was_training = model.training
         model.eval()
         try:
-            with _adapters_off(model):
-                for ids in eval_batches([self.length(items[i]) for i in missing], batch_size):
+            with adapters_off(model):
+                for ids in eval_batches([self.length(items[i]) for i in missing], runtime.eval_batch_size):
                     batch = {k: v.to(device) for k, v in self.collate([items[missing[j]] for j in ids]).items()}
-                    with autocast():
+                    with runtime.autocast():
                         chosen, rejected, _ = self.sequence_logps(model(**self.model_inputs(batch)), batch)
                     for j, c, r in zip(ids, chosen.tolist(), rejected.tolist(), strict=True):
                         item = items[missing[j]]
@@ -163,15 +240,28 @@ class DpoObjective:
         return self.pair_loss(output, batch)[0]
 
     @staticmethod
-    def eval_samples(model: Any, autocast: Any, max_new_tokens: int) -> list[dict[str, str]]:
+    def eval_samples(model: Any, runtime: Runtime, max_new_tokens: int) -> list[dict[str, Any]]:
         return []
 
     def new_metrics(self) -> DpoMetrics:
         return DpoMetrics(self)
 
-    def cache_frozen(self, model: Any, items: Sequence[Item], *args: Any) -> list[Item]:
+    def cache_frozen(
+        self,
+        model: Any,
+        items: Sequence[Item],
+        k: int | None,
+        runtime: Runtime,
+        max_bytes: int,
+        spill_dir: Path,
+        name: str,
+    ) -> list[Item]:
         """Items as they are (a causal LM's frozen blocks are not cached; see CausalLM.can_split)."""
         return list(items)
+
+    @staticmethod
+    def step_stats() -> dict[str, float]:
+        return {}
 
 
 class DpoMetrics(PreferenceMetrics):
@@ -198,10 +288,3 @@ class DpoMetrics(PreferenceMetrics):
 
 def _key(item: Item) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(item["chosen"]), tuple(item["rejected"])
-
-
-def _adapters_off(model: Any) -> Any:
-    """peft's context that runs the base model alone, where the backbone has one (else a no-op: the
-    model as it starts is the base, as for full, partial and bottleneck adapters)."""
-    disable = getattr(getattr(model, "backbone", None), "disable_adapter", None)
-    return disable() if callable(disable) else contextlib.nullcontext()

@@ -1,7 +1,7 @@
-"""Reinforcement learning from a reward: for each prompt, sample a group of completions, score
-them, and raise the log-probability of the completions that beat their group (group-relative
-policy gradient: GRPO, Shao et al. 2024, or RLOO, Ahmadian et al. 2024), with a per-token KL
-penalty towards the base model (the k3 estimator).
+"""The objective of reinforcement learning from a reward: for each prompt, sample a group of
+completions, score them, and raise the log-probability of the completions that beat their group
+(group-relative policy gradient: GRPO, Shao et al. 2024, or RLOO, Ahmadian et al. 2024), with a
+per-token KL penalty towards the base model (the k3 estimator).
 
 It runs on the one training loop: the items are prompts, and building a batch samples the
 completions (batched, with a KV cache), scores them, computes their advantages and the reference
@@ -12,24 +12,25 @@ frozen copy for methods that cannot switch off (full, partial, bottleneck adapte
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from tunesmith.config import RlConfig
 from tunesmith.data.sft import SftExample
 from tunesmith.data.templates import encode_prompt, resolve_template
+from tunesmith.losses.lm import IGNORE, token_logprobs
+from tunesmith.losses.preference import group_advantages, kl_k3, sequence_sums
+from tunesmith.models.anatomy import adapters_off, can_switch_off
 from tunesmith.models.causal_lm import LMOutput
 from tunesmith.models.generate import Sampling, generate_ids
-from tunesmith.objectives.lm_loss import token_logprobs
-from tunesmith.objectives.preference_losses import group_advantages, kl_k3, sequence_sums
-from tunesmith.objectives.rewards import RewardSource
-from tunesmith.objectives.sft import IGNORE, padded_width
+from tunesmith.runtime import Runtime
+from tunesmith.tasks.rl.rewards import RewardSource
+from tunesmith.training.batching import padded_width
 
 __all__ = ["RlMetrics", "RlObjective"]
 
@@ -37,16 +38,13 @@ Item = dict[str, Any]
 
 
 class RlObjective:
-    name = "rl"
     default_metric = "reward"
 
-    def __init__(
-        self, tokenizer: Any, max_length: int, cfg: RlConfig, reward: RewardSource, template: str = "auto"
-    ) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, cfg: Any, template: str = "auto") -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.cfg = cfg
-        self.reward = reward
+        self.reward: RewardSource | None = None
         self.template = template
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
@@ -54,17 +52,18 @@ class RlObjective:
         self.counts: dict[str, dict[str, int]] = {}
         self.model: Any = None
         self.reference: Any = None
-        self.autocast: Any = contextlib.nullcontext
+        self.runtime: Runtime | None = None
         self.invalid_rewards = 0  # completions whose reward was not a finite number (left out)
         self.reward_record: dict[str, Any] = {}  # what the reward is (path, hash), for the manifest
         self.last: dict[str, float] = {}
         self.last_samples: list[dict[str, Any]] = []  # a few completions of the last batch, logged at evaluations
 
-    def bind(self, model: Any, autocast: Any) -> None:
-        """The policy that samples, and the reference: the policy with its adapter off where it can
-        switch it off, else a frozen copy of the model as it starts."""
-        self.model, self.autocast = model, autocast
-        if not callable(getattr(model.backbone, "disable_adapter", None)):
+    def bind(self, model: Any, runtime: Runtime, reward: RewardSource, record: dict[str, Any]) -> None:
+        """The policy that samples, its reward (and what the reward is, for the manifest), and the
+        reference: the policy with its adapter off where it can switch it off, else a frozen copy of
+        the model as it starts."""
+        self.model, self.runtime, self.reward, self.reward_record = model, runtime, reward, record
+        if not can_switch_off(model):
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
     def encode(self, examples: Sequence[SftExample], split: str = "train", pack_rows: bool = False) -> list[Item]:
@@ -88,12 +87,12 @@ class RlObjective:
         """Sample `group_size` completions per prompt, score them, and lay out (P*G, T) rows: ids,
         attention mask, labels on completion tokens, the reference's per-token log-probabilities,
         advantages and rewards (P*G,), and which rows have a valid reward."""
-        assert self.model is not None, "bind(model) before building RL batches"
+        assert self.model is not None and self.runtime is not None, "bind(...) before building RL batches"
         g = self.cfg.group_size
         prompts = [it["prompt_ids"] for it in items for _ in range(g)]
         seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the global generator: checkpointed, so resumes match
         sampling = Sampling(self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p, seed)
-        with self.autocast():
+        with self.runtime.autocast():
             completions = generate_ids(
                 self.model, prompts, self.model.eos_ids or [self.tokenizer.eos_token_id], sampling, self.pad_id
             )
@@ -114,6 +113,7 @@ class RlObjective:
 
     def _rewards(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         """One reward per completion; NaN where the function failed or gave no finite number."""
+        assert self.reward is not None, "bind(...) before scoring"
         try:
             values = [float(v) for v in self.reward(prompts, completions)]
         except Exception as exc:  # a user's function: any failure skips this step, counted and logged
@@ -147,14 +147,14 @@ class RlObjective:
     @torch.no_grad()
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The base model's log-probability of every scored token (N,), in the order `loss` reads them."""
+        assert self.runtime is not None
         model = self.reference if self.reference is not None else self.model
         device = next(model.parameters()).device
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
         was_training = model.training
         model.eval()
-        switch = model.backbone.disable_adapter() if self.reference is None else contextlib.nullcontext()
         try:
-            with switch, self.autocast():
+            with adapters_off(model), self.runtime.autocast():
                 output = model(**inputs)
                 scored = batch["labels"].to(device) != IGNORE
                 values = token_logprobs(output.hidden[scored], output.weight, batch["labels"].to(device)[scored])
@@ -201,14 +201,24 @@ class RlObjective:
         """Mean reward, KL and completion length of the last training batch (logged with the loss)."""
         return {**self.last, "invalid_rewards": float(self.invalid_rewards)}
 
-    def eval_samples(self, model: Any, autocast: Any, max_new_tokens: int) -> list[dict[str, Any]]:
+    def eval_samples(self, model: Any, runtime: Runtime, max_new_tokens: int) -> list[dict[str, Any]]:
         """The group of completions of the first prompt of the last batch, with their rewards."""
         return self.last_samples
 
     def new_metrics(self) -> RlMetrics:
         return RlMetrics(self)
 
-    def cache_frozen(self, model: Any, items: Sequence[Item], *args: Any) -> list[Item]:
+    def cache_frozen(
+        self,
+        model: Any,
+        items: Sequence[Item],
+        k: int | None,
+        runtime: Runtime,
+        max_bytes: int,
+        spill_dir: Path,
+        name: str,
+    ) -> list[Item]:
+        """Items as they are: the prompts are sampled from at every step."""
         return list(items)
 
 

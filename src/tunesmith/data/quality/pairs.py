@@ -1,4 +1,4 @@
-"""The data quality gate for preference pairs (reward, dpo) and rl prompts.
+"""The data quality checks of preference pairs (data/preferences.py), for the tasks that learn from them.
 
 Every row has already been read as a pair (a bad row stops the run with its file and line, a pair
 whose responses are equal included). Checked here: exact duplicate pairs, contradicting pairs (the
@@ -13,17 +13,20 @@ from collections.abc import Sequence
 
 from tunesmith.config import DataConfig
 from tunesmith.data.preferences import PreferenceExample
-from tunesmith.data.quality_report import QualityReport, limited
-from tunesmith.data.sft import SftExample
+from tunesmith.data.quality.report import QualityReport, limited
 
-__all__ = ["check_preferences", "check_prompts"]
+__all__ = ["check_preferences"]
 
 _KEEP_FIRST = "remove the extra copies (the first is kept)"
 _HELD_OUT_FIX = "remove these from validation/test (or from training)"
 
 
 def check_preferences(
-    train: Sequence[PreferenceExample], held_out: Sequence[PreferenceExample], cfg: DataConfig, task: str
+    train: Sequence[PreferenceExample],
+    held_out: Sequence[PreferenceExample],
+    cfg: DataConfig,
+    task: str,
+    source: str,
 ) -> QualityReport:
     """The report on training pairs; held-out pairs are compared with them for leakage."""
     t = cfg.thresholds
@@ -58,32 +61,9 @@ def check_preferences(
             "responses counted in whitespace words",
         ),
     )
-    return QualityReport(cfg.train, task, len(train) + len(held_out), findings, "words")
+    return QualityReport(source, task, len(train) + len(held_out), findings, "words")
 
 
 def _key(ex: PreferenceExample) -> tuple[str, str, str]:
     prompt = "\x00".join(f"{m.role}\x01{m.content}" for m in ex.prompt)
     return prompt, ex.chosen.strip(), ex.rejected.strip()
-
-
-def check_prompts(train: Sequence[SftExample], held_out: Sequence[SftExample], cfg: DataConfig) -> QualityReport:
-    """The report on rl prompts: repeated prompts, and validation/test prompts also in training."""
-    t = cfg.thresholds
-    seen: dict[str, str] = {}
-    duplicates: list[str] = []
-    for ex in train:
-        key = _prompt_key(ex)
-        if key in seen:
-            duplicates.append(f"{ex.where} (as {seen[key]})")
-        seen.setdefault(key, ex.where)
-    leaked = [ex.where for ex in held_out if _prompt_key(ex) in seen]
-    held_note = "held-out prompts also in training" if held_out else "no validation/test file given"
-    findings = (
-        limited("duplicates", duplicates, len(train), t, "remove the repeated prompts", "the same prompt"),
-        limited("leakage", leaked, len(held_out), t, _HELD_OUT_FIX, held_note, checked=bool(held_out)),
-    )
-    return QualityReport(cfg.train, "rl", len(train) + len(held_out), findings, "words")
-
-
-def _prompt_key(ex: SftExample) -> str:
-    return "\x00".join(f"{m.role}\x01{m.content}" for m in ex.messages if m.role != "assistant")

@@ -139,7 +139,7 @@ class QualityReport:
 
     Attributes:
         source: the file checked.
-        task: "classification" or "sft".
+        task: the task whose checks ran.
         rows: records read, unreadable ones included.
         findings: one per check, in a fixed order.
         length_unit: "tokens" (the model's tokenizer) or "words" (none was given).

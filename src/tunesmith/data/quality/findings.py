@@ -1,4 +1,8 @@
-"""Turn the counts of a finished scan into findings, each against its limit in `data.thresholds`."""
+"""Turn the counts of a finished scan into findings, each against its limit in `data.thresholds`.
+
+`findings` lists the checks every task has (schema errors, empty rows, duplicates, near duplicates),
+then the ones the task's `RowChecks.findings` lists, built with the functions below.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +11,53 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tunesmith.data.quality_report import Finding
-from tunesmith.data.quality_scan import Scan
+from tunesmith.data.quality.report import Finding
+from tunesmith.data.quality.scan import Scan
 
-__all__ = ["findings"]
+__all__ = [
+    "conflicting",
+    "findings",
+    "label_balance",
+    "leakage",
+    "limited_tally",
+    "missing_eos",
+    "overlong",
+    "untrainable",
+]
 
 _CLEAN = "`tunesmith data clean` drops them"
 _KEEP_FIRST = "`tunesmith data clean` keeps the first copy"
 _DUPLICATES = "copies of an earlier row (case and whitespace aside); a copy with another label is conflicting instead"
 _NO_TOKENIZER = "needs the model's tokenizer: give --config (or a tokenizer to the Python API)"
+# tally -> its threshold in data.thresholds, where that is not max_<tally>
+_SETTINGS = {"duplicates": "max_duplicate_share", "near_duplicates": "max_near_duplicate_share"}
 
 
 def findings(scan: Scan) -> tuple[Finding, ...]:
-    """Every check for the scan's task, in a fixed order."""
+    """Every check for the scan's task, in a fixed order: the common ones, then the task's own."""
     t = scan.cfg.thresholds
     rows = scan.rows  # shares are of every row checked, unreadable ones included
     common = (
-        _limited(scan, "schema_errors", rows, t.max_schema_errors, "count", f"fix or remove these rows ({_CLEAN})"),
-        _limited(scan, "empty", rows, t.max_empty, "count", f"write or remove these rows ({_CLEAN})"),
-        _limited(scan, "duplicates", rows, t.max_duplicate_share, "share", _KEEP_FIRST, detail=_DUPLICATES),
+        limited_tally(scan, "schema_errors", t.max_schema_errors, "count", f"fix or remove these rows ({_CLEAN})"),
+        limited_tally(scan, "empty", t.max_empty, "count", f"write or remove these rows ({_CLEAN})"),
+        limited_tally(scan, "duplicates", t.max_duplicate_share, "share", _KEEP_FIRST, detail=_DUPLICATES),
         _near_duplicates(scan, rows),
     )
-    if scan.task == "classification":
-        return (*common, _conflicting(scan, rows), _leakage(scan), _label_balance(scan), _overlong(scan, rows))
-    return (
-        *common,
-        _leakage(scan),
-        _overlong(scan, rows),
-        _untrainable(scan, rows),
-        _missing_eos(scan, rows),
-        _limited(scan, "role_order", rows, t.max_role_order, "count", "fix the order of those conversations"),
-    )
+    return (*common, *scan.checks.findings(scan))
+
+
+def limited_tally(
+    scan: Scan,
+    name: str,
+    limit: float,
+    kind: Literal["count", "share"],
+    fix: str,
+    detail: str = "",
+    setting: str | None = None,
+) -> Finding:
+    """The finding of tally `name` against `limit` (a share of every row checked, or a count);
+    `setting` names the threshold (default `max_<name>`)."""
+    return _limited(scan, name, scan.rows, limit, kind, fix, detail=detail, setting=setting)
 
 
 def _limited(
@@ -50,19 +70,11 @@ def _limited(
     detail: str = "",
     checked: bool = True,
     stats: dict[str, Any] | None = None,
+    setting: str | None = None,
 ) -> Finding:
     """A finding whose count is the tally of the same name."""
     tally = scan.tally[name]
-    setting = {
-        "schema_errors": "max_schema_errors",
-        "empty": "max_empty",
-        "duplicates": "max_duplicate_share",
-        "near_duplicates": "max_near_duplicate_share",
-        "conflicting": "max_conflicting",
-        "leakage": "max_leakage",
-        "untrainable": "max_untrainable",
-        "role_order": "max_role_order",
-    }[name]
+    setting = setting or _SETTINGS.get(name, f"max_{name}")
     return Finding(
         name,
         tally.count,
@@ -90,16 +102,18 @@ def _near_duplicates(scan: Scan, total: int) -> Finding:
     )
 
 
-def _conflicting(scan: Scan, total: int) -> Finding:
+def conflicting(scan: Scan) -> Finding:
+    """Texts with more than one label (labelled rows)."""
     detail = f"texts (normalised case and whitespace) with more than one label; {scan.conflicting_rows} rows carry them"
     fix = f"give each text one label ({_CLEAN}, every copy)"
     stats = {"rows": scan.conflicting_rows}
     return _limited(
-        scan, "conflicting", total, scan.cfg.thresholds.max_conflicting, "count", fix, detail=detail, stats=stats
+        scan, "conflicting", scan.rows, scan.cfg.thresholds.max_conflicting, "count", fix, detail=detail, stats=stats
     )
 
 
-def _leakage(scan: Scan) -> Finding:
+def leakage(scan: Scan) -> Finding:
+    """Validation/test rows equal or near-equal to a training row."""
     fix = (
         "remove those rows from the validation/test file, "
         "or drop their training copies with `tunesmith data clean --validation`"
@@ -113,7 +127,8 @@ def _leakage(scan: Scan) -> Finding:
     return _limited(scan, "leakage", scan.reference_rows, scan.cfg.thresholds.max_leakage, "count", fix, detail=detail)
 
 
-def _label_balance(scan: Scan) -> Finding:
+def label_balance(scan: Scan) -> Finding:
+    """The rarest label's share of the rows (labelled rows)."""
     counts = {label: scan.label_counts.get(label, 0) for label in scan.cfg.labels or []}
     counts.update(scan.label_counts)
     ordered = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
@@ -133,7 +148,8 @@ def _label_balance(scan: Scan) -> Finding:
     )
 
 
-def _overlong(scan: Scan, total: int) -> Finding:
+def overlong(scan: Scan) -> Finding:
+    """Rows longer than data.max_length, with the length distribution."""
     cfg = scan.cfg
     unit = "tokens" if scan.tokenizer is not None else "words"
     over = scan.tally["overlong"].count
@@ -150,7 +166,7 @@ def _overlong(scan: Scan, total: int) -> Finding:
     return Finding(
         "overlong",
         over,
-        total,
+        scan.rows,
         0 if error else cfg.thresholds.max_overlong_share,
         "count" if error else "share",
         setting="data.overlong" if error else "data.thresholds.max_overlong_share",
@@ -162,14 +178,15 @@ def _overlong(scan: Scan, total: int) -> Finding:
     )
 
 
-def _untrainable(scan: Scan, total: int) -> Finding:
+def untrainable(scan: Scan) -> Finding:
+    """Rows whose loss mask leaves no trained token."""
     detail = "rows whose loss mask leaves no trained token once data.max_length applies"
     if scan.tokenizer is None:
         detail += "; without a tokenizer only rows whose assistant messages all have weight 0 are found"
     return _limited(
         scan,
         "untrainable",
-        total,
+        scan.rows,
         scan.cfg.thresholds.max_untrainable,
         "count",
         f"fix those rows ({_CLEAN})",
@@ -177,7 +194,8 @@ def _untrainable(scan: Scan, total: int) -> Finding:
     )
 
 
-def _missing_eos(scan: Scan, total: int) -> Finding:
+def missing_eos(scan: Scan) -> Finding:
+    """Trained rows that lose their final EOS to data.max_length (reported, no limit)."""
     tally = scan.tally["missing_eos"]
     tokenizer = scan.tokenizer
     if tokenizer is None:
@@ -189,7 +207,7 @@ def _missing_eos(scan: Scan, total: int) -> Finding:
     return Finding(
         "missing_eos",
         tally.count,
-        total,
+        scan.rows,
         None,
         None,
         fix="raise data.max_length or shorten those rows, so that the model learns where answers end",

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tunesmith.data.keyindex import KeyIndex
+from tunesmith.data.quality.keyindex import KeyIndex
 
 __all__ = [
     "NUM_PERM",

@@ -1,0 +1,154 @@
+"""A trained run loaded for use: what predict, evaluate, score, generate, RL's reward runs and
+preference sampling share (and, later, export and the service).
+
+`load_trained` rebuilds a run's model from its saved config through the task and method plug-ins
+and loads its trained weights strictly; `base_model` gives the model it started from, for the
+comparisons DPO evaluation and drift measurements make.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tunesmith.build import build_model, refuse_noop
+from tunesmith.config import DataConfig, RunConfig, config_from_dict, load_config
+from tunesmith.data.load import read_sft_examples
+from tunesmith.data.sft import Message, SftExample
+from tunesmith.data.templates import resolve_template
+from tunesmith.errors import ConfigError
+from tunesmith.eval.answers import answer_prompts, split_prompt
+from tunesmith.models.anatomy import can_switch_off
+from tunesmith.models.generate import Sampling
+from tunesmith.plugins import Method, Objective, Task, build_method, build_task
+from tunesmith.runs import Run, open_run, read_json
+from tunesmith.runtime import Runtime, make_runtime
+from tunesmith.training.checkpoint import load_trainable
+
+__all__ = [
+    "Trained",
+    "base_model",
+    "generate",
+    "load_base",
+    "load_trained",
+    "prompt_inputs",
+    "read_prompts",
+    "runtime_for",
+]
+
+
+@dataclass
+class Trained:
+    """A trained run (or a base model standing in for one), loaded for inference."""
+
+    config: RunConfig
+    task: Task
+    method: Method
+    model: nn.Module
+    objective: Objective
+    run: Run | None  # None for a base model that never trained
+
+    @property
+    def where(self) -> str:
+        """How messages name it: the run directory, or the model."""
+        return str(self.run.dir) if self.run is not None else self.config.model.name
+
+
+def load_trained(run_dir: str | Path) -> Trained:
+    """Rebuild a run's model from its config and load its trained weights (strictly).
+
+    Raises:
+        ConfigError: not a run directory, no final weights, or weights that do not fit the model.
+    """
+    run = open_run(run_dir)
+    cfg = config_from_dict(run.config(), origin=str(run.dir / "config.yaml"))
+    weights = run.final / "trainable.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"{run.dir}: the run has no final weights (interrupted? resume it with --resume)")
+    labels_file = run.final / "labels.json"
+    labels = [str(x) for x in read_json(labels_file)] if labels_file.is_file() else []
+    task, method = build_task(cfg), build_method(cfg.method)
+    model, names = build_model(cfg, task, method, len(labels))
+    load_trainable(model, names, weights)
+    refuse_noop(method, model)
+    model.eval()
+    saved = run.final / "tokenizer"
+    tokenizer = task.load_tokenizer(saved if saved.is_dir() else None)
+    return Trained(cfg, task, method, model, task.objective(tokenizer, labels), run)
+
+
+def load_base(model: str, task: str, data: str) -> Trained:
+    """A model as it comes (a packaged name, directory, .gguf file or hub id), loaded as a run of
+    `task` would load it before training, with `method: full` (nothing added); `data` is the data the
+    run would read (sampling prompts)."""
+    cfg = load_config({"model": model, "task": task, "method": "full", "data": {"train": data}})
+    plugin, method = build_task(cfg), build_method(cfg.method)
+    built, _ = build_model(cfg, plugin, method, 0)
+    return Trained(cfg, plugin, method, built.eval(), plugin.objective(plugin.load_tokenizer(), []), None)
+
+
+def runtime_for(trained: Trained) -> Runtime:
+    """The runtime of a command on a loaded run (its model moved to the device)."""
+    runtime = make_runtime(trained.config.train, trained.config.eval, trained.model)
+    trained.model.to(runtime.device)
+    return runtime
+
+
+def base_model(trained: Trained) -> nn.Module:
+    """The model `trained` started from: the trained model itself where its peft adapter can be
+    switched off (switch it off with `models.anatomy.adapters_off`), else the base built afresh."""
+    if can_switch_off(trained.model):
+        return trained.model
+    cfg = trained.config
+    base, _ = build_model(cfg, trained.task, build_method(cfg.method), len(trained.objective.labels))
+    return base.to(next(trained.model.parameters()).device).eval()
+
+
+def read_prompts(source: str | Path, data: DataConfig) -> list[SftExample]:
+    """Rows of prompts to answer (prompt/completion, Alpaca, chat or plain text; completions unused)."""
+    return read_sft_examples(str(source), data, require_completion=False)
+
+
+def prompt_inputs(examples: Sequence[SftExample]) -> list[str | list[dict[str, str]]]:
+    """What `generate` takes for each row: its text, or its conversation up to the last answer."""
+    return [
+        e.text if e.text is not None else [{"role": m.role, "content": m.content} for m in split_prompt(e)[0]]
+        for e in examples
+    ]
+
+
+def generate(
+    trained: Trained,
+    prompts: Sequence[str | Sequence[dict[str, str]]],
+    sampling: Sampling,
+    runtime: Runtime,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Completions for text prompts or conversations (`[{role, content}, ...]`), rendered exactly as
+    training rendered its rows; `on_token(row, id)` sees each token as it is chosen.
+
+    Raises:
+        ConfigError: the run's task does not generate text.
+    """
+    if trained.task.output != "text":
+        raise ConfigError(
+            f"{trained.where}: a {trained.config.task} run gives a {trained.task.output}, not text; "
+            f"use tunesmith {'predict' if trained.task.output == 'label' else 'score'}"
+        )
+    tokenizer: Any = trained.objective.tokenizer
+    template = resolve_template(tokenizer, trained.config.data.template)
+    rendered = [p if isinstance(p, str) else tuple(_message(m) for m in p) for p in prompts]
+    return answer_prompts(
+        trained.model, tokenizer, template, rendered, sampling, runtime.eval_batch_size, runtime.autocast, on_token
+    )
+
+
+def _message(turn: dict[str, str]) -> Message:
+    role = turn["role"]
+    if role not in ("system", "user", "assistant"):
+        raise ConfigError(f"a conversation turn has role {role!r}; use system, user or assistant")
+    return Message(role, turn["content"])  # type: ignore[arg-type]  # checked just above

@@ -1,1 +1,0 @@
-"""Objectives turn records into batches and batches into a loss and metrics (DESIGN §5)."""

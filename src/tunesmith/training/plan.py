@@ -1,0 +1,64 @@
+"""What a run records about its training: the plan before the first step (plan.json: steps, learning
+rate, precision, exact trainable-parameter count) and the summary after the last (eval.json's
+`train`: steps, time, throughput, memory)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from torch import nn
+
+from tunesmith.config import TrainConfig
+from tunesmith.runs import peak_rss_mb
+from tunesmith.training.batching import total_steps
+from tunesmith.training.loop import LoopResult
+
+__all__ = ["report_dropped", "run_plan", "train_summary"]
+
+
+def run_plan(
+    cfg: TrainConfig, default_lr: float, precision: str, model: nn.Module, names: list[str], n_items: int
+) -> dict[str, Any]:
+    """Steps, learning rate, precision and parameter counts (with the names of what trains)."""
+    params = dict(model.named_parameters())
+    return {
+        "total_steps": total_steps(n_items, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps),
+        "lr": cfg.lr if cfg.lr is not None else default_lr,
+        "precision": precision,
+        "trainable_parameters": sum(params[n].numel() for n in names if n in params),
+        "total_parameters": sum(p.numel() for p in params.values()),
+        "trainable_names": names,
+    }
+
+
+def train_summary(
+    result: LoopResult, model: nn.Module, names: list[str], precision: str, wall: float
+) -> dict[str, Any]:
+    """What eval.json records about training: steps, time, throughput, memory, precision, weights."""
+    seconds = max(result.train_seconds, 1e-9)
+    trained = set(names)
+    return {
+        "steps": result.steps,
+        "train_seconds": round(result.train_seconds, 3),
+        "wall_seconds": round(wall, 3),
+        "samples": result.samples,
+        "tokens": result.tokens,
+        "samples_per_second": result.samples / seconds,
+        "tokens_per_second": result.tokens / seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "best": result.best,
+        "stopped_early": result.stopped_early,
+        "skipped_steps": result.skipped_steps,
+        "precision": precision,
+        "trainable_parameters": sum(p.numel() for n, p in model.named_parameters() if n in trained),
+    }
+
+
+def report_dropped(counts: dict[str, dict[str, int]]) -> None:
+    """One line on stderr for every split that lost or cut rows (also in plan.json)."""
+    for split, c in counts.items():
+        lost = {k: c.get(k, 0) for k in ("truncated", "dropped_overlong", "no_trainable_token") if c.get(k, 0)}
+        if lost:
+            detail = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in lost.items())
+            print(f"{split}: {c['rows']} rows, {detail} (see data.overlong, data.max_length)", file=sys.stderr)
