@@ -26,12 +26,12 @@ from tunesmith.errors import ConfigError
 from tunesmith.eval.evaluate import evaluate_items
 from tunesmith.eval.report import write_report
 from tunesmith.eval.retention import build_retention
-from tunesmith.inference import Trained, load_trained, prompt_inputs, read_prompts, runtime_for
+from tunesmith.inference import Trained, held_out_metrics, load_trained, prompt_inputs, read_prompts, runtime_for
 from tunesmith.inference import generate as generate_with
 from tunesmith.models.generate import Sampling
 from tunesmith.plugins import Task, build_method, build_task
 from tunesmith.runs import config_hash, list_runs, open_or_create, read_json, write_json, write_jsonl, write_manifest
-from tunesmith.runtime import Runtime, make_runtime
+from tunesmith.runtime import make_runtime
 from tunesmith.training.checkpoint import save_trainable
 from tunesmith.training.loop import StepCallback, train_loop
 from tunesmith.training.plan import report_dropped, run_plan, train_summary
@@ -108,13 +108,15 @@ def train(
     train_items = objective.encode(splits.train, "train", pack_rows=True)
     val_items = objective.encode(splits.validation, "validation") if splits.validation else None
     train_items, val_items = task.prepare(objective, model, runtime, splits, train_items, val_items)
-    _write_plan(run.dir, cfg, task, method.default_lr, splits, model, names, objective, runtime, len(train_items))
+    plan = run_plan(cfg.train, method.default_lr, runtime.precision, model, names, len(train_items))
+    write_json(run.dir / "plan.json", _describe_data(splits, objective) | plan | task.plan(objective))
     if resume is None:
         extra = task.run_record(objective)
         write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name), extra or None)
     if quality is not None:
         write_json(run.dir / "data_report.json", quality.to_dict())
-    baseline = _held_out_metrics(cfg, task, objective, model, splits, runtime) if cfg.eval.baseline else None
+    limit = cfg.eval.exact_match_rows
+    baseline = held_out_metrics(task, objective, model, splits, runtime, limit) if cfg.eval.baseline else None
     retention = build_retention(
         cfg.eval.retention,
         task.retention_default,
@@ -148,7 +150,7 @@ def train(
         objective.tokenizer.save_pretrained(run.final / "tokenizer")
     if splits.labels:
         write_json(run.final / "labels.json", splits.labels)
-    metrics = _held_out_metrics(cfg, task, objective, model, splits, runtime)
+    metrics = held_out_metrics(task, objective, model, splits, runtime, limit)
     if baseline is not None:
         metrics["baseline"] = baseline
     if retention is not None:
@@ -332,40 +334,15 @@ def _quality_gate(cfg: RunConfig, task: Task, tokenizer: Any) -> QualityReport |
     return report
 
 
-def _write_plan(
-    run_dir: Path,
-    cfg: RunConfig,
-    task: Task,
-    default_lr: float,
-    splits: Splits,
-    model: torch.nn.Module,
-    names: list[str],
-    objective: Any,
-    runtime: Runtime,
-    n_items: int,
-) -> None:
-    """plan.json: labels, rows, steps, learning rate, precision, parameters, and what the task adds."""
+def _describe_data(splits: Splits, objective: Any) -> dict[str, Any]:
+    """plan.json's view of the data: labels, rows per split, and what encoding kept and dropped."""
     rows = {"train": len(splits.train), "replayed": splits.replayed}
     rows |= {"validation": len(splits.validation or []), "test": len(splits.test or [])}
-    plan = {"labels": splits.labels, "rows": rows}
-    plan |= run_plan(cfg.train, default_lr, runtime.precision, model, names, n_items)
+    described: dict[str, Any] = {"labels": splits.labels, "rows": rows}
     if objective.counts:
-        plan["rows_encoded"] = objective.counts
+        described["rows_encoded"] = objective.counts
         report_dropped(objective.counts)
-    write_json(run_dir / "plan.json", plan | task.plan(objective))
-
-
-def _held_out_metrics(
-    cfg: RunConfig, task: Task, objective: Any, model: torch.nn.Module, splits: Splits, runtime: Runtime
-) -> dict[str, Any]:
-    """Metrics on the validation and test splits, with what the task generates (exact match)."""
-    metrics: dict[str, Any] = {}
-    for name, examples in (("validation", splits.validation), ("test", splits.test)):
-        if examples:
-            metrics[name] = evaluate_items(model, objective, objective.encode(examples, name), runtime)
-            scores, _ = task.answers(model, objective, examples, runtime, cfg.eval.exact_match_rows)
-            metrics[name].update(scores)
-    return metrics
+    return described
 
 
 def _data_setup(
@@ -402,10 +379,11 @@ def _require_output(trained: Trained, output: str, verb: str) -> None:
     """Refuse a command the run's task does not answer (predict needs labels, score needs scores)."""
     given = trained.task.output
     if given != output:
+        what = {"label": "a label", "score": "a score", "text": "text"}
         instead = {"label": "predict", "score": "score", "text": "generate or chat"}[given]
         raise ConfigError(
-            f"{trained.where}: {verb} is for runs that give a {output}; this {trained.config.task} run gives "
-            f"a {given}: use tunesmith {instead}"
+            f"{trained.where}: {verb} is for runs that give {what[output]}; this {trained.config.task} run gives "
+            f"{what[given]}: use tunesmith {instead}"
         )
 
 

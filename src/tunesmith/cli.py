@@ -121,7 +121,7 @@ Seed = Annotated[int, typer.Option(help="Sampling seed.")]
 
 @app.command()
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="A finished sft run directory.")],
+    run_dir: Annotated[Path, typer.Argument(help="A finished run that generates text (sft, dpo or rl).")],
     prompt: Annotated[str | None, typer.Argument(help="The prompt (rendered as training rendered rows).")] = None,
     data: Annotated[Path | None, typer.Option(help="Data file: answer every row's prompt (JSONL out).")] = None,
     max_new_tokens: MaxNew = 128,
@@ -146,7 +146,7 @@ def generate(
 
 @app.command()
 def chat(
-    run_dir: Annotated[Path, typer.Argument(help="A finished sft run directory.")],
+    run_dir: Annotated[Path, typer.Argument(help="A finished run that generates text (sft, dpo or rl).")],
     system: Annotated[str | None, typer.Option(help="A system message to start the conversation.")] = None,
     max_new_tokens: MaxNew = 256,
     temperature: Temperature = 0.7,

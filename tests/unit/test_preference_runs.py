@@ -125,6 +125,17 @@ def test_dpo_reference_is_the_base_model(tiny_llama: Path, pairs: Path, tmp_path
     assert tunesmith.evaluate(result.run_dir, pairs)["count"] == 64  # reference from the adapter switched off
 
 
+def test_a_dpo_run_generates_as_an_sft_run_does(tiny_llama: Path, pairs: Path, tmp_path: Path, monkeypatch, capsys):
+    result = run(tiny_llama, "dpo", pairs, tmp_path, "lora", epochs=1)
+    sampling = tunesmith.api.Sampling(max_new_tokens=4)
+    (answer,) = tunesmith.generate(result.run_dir, ["review the plot"], sampling)
+    printed = run_cli(monkeypatch, capsys, "generate", result.run_dir, "review the plot", "--max-new-tokens", "4")
+    assert printed.code == 0 and printed.out.strip() == answer.strip()
+    refused = "predict is for runs that give a label; this dpo run gives text: use tunesmith generate or chat"
+    with pytest.raises(ConfigError, match=refused):
+        tunesmith.predict(result.run_dir, ["review the plot"])
+
+
 def test_simpo_needs_no_reference(
     tiny_llama: Path, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

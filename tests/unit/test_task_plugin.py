@@ -121,7 +121,8 @@ def test_a_task_registered_here_runs_end_to_end(
     (row,) = tunesmith.predict(result.run_dir, [" ".join(FILLER)])
     assert row["text"] == " ".join(FILLER) and set(row["scores"]) == {"long", "short"}
     assert tunesmith.evaluate(result.run_dir, texts)["count"] == 64
-    with pytest.raises(ConfigError, match="score is for runs that give a score; this text-length run gives a label"):
+    refused = "score is for runs that give a score; this text-length run gives a label: use tunesmith predict"
+    with pytest.raises(ConfigError, match=refused):
         tunesmith.score(result.run_dir, ["p"], ["r"])
 
     listed = run_cli(monkeypatch, capsys, "runs", "ls", tmp_path / "runs")

@@ -17,11 +17,12 @@ from torch import nn
 
 from tunesmith.build import build_model, refuse_noop
 from tunesmith.config import DataConfig, RunConfig, config_from_dict, load_config
-from tunesmith.data.load import read_sft_examples
+from tunesmith.data.load import Splits, read_sft_examples
 from tunesmith.data.sft import Message, SftExample
 from tunesmith.data.templates import resolve_template
 from tunesmith.errors import ConfigError
 from tunesmith.eval.answers import answer_prompts, split_prompt
+from tunesmith.eval.evaluate import evaluate_items
 from tunesmith.models.anatomy import can_switch_off
 from tunesmith.models.generate import Sampling
 from tunesmith.plugins import Method, Objective, Task, build_method, build_task
@@ -33,6 +34,7 @@ __all__ = [
     "Trained",
     "base_model",
     "generate",
+    "held_out_metrics",
     "load_base",
     "load_trained",
     "prompt_inputs",
@@ -106,6 +108,20 @@ def base_model(trained: Trained) -> nn.Module:
     cfg = trained.config
     base, _ = build_model(cfg, trained.task, build_method(cfg.method), len(trained.objective.labels))
     return base.to(next(trained.model.parameters()).device).eval()
+
+
+def held_out_metrics(
+    task: Task, objective: Objective, model: nn.Module, splits: Splits, runtime: Runtime, limit: int | None
+) -> dict[str, Any]:
+    """Metrics on the validation and test splits, with what the task generates (exact match on up to
+    `limit` rows)."""
+    metrics: dict[str, Any] = {}
+    for name, examples in (("validation", splits.validation), ("test", splits.test)):
+        if examples:
+            metrics[name] = evaluate_items(model, objective, objective.encode(examples, name), runtime)
+            scores, _ = task.answers(model, objective, examples, runtime, limit)
+            metrics[name].update(scores)
+    return metrics
 
 
 def read_prompts(source: str | Path, data: DataConfig) -> list[SftExample]:

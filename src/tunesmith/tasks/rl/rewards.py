@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tunesmith.errors import ConfigError
 from tunesmith.inference import load_trained
 from tunesmith.runtime import Runtime
@@ -58,7 +60,8 @@ def load_reward(spec: str | None, runtime: Runtime) -> tuple[RewardSource, dict[
 
 
 def _reward_run(run_dir: Path, runtime: Runtime) -> tuple[RewardSource, dict[str, Any]]:
-    trained = load_trained(run_dir)
+    with torch.random.fork_rng():  # building the reward model (a LoRA's init) leaves the run's draws alone
+        trained = load_trained(run_dir)
     if trained.task.output != "score":
         raise ConfigError(
             f"rl.reward={run_dir}: a {trained.config.task} run gives a {trained.task.output}, not a score; "
