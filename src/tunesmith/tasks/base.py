@@ -20,7 +20,7 @@ from tunesmith.models.load import build_causal_lm, load_tokenizer
 from tunesmith.plugins import Item, Method, Output
 from tunesmith.runtime import Runtime
 
-__all__ = ["BaseTask", "build_lm", "label_rows", "refuse_head_only"]
+__all__ = ["BaseObjective", "BaseTask", "build_lm", "label_rows", "refuse_head_only"]
 
 
 class BaseTask:
@@ -91,6 +91,42 @@ class BaseTask:
 
     def score(self, trained: Any, prompts: list[str], responses: list[str], runtime: Runtime) -> list[float]:
         raise ConfigError(f"{trained.where}: score is for runs that give scores; this {self.name} run does not")
+
+
+class BaseObjective:
+    """Defaults of the `Objective` protocol (tunesmith.plugins): no labels unless given, nothing
+    counted, nothing cached, generated or logged beyond the loss."""
+
+    default_metric = "loss"
+
+    def __init__(self, tokenizer: Any | None, labels: Sequence[str] = ()) -> None:
+        self.tokenizer: Any = tokenizer  # None where inputs are not text
+        self.labels = list(labels)
+        self.counts: dict[str, dict[str, int]] = {}  # per split: rows read, kept, truncated, dropped
+
+    @staticmethod
+    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every tensor of the batch but the labels (the loss reads those)."""
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    def cache_frozen(
+        self,
+        model: Any,
+        items: Sequence[Item],
+        k: int | None,
+        runtime: Runtime,
+        max_bytes: int,
+        spill_dir: Path,
+        name: str,
+    ) -> list[Item]:
+        """Items as they are: nothing before the trainable weights is cached."""
+        return list(items)
+
+    def eval_samples(self, model: Any, runtime: Runtime, max_new_tokens: int) -> list[dict[str, Any]]:
+        return []  # nothing generated to log
+
+    def step_stats(self) -> dict[str, float]:
+        return {}  # nothing logged beyond the loss
 
 
 # --- tasks that tune a causal LM (its output layer is the pre-trained one; no new head) ---------

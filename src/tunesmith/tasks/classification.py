@@ -23,7 +23,7 @@ from tunesmith.eval.metrics import ConfusionMetrics
 from tunesmith.models.load import build_classifier
 from tunesmith.registry import register_task
 from tunesmith.runtime import Runtime
-from tunesmith.tasks.base import BaseTask, label_rows
+from tunesmith.tasks.base import BaseObjective, BaseTask, label_rows
 from tunesmith.training.batching import padded_width
 from tunesmith.training.cache import cache_text_items
 
@@ -115,16 +115,14 @@ class ClassificationRows:
         return (checks.conflicting(scan), checks.leakage(scan), checks.label_balance(scan), checks.overlong(scan))
 
 
-class ClassificationObjective:
+class ClassificationObjective(BaseObjective):
     default_metric = "accuracy"
 
     def __init__(self, tokenizer: Any, labels: Sequence[str], max_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.labels = list(labels)
+        super().__init__(tokenizer, labels)  # nothing is counted: rows are truncated to max_length
         self.index = {label: i for i, label in enumerate(self.labels)}
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.counts: dict[str, dict[str, int]] = {}  # nothing is dropped: rows are truncated to max_length
 
     def encode(
         self, examples: Sequence[Example], split: str = "train", pack_rows: bool = False, chunk: int = 1024
@@ -195,20 +193,8 @@ class ClassificationObjective:
         return padded_width(longest, self.max_length)
 
     @staticmethod
-    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in batch.items() if k != "labels"}
-
-    @staticmethod
     def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(logits.float(), batch["labels"])
-
-    @staticmethod
-    def eval_samples(model: Any, runtime: Runtime, max_new_tokens: int) -> list[dict[str, Any]]:
-        return []  # nothing is generated for a classifier
-
-    @staticmethod
-    def step_stats() -> dict[str, float]:
-        return {}
 
     def new_metrics(self) -> ConfusionMetrics:
         return ConfusionMetrics(self.labels)

@@ -12,7 +12,6 @@ scored, through `token_logprobs`, which never holds (tokens, vocab) logits.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -34,7 +33,7 @@ from tunesmith.models.causal_lm import LMOutput
 from tunesmith.plugins import Method
 from tunesmith.registry import register_task
 from tunesmith.runtime import Runtime
-from tunesmith.tasks.base import BaseTask, build_lm, refuse_head_only
+from tunesmith.tasks.base import BaseObjective, BaseTask, build_lm, refuse_head_only
 from tunesmith.training.batching import padded_width
 
 __all__ = ["DpoConfig", "DpoObjective", "DpoTask"]
@@ -109,21 +108,19 @@ class DpoTask(BaseTask):
         return trained.objective.add_reference(base_model(trained), items, runtime)  # type: ignore[no-any-return]
 
 
-class DpoObjective:
+class DpoObjective(BaseObjective):
     default_metric = "loss"
 
     def __init__(
         self, tokenizer: Any, max_length: int, cfg: DpoConfig, template: str = "auto", overlong: str = "truncate"
     ) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer)
         self.max_length = max_length
         self.cfg = cfg
         self.template = template
         self.overlong = overlong
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
-        self.labels: list[str] = []
-        self.counts: dict[str, dict[str, int]] = {}
         # (chosen ids, rejected ids) -> the reference's summed log-probabilities of both responses
         self.reference: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, float]] = {}
 
@@ -239,29 +236,8 @@ class DpoObjective:
             assert "reference" in batch, "DPO items need the reference's log-probabilities (add_reference)"
         return self.pair_loss(output, batch)[0]
 
-    @staticmethod
-    def eval_samples(model: Any, runtime: Runtime, max_new_tokens: int) -> list[dict[str, Any]]:
-        return []
-
     def new_metrics(self) -> DpoMetrics:
-        return DpoMetrics(self)
-
-    def cache_frozen(
-        self,
-        model: Any,
-        items: Sequence[Item],
-        k: int | None,
-        runtime: Runtime,
-        max_bytes: int,
-        spill_dir: Path,
-        name: str,
-    ) -> list[Item]:
-        """Items as they are (a causal LM's frozen blocks are not cached; see CausalLM.can_split)."""
-        return list(items)
-
-    @staticmethod
-    def step_stats() -> dict[str, float]:
-        return {}
+        return DpoMetrics(self)  # (a causal LM's frozen blocks are not cached: see CausalLM.can_split)
 
 
 class DpoMetrics(PreferenceMetrics):

@@ -37,7 +37,7 @@ from tunesmith.models.image import build_image_classifier, image_preprocessing
 from tunesmith.plugins import Method
 from tunesmith.registry import register_task
 from tunesmith.runtime import Runtime
-from tunesmith.tasks.base import BaseTask, label_rows
+from tunesmith.tasks.base import BaseObjective, BaseTask, label_rows
 from tunesmith.training.image_cache import cache_image_features, cache_image_states
 
 __all__ = ["ImageClassificationObjective", "ImageClassificationTask", "check_images"]
@@ -93,16 +93,14 @@ class ImageClassificationTask(BaseTask):
         return label_rows(examples, probs, objective.labels, lambda e: {"image": e.where})
 
 
-class ImageClassificationObjective:
+class ImageClassificationObjective(BaseObjective):
     default_metric = "accuracy"
 
     def __init__(self, labels: Sequence[str], preprocessing: Preprocessing, augment: Any = None) -> None:
-        self.labels = list(labels)
+        super().__init__(None, labels)  # images need no tokenizer
         self.index = {label: i for i, label in enumerate(self.labels)}
         self.preprocessing = preprocessing
         self.augment = augment
-        self.tokenizer = None  # images need none
-        self.counts: dict[str, dict[str, int]] = {}
 
     @property
     def cacheable(self) -> bool:
@@ -150,20 +148,8 @@ class ImageClassificationObjective:
         return eval_transform(image, self.preprocessing)
 
     @staticmethod
-    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in batch.items() if k != "labels"}
-
-    @staticmethod
     def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(logits.float(), batch["labels"])
-
-    @staticmethod
-    def eval_samples(model: Any, runtime: Runtime, max_new_tokens: int) -> list[dict[str, Any]]:
-        return []  # nothing is generated for a classifier
-
-    @staticmethod
-    def step_stats() -> dict[str, float]:
-        return {}
 
     def new_metrics(self) -> ConfusionMetrics:
         return ConfusionMetrics(self.labels, top_k=5)

@@ -10,7 +10,6 @@ rejected ones, so one forward pass scores both sides.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from tunesmith.losses.preference import reward_loss
 from tunesmith.models.load import build_classifier
 from tunesmith.registry import register_task
 from tunesmith.runtime import Runtime
-from tunesmith.tasks.base import BaseTask
+from tunesmith.tasks.base import BaseObjective, BaseTask
 from tunesmith.training.batching import PAD_MULTIPLE
 
 __all__ = ["RewardObjective", "RewardTask"]
@@ -66,16 +65,14 @@ class RewardTask(BaseTask):
         return score_items(trained.model, trained.objective, items, runtime)
 
 
-class RewardObjective:
+class RewardObjective(BaseObjective):
     default_metric = "accuracy"
 
     def __init__(self, tokenizer: Any, max_length: int, overlong: str = "truncate") -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer)
         self.max_length = max_length
         self.overlong = overlong
-        self.labels: list[str] = []
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.counts: dict[str, dict[str, int]] = {}
 
     def encode(
         self, examples: Sequence[PreferenceExample], split: str = "train", pack_rows: bool = False
@@ -119,37 +116,12 @@ class RewardObjective:
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(len(items), dtype=torch.long)}
 
     @staticmethod
-    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in batch.items() if k != "labels"}
-
-    @staticmethod
     def loss(scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         chosen, rejected = scores[:, 0].float().chunk(2)
         return reward_loss(chosen, rejected)
 
-    @staticmethod
-    def eval_samples(model: Any, runtime: Runtime, max_new_tokens: int) -> list[dict[str, Any]]:
-        return []
-
     def new_metrics(self) -> PreferenceMetrics:
-        return PreferenceMetrics()
-
-    def cache_frozen(
-        self,
-        model: Any,
-        items: Sequence[Item],
-        k: int | None,
-        runtime: Runtime,
-        max_bytes: int,
-        spill_dir: Path,
-        name: str,
-    ) -> list[Item]:
-        """Items as they are: both sides of a pair run through the model at every step."""
-        return list(items)
-
-    @staticmethod
-    def step_stats() -> dict[str, float]:
-        return {}
+        return PreferenceMetrics()  # (both sides of a pair run through the model at every step: nothing cached)
 
 
 def _prompt_text(example: PreferenceExample) -> str:

@@ -16,7 +16,6 @@ import copy
 import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from tunesmith.models.anatomy import adapters_off, can_switch_off
 from tunesmith.models.causal_lm import LMOutput
 from tunesmith.models.generate import Sampling, generate_ids
 from tunesmith.runtime import Runtime
+from tunesmith.tasks.base import BaseObjective
 from tunesmith.tasks.rl.rewards import RewardSource
 from tunesmith.training.batching import padded_width
 
@@ -37,19 +37,17 @@ __all__ = ["RlMetrics", "RlObjective"]
 Item = dict[str, Any]
 
 
-class RlObjective:
+class RlObjective(BaseObjective):
     default_metric = "reward"
 
     def __init__(self, tokenizer: Any, max_length: int, cfg: Any, template: str = "auto") -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer)
         self.max_length = max_length
         self.cfg = cfg
         self.reward: RewardSource | None = None
         self.template = template
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
-        self.labels: list[str] = []
-        self.counts: dict[str, dict[str, int]] = {}
         self.model: Any = None
         self.reference: Any = None
         self.runtime: Runtime | None = None
@@ -207,19 +205,6 @@ class RlObjective:
 
     def new_metrics(self) -> RlMetrics:
         return RlMetrics(self)
-
-    def cache_frozen(
-        self,
-        model: Any,
-        items: Sequence[Item],
-        k: int | None,
-        runtime: Runtime,
-        max_bytes: int,
-        spill_dir: Path,
-        name: str,
-    ) -> list[Item]:
-        """Items as they are: the prompts are sampled from at every step."""
-        return list(items)
 
 
 class RlMetrics:

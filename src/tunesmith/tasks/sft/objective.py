@@ -21,6 +21,7 @@ from tunesmith.losses.lm import IGNORE, linear_cross_entropy, token_losses
 from tunesmith.models.causal_lm import LMOutput
 from tunesmith.models.generate import Sampling
 from tunesmith.runtime import Runtime
+from tunesmith.tasks.base import BaseObjective
 from tunesmith.training.batching import padded_width
 from tunesmith.training.cache import cache_text_items
 
@@ -29,7 +30,7 @@ __all__ = ["LMMetrics", "SftObjective", "pack"]
 Item = dict[str, Any]
 
 
-class SftObjective:
+class SftObjective(BaseObjective):
     default_metric = "loss"
 
     def __init__(
@@ -41,7 +42,7 @@ class SftObjective:
         overlong: str = "truncate",
         packing: bool = False,
     ) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer)  # instruction rows have no label set
         self.max_length = max_length
         self.template = template
         self.train_on_prompt = train_on_prompt
@@ -50,8 +51,6 @@ class SftObjective:
         # Padding is masked by the attention mask, never by id, so any id will do (pad may equal EOS).
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
-        self.labels: list[str] = []  # instruction rows have no label set
-        self.counts: dict[str, dict[str, int]] = {}  # split name -> rows kept, truncated, dropped...
         self.sample_prompts: list[Any] = []  # validation prompts generated at each evaluation
 
     def resolved_template(self) -> str:
@@ -113,10 +112,6 @@ class SftObjective:
         return batch
 
     @staticmethod
-    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in batch.items() if k != "labels"}
-
-    @staticmethod
     def loss(output: LMOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean next-token cross-entropy over the trained positions of the batch."""
         trained = batch["labels"] != IGNORE  # (B, T)
@@ -127,10 +122,6 @@ class SftObjective:
 
     def new_metrics(self) -> LMMetrics:
         return LMMetrics()
-
-    @staticmethod
-    def step_stats() -> dict[str, float]:
-        return {}
 
 
 class LMMetrics:
