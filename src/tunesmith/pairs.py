@@ -46,8 +46,9 @@ def build_pairs(
     """
     if samples < 2:
         raise ConfigError(f"--samples {samples}: a pair needs at least 2 samples per prompt")
+    loaded = load_reward(reward)
     trained = _policy(policy, str(prompts))
-    score, record = load_reward(reward, runtime_for(trained))
+    score, record = loaded.bind(runtime_for(trained)), loaded.record
     rows = read_prompts(prompts, trained.config.data)
     texts = [e.messages[-1].content if e.messages else (e.text or "") for e in rows]
     sampling = sampling or Sampling(max_new_tokens=64, temperature=1.0, top_p=1.0)

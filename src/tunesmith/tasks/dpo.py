@@ -22,7 +22,7 @@ from tunesmith.config import DataConfig, Section
 from tunesmith.data.load import Splits, read_preference_examples
 from tunesmith.data.preferences import PreferenceExample, encode_pairs
 from tunesmith.data.quality import QualityReport
-from tunesmith.data.quality.pairs import check_preferences
+from tunesmith.data.quality.pairs import check_pair_file
 from tunesmith.eval.evaluate import eval_batches
 from tunesmith.eval.metrics import PreferenceMetrics
 from tunesmith.inference import base_model
@@ -71,8 +71,7 @@ class DpoTask(BaseTask):
     def check_data(
         self, source: str, references: Sequence[str], data: DataConfig, tokenizer: Any | None
     ) -> QualityReport:
-        held = [e for r in references for e in read_preference_examples(r, data)]
-        return check_preferences(read_preference_examples(source, data), held, data, self.name, source)
+        return check_pair_file(source, references, data, self.name)
 
     def check_method(self, method: Method) -> None:
         refuse_head_only(method)

@@ -19,7 +19,7 @@ from tunesmith.config import DataConfig
 from tunesmith.data.load import read_preference_examples
 from tunesmith.data.preferences import PreferenceExample, encode_pairs
 from tunesmith.data.quality import QualityReport
-from tunesmith.data.quality.pairs import check_preferences
+from tunesmith.data.quality.pairs import check_pair_file
 from tunesmith.data.sft import Message
 from tunesmith.eval.evaluate import score_items
 from tunesmith.eval.metrics import PreferenceMetrics
@@ -51,8 +51,7 @@ class RewardTask(BaseTask):
     def check_data(
         self, source: str, references: Sequence[str], data: DataConfig, tokenizer: Any | None
     ) -> QualityReport:
-        held = [e for r in references for e in read_preference_examples(r, data)]
-        return check_preferences(read_preference_examples(source, data), held, data, self.name, source)
+        return check_pair_file(source, references, data, self.name)
 
     def build_model(self, num_labels: int) -> nn.Module:
         return build_classifier(self.cfg.model, 1, self.cfg.train.seed)  # one output: the score

@@ -12,13 +12,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tunesmith.config import DataConfig
+from tunesmith.data.load import read_preference_examples
 from tunesmith.data.preferences import PreferenceExample
 from tunesmith.data.quality.report import QualityReport, limited
 
-__all__ = ["check_preferences"]
+__all__ = ["check_pair_file", "check_preferences"]
 
 _KEEP_FIRST = "remove the extra copies (the first is kept)"
 _HELD_OUT_FIX = "remove these from validation/test (or from training)"
+
+
+def check_pair_file(source: str, references: Sequence[str], data: DataConfig, task: str) -> QualityReport:
+    """`check_preferences` of the pairs in `source`, against the pairs of `references` for leakage."""
+    held = [e for r in references for e in read_preference_examples(r, data)]
+    return check_preferences(read_preference_examples(source, data), held, data, task, source)
 
 
 def check_preferences(

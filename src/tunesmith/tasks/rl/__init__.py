@@ -21,7 +21,7 @@ from tunesmith.registry import register_task
 from tunesmith.runtime import Runtime
 from tunesmith.tasks.base import BaseTask, build_lm, refuse_head_only
 from tunesmith.tasks.rl.objective import RlObjective
-from tunesmith.tasks.rl.rewards import check_reward_spec, load_reward
+from tunesmith.tasks.rl.rewards import load_reward
 
 __all__ = ["RlConfig", "RlTask", "check_prompts"]
 
@@ -73,9 +73,9 @@ class RlTask(BaseTask):
         return build_lm(self.cfg)
 
     def objective(self, tokenizer: Any | None, labels: Sequence[str]) -> RlObjective:
+        """The objective, with its reward loaded (a reward run's model too; it scores once bound)."""
         rl: RlConfig = self.cfg.section(self.name)
-        check_reward_spec(rl.reward)  # fail before any work; the reward itself is loaded by `prepare`
-        return RlObjective(tokenizer, self.cfg.data.max_length, rl, self.cfg.data.template)
+        return RlObjective(tokenizer, self.cfg.data.max_length, rl, load_reward(rl.reward), self.cfg.data.template)
 
     def prepare(
         self,
@@ -86,16 +86,16 @@ class RlTask(BaseTask):
         train_items: list[Item],
         val_items: list[Item] | None,
     ) -> tuple[list[Item], list[Item] | None]:
-        """The policy to sample from, its reference and its reward."""
-        objective.bind(model, runtime, *load_reward(self.cfg.section(self.name).reward, runtime))
+        """The policy to sample from, its reference, and its reward on this runtime."""
+        objective.bind(model, runtime)
         return train_items, val_items
 
     def prepare_eval(self, trained: Any, items: list[Item], runtime: Runtime) -> list[Item]:
-        trained.objective.bind(trained.model, runtime, *load_reward(self.cfg.section(self.name).reward, runtime))
+        trained.objective.bind(trained.model, runtime)
         return items
 
     def run_record(self, objective: Any) -> dict[str, Any]:
-        return {"reward": objective.reward_record}
+        return {"reward": objective.reward.record}
 
 
 def check_prompts(

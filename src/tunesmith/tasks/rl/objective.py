@@ -29,7 +29,7 @@ from tunesmith.models.causal_lm import LMOutput
 from tunesmith.models.generate import Sampling, generate_ids
 from tunesmith.runtime import Runtime
 from tunesmith.tasks.base import BaseObjective
-from tunesmith.tasks.rl.rewards import RewardSource
+from tunesmith.tasks.rl.rewards import Reward, RewardSource
 from tunesmith.training.batching import padded_width
 
 __all__ = ["RlMetrics", "RlObjective"]
@@ -40,11 +40,12 @@ Item = dict[str, Any]
 class RlObjective(BaseObjective):
     default_metric = "reward"
 
-    def __init__(self, tokenizer: Any, max_length: int, cfg: Any, template: str = "auto") -> None:
+    def __init__(self, tokenizer: Any, max_length: int, cfg: Any, reward: Reward, template: str = "auto") -> None:
         super().__init__(tokenizer)
         self.max_length = max_length
         self.cfg = cfg
-        self.reward: RewardSource | None = None
+        self.reward = reward
+        self.score: RewardSource | None = None  # the reward, bound to the run's runtime
         self.template = template
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
@@ -52,15 +53,13 @@ class RlObjective(BaseObjective):
         self.reference: Any = None
         self.runtime: Runtime | None = None
         self.invalid_rewards = 0  # completions whose reward was not a finite number (left out)
-        self.reward_record: dict[str, Any] = {}  # what the reward is (path, hash), for the manifest
         self.last: dict[str, float] = {}
         self.last_samples: list[dict[str, Any]] = []  # a few completions of the last batch, logged at evaluations
 
-    def bind(self, model: Any, runtime: Runtime, reward: RewardSource, record: dict[str, Any]) -> None:
-        """The policy that samples, its reward (and what the reward is, for the manifest), and the
-        reference: the policy with its adapter off where it can switch it off, else a frozen copy of
-        the model as it starts."""
-        self.model, self.runtime, self.reward, self.reward_record = model, runtime, reward, record
+    def bind(self, model: Any, runtime: Runtime) -> None:
+        """The policy that samples, the reward scoring on `runtime`, and the reference: the policy with
+        its adapter off where it can switch it off, else a frozen copy of the model as it starts."""
+        self.model, self.runtime, self.score = model, runtime, self.reward.bind(runtime)
         if not can_switch_off(model):
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -111,9 +110,9 @@ class RlObjective(BaseObjective):
 
     def _rewards(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         """One reward per completion; NaN where the function failed or gave no finite number."""
-        assert self.reward is not None, "bind(...) before scoring"
+        assert self.score is not None, "bind(...) before scoring"
         try:
-            values = [float(v) for v in self.reward(prompts, completions)]
+            values = [float(v) for v in self.score(prompts, completions)]
         except Exception as exc:  # a user's function: any failure skips this step, counted and logged
             self.last["reward_error"] = 1.0
             print(f"warning: rl.reward raised {type(exc).__name__}: {exc}; the step is skipped", file=sys.stderr)
