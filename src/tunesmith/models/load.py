@@ -125,17 +125,23 @@ def resolve_model_path(name: str) -> str:
     """The directory to load `name` from.
 
     A packaged short name becomes its directory; a packaged GGUF or any path ending in `.gguf`
-    becomes its fp32 conversion, made once and cached (see `tunesmith.models.gguf`); anything else
-    (a local directory, a hub id) is returned unchanged.
+    becomes its fp32 conversion, made once and cached (see `tunesmith.models.gguf`); so does a
+    directory holding a CTranslate2 Whisper model (see `tunesmith.models.whisper_ct2`); anything else
+    (a local directory, a hub id) is returned unchanged. Run hashes still use `model_source_path`.
 
     Raises:
-        ConfigError: a packaged carrier is not installed, or a `.gguf` file cannot be converted.
+        ConfigError: a packaged carrier is not installed, or a `.gguf` file or CTranslate2 model
+            cannot be converted.
     """
     source = model_source_path(name)
     if source.lower().endswith(".gguf"):
         from tunesmith.models.gguf import convert_gguf  # lazy: it pulls in transformers when converting
 
         return str(convert_gguf(source))
+    from tunesmith.models.whisper_ct2 import convert_ct2_whisper, is_ct2_whisper_dir  # lazy, as above
+
+    if is_ct2_whisper_dir(Path(source).expanduser()):
+        return str(convert_ct2_whisper(source))
     return source
 
 
