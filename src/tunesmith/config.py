@@ -86,8 +86,8 @@ class ModelConfig(Section):
     """The pre-trained model to start from."""
 
     name: str = Field(
-        description="Packaged short name (minilm-l6, smollm2-135m, efficientnet-lite0), local directory, .gguf file, "
-        "or hub id."
+        description="Packaged short name (minilm-l6, smollm2-135m, efficientnet-lite0, whisper-tiny-en), local "
+        "directory, .gguf file, or hub id."
     )
     pretrained: bool = Field(
         True, description="Start from the pre-trained weights; false: the same network, randomly initialised."
@@ -119,9 +119,14 @@ class QualityThresholds(Section):
     max_near_duplicate_share: float = Field(0.1, ge=0.0, le=1.0, description="Near-duplicate rows.")
     max_conflicting: int = Field(0, ge=0, description="Texts that appear with more than one label.")
     max_leakage: int = Field(0, ge=0, description="Validation/test rows equal or near-equal to a training row.")
-    max_unreadable: int = Field(0, ge=0, description="Images that cannot be opened or decoded (skipped under warn).")
+    max_unreadable: int = Field(
+        0, ge=0, description="Images or audio clips that cannot be opened or decoded (skipped under warn)."
+    )
+    max_silent: int = Field(0, ge=0, description="Audio clips without sound (peak below -60 dBFS).")
     min_class_share: float = Field(0.0, ge=0.0, lt=1.0, description="Smallest label's share of the rows.")
-    max_overlong_share: float = Field(0.05, ge=0.0, le=1.0, description="Rows longer than data.max_length.")
+    max_overlong_share: float = Field(
+        0.05, ge=0.0, le=1.0, description="Rows longer than data.max_length (audio: clips over data.max_seconds)."
+    )
     max_untrainable: int = Field(0, ge=0, description="sft: rows whose loss mask leaves no trained token.")
     max_role_order: int = Field(0, ge=0, description="sft: conversations with roles out of order.")
 
@@ -168,6 +173,18 @@ class DataConfig(Section):
     )
     augment: AugmentConfig | None = Field(
         None, description="image-classification: train-time augmentation (default: none, so features can be cached)."
+    )
+    audio_field: str = Field(
+        "audio",
+        description="audio-classification, transcription: field holding the clip (a path, {bytes, path} or "
+        "{array, sampling_rate}).",
+    )
+    max_seconds: float | None = Field(
+        None,
+        gt=0,
+        le=30,
+        description="audio-classification, transcription: longest clip, in seconds; the speech encoder is cut "
+        "to it, so short clips cost little (default: the longest training clip, rounded up).",
     )
     text_pair_field: str | None = Field(None, description="Second text for pair tasks (NLI, QA).")
     label_field: str = Field("label", description="Field holding the label (string or integer).")

@@ -45,6 +45,7 @@ BUILTIN_TASKS = (
     "tunesmith.tasks.reward",
     "tunesmith.tasks.dpo",
     "tunesmith.tasks.rl",
+    "tunesmith.tasks.audio_classification",
 )
 
 # name -> the plug-in's class: a method class takes its config section (`cls.config`), a task class

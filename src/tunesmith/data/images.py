@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tunesmith.data.media import datasets_rows, folder_rows, is_datasets_dir, renamed_rows
 from tunesmith.data.readers import Row, read_rows
 from tunesmith.data.records import summarize_problems
 from tunesmith.errors import DataError
@@ -35,7 +36,6 @@ __all__ = [
     "image_rows",
     "open_image",
     "read_image_table",
-    "table_base",
     "to_image_examples",
 ]
 
@@ -68,10 +68,10 @@ def image_rows(source: str, column_map: dict[str, str] | None = None) -> list[Ro
     """Rows of an image-only source (a folder, a saved `datasets` directory, an `.npz` file), or
     None when `source` is a table file for the ordinary readers."""
     path = Path(source)
+    if is_datasets_dir(path):
+        return renamed_rows(datasets_rows(path), column_map)
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-            return _renamed(_datasets_rows(path), column_map)
-        return _folder_rows(path)
+        return folder_rows(path, IMAGE_SUFFIXES, "image", "images")
     if path.suffix.lower() == ".npz" and path.is_file():
         return _npz_rows(path)
     return None
@@ -121,12 +121,6 @@ def to_image_examples(
     if problems:
         raise DataError(summarize_problems(problems, "problem(s) in the image data; fix them all, then run again"))
     return examples
-
-
-def table_base(source: str) -> Path | None:
-    """The folder relative paths in a table file are resolved against."""
-    path = Path(source)
-    return path.parent if path.is_file() else None
 
 
 def open_image(ref: ImageRef, where: str = "") -> Any:
@@ -196,22 +190,6 @@ def _ref(value: Any, base: Path | None) -> ImageRef | None:
     return None
 
 
-def _folder_rows(root: Path) -> list[Row]:
-    """`root/<class>/<image>` as {image, label} rows, sorted by class then file name."""
-    rows = [
-        Row({"image": str(file), "label": folder.name}, str(file))
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        for file in sorted(folder.rglob("*"))
-        if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not rows:
-        raise DataError(
-            f"{root}: no images found; an image folder holds one sub-folder per class with the images "
-            f"inside ({', '.join(IMAGE_SUFFIXES)})"
-        )
-    return rows
-
-
 def _npz_rows(path: Path) -> list[Row]:
     with np.load(path, allow_pickle=False) as data:
         missing = [key for key in ("images", "labels") if key not in data]
@@ -221,31 +199,6 @@ def _npz_rows(path: Path) -> list[Row]:
     if len(images) != len(labels):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels; give one label per image")
     return [Row({"image": images[i], "label": labels[i].item()}, f"{path}[{i}]") for i in range(len(images))]
-
-
-def _datasets_rows(path: Path) -> list[Row]:
-    """The rows of a directory written by `datasets.Dataset.save_to_disk` (Arrow stream files)."""
-    import pyarrow as pa
-
-    files = sorted(path.glob("*.arrow"))
-    if not files:
-        raise DataError(f"{path}: a saved datasets directory without .arrow files; save it again with save_to_disk")
-    rows: list[Row] = []
-    for file in files:
-        try:
-            with pa.memory_map(str(file)) as source:
-                table = pa.ipc.open_stream(source).read_all()
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{file}: unreadable Arrow file ({exc})") from None
-        offset = len(rows)
-        rows.extend(Row(record, f"{file.name} row {offset + i}") for i, record in enumerate(table.to_pylist()))
-    return rows
-
-
-def _renamed(rows: list[Row], column_map: dict[str, str] | None) -> list[Row]:
-    if not column_map:
-        return rows
-    return [Row({column_map.get(k, k): v for k, v in r.data.items()}, r.where) for r in rows]
 
 
 def read_image_table(source: str, column_map: dict[str, str] | None) -> list[Row]:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import DataConfig
-from tunesmith.data.images import ImageExample, read_image_table, table_base, to_image_examples
+from tunesmith.data.audio import AudioExample, read_audio_table, to_audio_examples
+from tunesmith.data.images import ImageExample, read_image_table, to_image_examples
+from tunesmith.data.media import table_base
 from tunesmith.data.mix import few_shot, replay_rows
 from tunesmith.data.preferences import PreferenceExample, to_preference_examples
 from tunesmith.data.readers import Row, UnreadableRow, iter_rows, read_rows
@@ -25,6 +27,7 @@ __all__ = [
     "Splits",
     "iter_source_rows",
     "load_splits",
+    "read_audio_examples",
     "read_examples",
     "read_image_examples",
     "read_preference_examples",
@@ -57,6 +60,20 @@ def read_image_examples(source: str, cfg: DataConfig, require_labels: bool = Tru
     rows = _rows(source, cfg, images=True)
     base = table_base(source) if source not in PACKAGED_DATA or Path(source).exists() else None
     return to_image_examples(rows, cfg.image_field, cfg.label_field, base, cfg.label_map, require_labels)
+
+
+def read_audio_examples(source: str, cfg: DataConfig, target: str | None, require: bool = True) -> list[AudioExample]:
+    """Speech examples from a class folder, a table with an audio column or a saved `datasets` directory.
+
+    Args:
+        target: "label" (audio-classification), "text" (transcription: the transcript in
+            `data.text_field`) or None (audio alone).
+        require: whether each row must have its target (False for rows to predict on).
+    """
+    rows = read_audio_table(source, cfg.column_map)
+    label_field = cfg.label_field if target == "label" else None
+    text_field = cfg.text_field if target == "text" else None
+    return to_audio_examples(rows, cfg.audio_field, label_field, text_field, table_base(source), cfg.label_map, require)
 
 
 def read_preference_examples(source: str, cfg: DataConfig) -> list[PreferenceExample]:

@@ -74,12 +74,13 @@ def load_trained(run_dir: str | Path) -> Trained:
     labels_file = run.final / "labels.json"
     labels = [str(x) for x in read_json(labels_file)] if labels_file.is_file() else []
     task, method = build_task(cfg), build_method(cfg.method)
+    saved = run.final / "tokenizer"
+    # The tokenizer first: what a task saved with it (a speech run's clip length) may shape the model.
+    tokenizer = task.load_tokenizer(saved if saved.is_dir() else None)
     model, names = build_model(cfg, task, method, len(labels))
     load_trainable(model, names, weights)
     refuse_noop(method, model)
     model.eval()
-    saved = run.final / "tokenizer"
-    tokenizer = task.load_tokenizer(saved if saved.is_dir() else None)
     return Trained(cfg, task, method, model, task.objective(tokenizer, labels), run)
 
 

@@ -14,7 +14,7 @@ from tunesmith.config import MethodSection
 from tunesmith.errors import ConfigError
 from tunesmith.methods import BaseMethod, freeze_backbone, param_groups
 from tunesmith.methods.full import layer_decay_scale
-from tunesmith.models.anatomy import block_index, find_blocks, is_input_stage
+from tunesmith.models.anatomy import block_index, find_blocks, is_input_stage, is_output_stage
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.registry import register_method
 
@@ -96,10 +96,13 @@ class PartialMethod(BaseMethod):
             )
         _no_dropout_below(model, blocks_name, frozen)
         # The loop may run the frozen prefix once and cache its output, but only when every trainable
-        # backbone weight sits in blocks >= frozen: a trainable weight outside the block stack (a final
-        # norm, say) could run before block `frozen` in some architecture, and caching would stop it training.
+        # backbone weight sits in blocks >= frozen or is the final norm after them: any other trainable
+        # weight outside the block stack could run before block `frozen` in some architecture, and
+        # caching would stop it training.
         outside = [
-            n for n, p in model.backbone.named_parameters() if p.requires_grad and block_index(n, blocks_name) is None
+            n
+            for n, p in model.backbone.named_parameters()
+            if p.requires_grad and block_index(n, blocks_name) is None and not is_output_stage(n)
         ]
         self.frozen_blocks = frozen if not outside else 0
 

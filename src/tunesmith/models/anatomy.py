@@ -21,6 +21,7 @@ __all__ = [
     "find_blocks",
     "is_input_stage",
     "is_linear",
+    "is_output_stage",
     "linear_names",
     "linear_width",
 ]
@@ -75,8 +76,20 @@ def linear_width(module: nn.Module) -> int:
 
 def is_input_stage(name: str) -> bool:
     """Whether a parameter outside the blocks belongs to the input stage: a transformer's
-    embeddings, a conv net's stem (`embedder` in Hugging Face ResNets, `stem_*` in EfficientNet)."""
-    return "embed" in name or "stem" in name
+    embeddings, a conv net's stem (`embedder` in Hugging Face ResNets, `stem_*` in EfficientNet), a
+    speech encoder's convolutional front end (Whisper's `conv1`/`conv2`, wav2vec2's
+    `feature_extractor` and `feature_projection`)."""
+    return "embed" in name or "stem" in name or _SPEECH_FRONT_END.match(name) is not None
+
+
+def is_output_stage(name: str) -> bool:
+    """Whether a parameter outside the blocks is the backbone's final norm, which runs after every
+    block (Whisper's and Llama's top-level `layer_norm`/`norm`, GPT-2's `ln_f`)."""
+    return _FINAL_NORM.match(name) is not None
+
+
+_SPEECH_FRONT_END = re.compile(r"(conv\d+|feature_extractor|feature_projection)\.")
+_FINAL_NORM = re.compile(r"(layer_norm|norm|final_layer_norm|ln_f)\.[^.]+$")
 
 
 def block_index(param_name: str, blocks_name: str) -> int | None:

@@ -1,13 +1,18 @@
-"""Frozen work on images done once (see training/cache.py for text).
+"""Frozen work on fixed-size inputs (images, audio clips) done once; see training/cache.py for text.
 
-Each distinct image is run through the frozen part once per run: items are keyed by a hash of
-the image's content and of the preprocessing, so the same picture under two names (or in two
-splits) is computed once, and a change of size or normalisation can never reuse stale values.
+Each distinct input is run through the frozen part once per run: items are keyed by the caller
+(a hash of the content and of the preprocessing), so the same picture or clip under two names, or
+in two splits, is computed once, and a change of size or normalisation never reuses stale values.
+
+The caller's objective collates items into model inputs: one main input that the cache replaces
+(`pixel_values`, `input_features`) and, optionally, side inputs kept per item (`frames`, how many
+encoder positions hold a clip). The model provides `encode(**inputs)` (pooled features),
+`can_split(k)`, `encode_prefix(k=k, **inputs)` (the states entering block or stage `k`), and a
+forward that accepts `features=` or `hidden=..., start_block=k` with the side inputs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,41 +21,45 @@ from typing import Any
 import numpy as np
 import torch
 
-from tunesmith.data.images import content_key
 from tunesmith.training.cache import allocate_store
 
-__all__ = ["cache_image_features", "cache_image_states", "feature_keys"]
+__all__ = ["cache_input_features", "cache_input_states"]
+
+Collate = Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
 
 
-def feature_keys(items: Sequence[dict[str, Any]], preprocessing: Any) -> list[str]:
-    """One key per item: sha256 of the image content and the preprocessing's description."""
-    described = preprocessing.describe().encode()
-    return [hashlib.sha256(content_key(it["image"]).encode() + described).hexdigest() for it in items]
-
-
-def cache_image_features(
+def cache_input_features(
     model: Any,
     items: Sequence[dict[str, Any]],
-    objective: Any,
+    keys: Sequence[str],
+    collate: Collate,
     batch_size: int,
     autocast: Callable[[], Any],
     max_bytes: int,
     spill_dir: Path,
     name: str,
 ) -> list[dict[str, Any]]:
-    """Items with the pooled backbone `features` (D,) in place of their image; labels kept."""
+    """Items with the pooled `features` (D,) in place of their input; labels kept.
 
-    def compute(pixels: torch.Tensor) -> torch.Tensor:
-        return model.encode(pixels)  # type: ignore[no-any-return]
+    Args:
+        keys: one per item; items with equal keys are computed once.
+        collate: the objective's collate (its batch minus `labels` is the model's input).
+    """
 
-    values = _run_once(model, items, objective, batch_size, autocast, max_bytes, spill_dir / f"{name}.f32", compute)
+    def compute(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.encode(**inputs)  # type: ignore[no-any-return]
+
+    path = spill_dir / f"{name}.f32"
+    values = _run_once(model, items, keys, collate, batch_size, autocast, max_bytes, path, compute)
     return [{"features": value, "label": it["label"]} for it, value in zip(items, values, strict=True)]
 
 
-def cache_image_states(
+def cache_input_states(
     model: Any,
     items: Sequence[dict[str, Any]],
-    objective: Any,
+    keys: Sequence[str],
+    collate: Collate,
+    main: str,
     batch_size: int,
     autocast: Callable[[], Any],
     max_bytes: int,
@@ -58,33 +67,35 @@ def cache_image_states(
     name: str,
     k: int,
 ) -> list[dict[str, Any]] | None:
-    """Items with the feature map `hidden` (C, H, W) entering stage `k` in place of their image.
+    """Items with `hidden`, the states entering block `k`, in place of their input `main`; labels and
+    side inputs (one value per item, such as `frames`) kept.
 
     Returns:
-        None, with a warning, when the model cannot start at stage `k` or the split does not give
-        its full forward's features: the caller trains uncached.
+        None, with a warning, when the model cannot start at block `k` or the split does not give
+        its full forward's output: the caller trains uncached.
     """
-    if not _split_matches(model, items, objective, k):
+    if not _split_matches(model, items, collate, main, k):
         return None
 
-    def compute(pixels: torch.Tensor) -> torch.Tensor:
-        return model.encode_prefix(pixels, k).flatten(1)  # type: ignore[no-any-return]  # (B, C*H*W)
+    def compute(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.encode_prefix(k=k, **inputs).flatten(1)  # type: ignore[no-any-return]
 
     with torch.no_grad():
-        probe = objective.collate([items[0]])["pixel_values"].to(_device(model))
-        shape = model.encode_prefix(probe, k).shape[1:]  # (C, H, W)
-    values = _run_once(model, items, objective, batch_size, autocast, max_bytes, spill_dir / f"{name}.f32", compute)
-    return [
-        {"hidden": value.view(shape), "label": it["label"], "start_block": k}
-        for it, value in zip(items, values, strict=True)
-    ]
+        probe = _inputs(collate([items[0]]), model)
+        shape = model.encode_prefix(k=k, **probe).shape[1:]
+    path = spill_dir / f"{name}.f32"
+    values = _run_once(model, items, keys, collate, batch_size, autocast, max_bytes, path, compute)
+    cached = []
+    for it, value in zip(items, values, strict=True):
+        side = {key: v[0] for key, v in collate([it]).items() if key not in (main, "labels")}
+        cached.append({"hidden": value.view(shape), "label": it["label"], "start_block": k, **side})
+    return cached
 
 
 @torch.no_grad()
-def _run_once(model, items, objective, batch_size, autocast, max_bytes, spill_path, compute) -> list[torch.Tensor]:
-    """`compute(pixels)` for each distinct image (eval mode, training precision), as one row per item
-    of a float32 store (in memory, or memory-mapped at `spill_path` past `max_bytes`)."""
-    keys = feature_keys(items, objective.preprocessing)
+def _run_once(model, items, keys, collate, batch_size, autocast, max_bytes, spill_path, compute) -> list[torch.Tensor]:
+    """`compute(inputs)` for each distinct key (eval mode, training precision), as one row per item of
+    a float32 store (in memory, or memory-mapped at `spill_path` past `max_bytes`)."""
     row_of: dict[str, int] = {}
     firsts: list[int] = []  # the first item of each distinct key
     for i, key in enumerate(keys):
@@ -94,13 +105,12 @@ def _run_once(model, items, objective, batch_size, autocast, max_bytes, spill_pa
     was_training = model.training
     model.eval()
     store: np.ndarray | None = None
-    device = _device(model)
     try:
         for start in range(0, len(firsts), batch_size):
             ids = firsts[start : start + batch_size]
-            pixels = objective.collate([items[i] for i in ids])["pixel_values"].to(device)
+            inputs = _inputs(collate([items[i] for i in ids]), model)
             with autocast():
-                values = compute(pixels).float().cpu().numpy()  # (B, width)
+                values = compute(inputs).float().cpu().numpy()  # (B, width)
             if store is None:
                 store = allocate_store(len(firsts), values.shape[1], max_bytes, spill_path)
             store[start : start + len(ids)] = values
@@ -110,31 +120,32 @@ def _run_once(model, items, objective, batch_size, autocast, max_bytes, spill_pa
     return [torch.from_numpy(store[row_of[key]]) for key in keys]
 
 
-def _split_matches(model: Any, items: Sequence[dict[str, Any]], objective: Any, k: int) -> bool:
-    """Whether stages k.. on the cached map give the full forward's features (fp32, two images)."""
+def _split_matches(model: Any, items: Sequence[dict[str, Any]], collate: Collate, main: str, k: int) -> bool:
+    """Whether blocks k.. on the cached states give the full forward's logits (fp32, two inputs)."""
     arch = type(getattr(model, "backbone", model)).__name__
     if not model.can_split(k):
-        return _no_cache(f"{arch} cannot start at stage {k}")
+        return _no_cache(f"{arch} cannot start at block {k}")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            pixels = objective.collate([items[0], items[-1]])["pixel_values"].to(_device(model))
-            full = model.encode(pixels)
-            split = model.encode_suffix(model.encode_prefix(pixels, k), k)
+            inputs = _inputs(collate([items[0], items[-1]]), model)
+            full = model(**inputs)
+            side = {key: v for key, v in inputs.items() if key != main}
+            split = model(hidden=model.encode_prefix(k=k, **inputs), start_block=k, **side)
     finally:
         model.train(was_training)
     if not torch.allclose(split, full, rtol=1e-4, atol=1e-5):
-        return _no_cache(
-            f"{arch}: split at stage {k} differs from the full forward by {(split - full).abs().max():.2e}"
-        )
+        gap = (split - full).abs().max()
+        return _no_cache(f"{arch}: split at block {k} differs from the full forward by {gap:.2e}")
     return True
 
 
+def _inputs(batch: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {key: value.to(device) for key, value in batch.items() if key != "labels"}
+
+
 def _no_cache(why: str) -> bool:
-    warnings.warn(f"{why}; the frozen stages will run at every step instead of once", stacklevel=4)
+    warnings.warn(f"{why}; the frozen blocks will run at every step instead of once", stacklevel=4)
     return False
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device

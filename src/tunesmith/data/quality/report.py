@@ -18,7 +18,8 @@ class Finding:
 
     Attributes:
         name: the check (schema_errors, empty, duplicates, near_duplicates, conflicting, leakage,
-            label_balance, overlong, untrainable, missing_eos, role_order).
+            label_balance, overlong, untrainable, missing_eos, role_order; for audio also unreadable,
+            silent and sample_rates).
         count: rows found (conflicting: texts; leakage: validation/test rows; label_balance: rows
             of the rarest label).
         total: what `count` is a share of (rows checked; leakage: reference rows compared).
@@ -91,6 +92,7 @@ _LIMITS: dict[str, tuple[str, Literal["count", "share"]]] = {
     "conflicting": ("max_conflicting", "count"),
     "leakage": ("max_leakage", "count"),
     "unreadable": ("max_unreadable", "count"),
+    "silent": ("max_silent", "count"),
     "overlong": ("max_overlong_share", "share"),
 }
 
@@ -142,16 +144,16 @@ class QualityReport:
         task: the task whose checks ran.
         rows: records read, unreadable ones included.
         findings: one per check, in a fixed order.
-        length_unit: "tokens" (the model's tokenizer) or "words" (none was given).
+        length_unit: "tokens" (the model's tokenizer), "words" (none was given) or "seconds" (audio).
         cleaned: what `clean_file` wrote, when the report comes from it.
-        unreadable: origins of images that could not be read (image data; skipped under warn).
+        unreadable: origins of images or clips that could not be read (skipped under warn).
     """
 
     source: str
     task: str
     rows: int
     findings: tuple[Finding, ...]
-    length_unit: Literal["tokens", "words"]
+    length_unit: Literal["tokens", "words", "seconds"]
     cleaned: CleanSummary | None = None
     unreadable: tuple[str, ...] = ()
 
