@@ -20,6 +20,7 @@ __all__ = [
     "predict",
     "score",
     "train",
+    "transcribe",
 ]
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
         predict,
         score,
         train,
+        transcribe,
     )
     from tunesmith.config import RunConfig
     from tunesmith.errors import ConfigError, DataError, TunesmithError
@@ -47,6 +49,7 @@ _LAZY = {
     "generate": "tunesmith.api",
     "predict": "tunesmith.api",
     "score": "tunesmith.api",
+    "transcribe": "tunesmith.api",
     "load_config": "tunesmith.api",
     "RunConfig": "tunesmith.config",
     "ConfigError": "tunesmith.errors",

@@ -57,6 +57,7 @@ __all__ = [
     "runtime_for",
     "score",
     "train",
+    "transcribe",
 ]
 
 
@@ -227,6 +228,22 @@ def predict(
     return trained.task.predict(trained, texts, None if data is None else str(data), runtime_for(trained))
 
 
+def transcribe(
+    run_dir: str | Path, audio: list[str | Path] | None = None, data: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """The transcript of each clip (audio file paths, or every row of a data file with an audio
+    column), from a transcription run: `{audio, text}` per clip."""
+    if (audio is None) == (data is None):
+        raise ConfigError("transcribe: give either audio files or a data file, not both")
+    trained = load_trained(run_dir)
+    _require_output(trained, "transcript", "transcribe")
+    clips = None if audio is None else [str(a) for a in audio]
+    for clip in clips or []:
+        if not Path(clip).expanduser().is_file():
+            raise ConfigError(f"{clip}: no such audio file")
+    return trained.task.predict(trained, clips, None if data is None else str(data), runtime_for(trained))
+
+
 def score(run_dir: str | Path, prompts: list[str], responses: list[str]) -> list[float]:
     """The reward model's score of each response to its prompt (a reward run)."""
     if len(prompts) != len(responses):
@@ -379,8 +396,8 @@ def _require_output(trained: Trained, output: str, verb: str) -> None:
     """Refuse a command the run's task does not answer (predict needs labels, score needs scores)."""
     given = trained.task.output
     if given != output:
-        what = {"label": "a label", "score": "a score", "text": "text"}
-        instead = {"label": "predict", "score": "score", "text": "generate or chat"}[given]
+        what = {"label": "a label", "score": "a score", "text": "text", "transcript": "a transcript"}
+        instead = {"label": "predict", "score": "score", "text": "generate or chat", "transcript": "transcribe"}[given]
         raise ConfigError(
             f"{trained.where}: {verb} is for runs that give {what[output]}; this {trained.config.task} run gives "
             f"{what[given]}: use tunesmith {instead}"

@@ -101,6 +101,31 @@ def predict(
 
 
 @app.command()
+def transcribe(
+    run_dir: Annotated[Path, typer.Argument(help="A finished transcription run directory.")],
+    audio: Annotated[list[Path] | None, typer.Argument(help="Audio files to transcribe.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data file with an audio column: transcribe every row.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write transcripts as JSONL.")] = None,
+) -> None:
+    """Transcribe audio files, or every clip of a data file (JSONL out), with a transcription run."""
+    from tunesmith import api
+    from tunesmith.runs import atomic_write_text
+
+    if bool(audio) == (data is not None):
+        raise TunesmithError("give audio files or --data FILE")
+    rows = api.transcribe(run_dir, audio=list(audio) if audio else None, data=data)
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    if output is not None:
+        atomic_write_text(output, lines)
+        err_console.print(f"{len(rows)} transcripts written to {output}")
+    elif data is None:
+        for row in rows:
+            console.print(row["text"] if len(rows) == 1 else f"{row['audio']}\t{row['text']}", markup=False)
+    else:
+        sys.stdout.write(lines)
+
+
+@app.command()
 def score(
     run_dir: Annotated[Path, typer.Argument(help="A finished reward run directory.")],
     prompt: Annotated[list[str], typer.Option(help="The prompt (repeat with --response for several).")],

@@ -27,7 +27,7 @@ from tunesmith.runtime import Runtime
 __all__ = ["Item", "Method", "Metrics", "Objective", "Output", "Task", "build_method", "build_task"]
 
 Item = dict[str, Any]  # one encoded example, as its objective's `collate` reads it
-Output = Literal["label", "score", "text"]
+Output = Literal["label", "score", "text", "transcript"]
 
 
 class Method(Protocol):
@@ -121,7 +121,8 @@ class Task(Protocol):
     section: type[Any] | None  # its own config section (`<name>:` in the YAML), if it has one
     headline: tuple[str, ...]  # held-out metrics that compare and `runs ls` show, most important first
     labelled: bool  # examples carry a label from a label set (resolved from training, checked elsewhere)
-    output: Output  # what a trained run gives: a label (predict), a score (score) or text (generate)
+    # what a trained run gives: a label (predict), a score (score), text (generate) or a transcript (transcribe)
+    output: Output
     retention_default: str | None  # the retention set eval.retention uses when it names none
     retention_metrics: tuple[str, ...]  # metrics of its evaluation that eval.retention may watch
 
@@ -182,7 +183,8 @@ class Task(Protocol):
 
     # --- a trained run ------------------------------------------------------------------------
     def predict(self, trained: Any, inputs: list[str] | None, data: str | None, runtime: Runtime) -> list[dict]:
-        """Label and probabilities of each input (or each row of `data`); for `output == "label"`."""
+        """Label and probabilities of each input (or each row of `data`) for `output == "label"`; the
+        transcript of each clip for `output == "transcript"`."""
 
     def score(self, trained: Any, prompts: list[str], responses: list[str], runtime: Runtime) -> list[float]:
         """The score of each response to its prompt; for `output == "score"`."""

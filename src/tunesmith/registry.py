@@ -46,6 +46,7 @@ BUILTIN_TASKS = (
     "tunesmith.tasks.dpo",
     "tunesmith.tasks.rl",
     "tunesmith.tasks.audio_classification",
+    "tunesmith.tasks.transcription",
 )
 
 # name -> the plug-in's class: a method class takes its config section (`cls.config`), a task class

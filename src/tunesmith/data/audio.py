@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "clip_seconds",
     "decode_audio",
     "decode_native",
+    "default_max_seconds",
     "longest_clip",
     "read_audio_table",
     "to_audio_examples",
@@ -161,6 +163,12 @@ def longest_clip(examples: Sequence[AudioExample]) -> float:
         except DataError:
             continue
     return longest or 1.0
+
+
+def default_max_seconds(examples: Sequence[AudioExample]) -> float:
+    """`data.max_seconds` when it is not set: the longest clip, rounded up to a tenth of a second
+    (at most 30 s, Whisper's window)."""
+    return min(30.0, max(0.1, math.ceil(longest_clip(examples) * 10 - 1e-9) / 10))
 
 
 def read_audio_table(source: str, column_map: dict[str, str] | None) -> list[Row]:

@@ -33,8 +33,10 @@ from tunesmith.models.speech import POSITIONS_PER_SECOND, shorten_encoder
 __all__ = [
     "AudioClassifier",
     "AudioInputs",
+    "SpeechToText",
     "audio_inputs",
     "build_audio_classifier",
+    "build_speech_to_text",
     "load_speech_encoder",
 ]
 
@@ -252,3 +254,66 @@ def _unwrapped(backbone: nn.Module) -> nn.Module:
 
 def _is_whisper_encoder(module: nn.Module) -> bool:
     return type(module).__name__ == "WhisperEncoder"
+
+
+class SpeechToText(nn.Module):
+    """A Whisper model for transcription, split as a causal LM is (models/causal_lm.py): `backbone` is
+    the encoder-decoder that methods wrap or freeze, `lm_head` its output layer (tied to the decoder's
+    token embeddings), `head` empty (transcription adds no new head). `forward` gives logits over the
+    vocabulary; `transcribe` decodes greedily through transformers' own Whisper generation, which
+    shares these very modules (a LoRA or adapter injected into the backbone is used as it trains)."""
+
+    def __init__(self, whisper: nn.Module) -> None:
+        super().__init__()
+        model: Any = whisper
+        self.backbone = model.model
+        self.lm_head = model.proj_out
+        self.head = nn.ModuleDict()
+        self.lm_head.weight.requires_grad_(False)  # the tied embedding: `full` unfreezes it with the rest
+        object.__setattr__(self, "_whisper", whisper)  # not a submodule: its parameters are ours already
+
+    def forward(
+        self, input_features: torch.Tensor, decoder_input_ids: torch.Tensor, decoder_attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (B, T, V) of the next token at each decoder position, in fp32."""
+        out = self.backbone(
+            input_features=input_features,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            use_cache=False,
+        )
+        return self.lm_head(out.last_hidden_state.to(self.lm_head.weight.dtype)).float()  # type: ignore[no-any-return]
+
+    @torch.no_grad()
+    def transcribe(self, input_features: torch.Tensor, max_new_tokens: int, language: str | None) -> torch.Tensor:
+        """Greedy token ids (B, T), the decoder prompt included."""
+        whisper: Any = self._whisper
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
+        if getattr(whisper.generation_config, "is_multilingual", False):
+            kwargs |= {"language": language or "en", "task": "transcribe"}
+        was_training = self.training
+        self.eval()
+        try:
+            return whisper.generate(input_features=input_features, **kwargs)  # type: ignore[no-any-return]
+        finally:
+            self.train(was_training)
+
+
+def build_speech_to_text(cfg: ModelConfig, inputs: AudioInputs) -> SpeechToText:
+    """The pre-trained Whisper model (fp32, train mode) with its encoder cut to the clips `inputs` makes."""
+    from transformers import AutoModelForSpeechSeq2Seq
+
+    path = resolve_source(cfg, "speech")
+    try:
+        whisper = AutoModelForSpeechSeq2Seq.from_pretrained(path, revision=cfg.revision, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(load_error(cfg.name, exc, "a speech-to-text model", "speech")) from None
+    if whisper.config.model_type != "whisper":
+        raise ConfigError(
+            f"model.name={cfg.name}: transcription fine-tunes Whisper models; {whisper.config.model_type} is not one"
+        )
+    positions = whisper_positions(inputs.max_seconds, whisper.config.max_source_positions)
+    shorten_encoder(whisper, positions / POSITIONS_PER_SECOND)
+    model = SpeechToText(whisper)
+    model.train()
+    return model

@@ -39,10 +39,11 @@ def load_backbone(cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def load_tokenizer(cfg: ModelConfig):  # -> PreTrainedTokenizerBase
+def load_tokenizer(cfg: ModelConfig, kind: str = "text"):  # -> PreTrainedTokenizerBase
+    """The model's tokenizer, for a task that needs a `kind` model ("text", or "speech" for Whisper's)."""
     from transformers import AutoTokenizer
 
-    path = _resolve(cfg)
+    path = resolve_source(cfg, kind)
     try:
         return AutoTokenizer.from_pretrained(path, revision=cfg.revision)
     except OSError as exc:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.config import DataConfig
-from tunesmith.data.audio import AudioExample, decode_audio, longest_clip
+from tunesmith.data.audio import AudioExample, decode_audio, default_max_seconds
 from tunesmith.data.load import read_audio_examples
 from tunesmith.data.quality import QualityReport
 from tunesmith.data.quality.audio import check_audio
@@ -38,7 +38,7 @@ from tunesmith.runtime import Runtime
 from tunesmith.tasks.base import BaseObjective, BaseTask, label_rows
 from tunesmith.training.input_cache import cache_input_features, cache_input_states
 
-__all__ = ["AudioClassificationObjective", "AudioClassificationTask", "resolve_max_seconds"]
+__all__ = ["AudioClassificationObjective", "AudioClassificationTask"]
 
 Item = dict[str, Any]
 
@@ -79,7 +79,8 @@ class AudioClassificationTask(BaseTask):
 
     def inputs(self) -> AudioInputs:
         if self._inputs is None:
-            seconds = resolve_max_seconds(self.cfg.data, lambda s: self.read_examples(s, self.cfg.data))
+            d = self.cfg.data
+            seconds = d.max_seconds or default_max_seconds(self.read_examples(d.train, d, targets=False))
             self._inputs = audio_inputs(self.cfg.model, seconds)
         return self._inputs
 
@@ -107,14 +108,6 @@ class AudioClassificationTask(BaseTask):
         objective = trained.objective
         probs = predict_items(trained.model, objective, objective.encode(examples), runtime)
         return label_rows(examples, probs, objective.labels, lambda e: {"audio": e.where})
-
-
-def resolve_max_seconds(data: DataConfig, read: Any) -> float:
-    """`data.max_seconds`, else the longest training clip rounded up to 0.1 s (at most 30)."""
-    if data.max_seconds is not None:
-        return data.max_seconds
-    longest = longest_clip(read(data.train))
-    return min(30.0, max(0.1, -(-longest * 10 // 1) / 10))
 
 
 class AudioClassificationObjective(BaseObjective):
