@@ -122,7 +122,7 @@ def test_pretrained_features_beat_chance_after_training(tiny_vit: Path, tmp_path
 def test_feature_cache_runs_each_distinct_image_once(tiny_vit: Path, tmp_path: Path) -> None:
     from tunesmith.config import load_config
     from tunesmith.data.images import ImageExample
-    from tunesmith.training.input_cache import cache_input_features
+    from tunesmith.training.image_cache import cache_image_features
 
     cfg = load_config(
         {"model": str(tiny_vit), "task": "image-classification", "method": "feature-extraction", "data": {"train": "x"}}
@@ -134,9 +134,9 @@ def test_feature_cache_runs_each_distinct_image_once(tiny_vit: Path, tmp_path: P
     examples = [ImageExample(distinct[i % 3], "ab"[i % 2], f"row {i}") for i in range(9)]
     calls: list[int] = []
     model.backbone.register_forward_hook(lambda mod, args, kw_out: calls.append(1))
-    items = objective.encode(examples)
-    keys = objective.cache_keys(items)
-    cached = cache_input_features(model, items, keys, objective.collate, 2, torch.no_grad, 2**20, tmp_path, "train")
+    cached = cache_image_features(
+        model, objective.encode(examples), objective, 2, torch.no_grad, 2**20, tmp_path, "train"
+    )
     assert len(cached) == 9 and len(calls) == 2  # 3 distinct images in batches of 2
     assert torch.equal(cached[0]["features"], cached[3]["features"]) and [c["label"] for c in cached[:2]] == [0, 1]
     model.eval()

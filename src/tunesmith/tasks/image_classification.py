@@ -15,7 +15,6 @@ images (resized or re-encoded copies) are not detected: that needs a perceptual 
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -39,7 +38,7 @@ from tunesmith.plugins import Method
 from tunesmith.registry import register_task
 from tunesmith.runtime import Runtime
 from tunesmith.tasks.base import BaseObjective, BaseTask, label_rows
-from tunesmith.training.input_cache import cache_input_features, cache_input_states
+from tunesmith.training.image_cache import cache_image_features, cache_image_states
 
 __all__ = ["ImageClassificationObjective", "ImageClassificationTask", "check_images"]
 
@@ -170,17 +169,11 @@ class ImageClassificationObjective(BaseObjective):
         inputs are augmented (they differ every epoch) or the model cannot start at stage `k`."""
         if not self.cacheable:
             return list(items)
-        keys = self.cache_keys(items)
-        args = (runtime.eval_batch_size, runtime.autocast, max_bytes, spill_dir, name)
+        size, autocast = runtime.eval_batch_size, runtime.autocast
         if k is None:
-            return cache_input_features(model, items, keys, self.collate, *args)
-        cached = cache_input_states(model, items, keys, self.collate, "pixel_values", *args, k)
+            return cache_image_features(model, items, self, size, autocast, max_bytes, spill_dir, name)
+        cached = cache_image_states(model, items, self, size, autocast, max_bytes, spill_dir, name, k)
         return list(items) if cached is None else cached
-
-    def cache_keys(self, items: Sequence[Item]) -> list[str]:
-        """One key per item: sha256 of the image content and the preprocessing's description."""
-        described = self.preprocessing.describe().encode()
-        return [hashlib.sha256(content_key(it["image"]).encode() + described).hexdigest() for it in items]
 
 
 # --- the data gate ---------------------------------------------------------------------------
