@@ -218,3 +218,57 @@ def test_the_gate_counts_what_was_put_into_a_dirtied_copy(tiny_whisper: Path, to
     assert counts["sample_rates"] == 6  # clips 3, 7 and 11 of each label were written at 8 kHz
     assert report.finding("sample_rates").stats["rates"] == {"8000": 6, "16000": 23}
     assert report.finding("label_balance").stats["labels"] == {"high": 14, "low": 14}
+
+
+def make_tiny_wav2vec2(path: Path) -> Path:
+    """A 2-layer wav2vec2 (hidden 16, a 2-layer conv front end) and its feature extractor, saved to `path`."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 8),
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
+        mask_time_prob=0.0,
+    )
+    Wav2Vec2Model(config).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_waveform_encoder_trains_and_reloads(tones: Path, tmp_path: Path, method: str) -> None:
+    model = make_tiny_wav2vec2(tmp_path / "wav2vec2")
+    result = audio_run(model, tones, tmp_path / "runs", method)
+    trained = load_trained(result.run_dir)
+    assert trained.objective.inputs.kind == "waveform" and trained.objective.inputs.max_samples == 9600
+    _, validation = split_by_hash(read_audio_examples(str(tones), trained.config.data, "label"), 0.25)
+    again = evaluate_items(trained.model, trained.objective, trained.objective.encode(validation), runtime_for(trained))
+    assert again["confusion"] == result.metrics["validation"]["confusion"]
+    assert again["loss"] == pytest.approx(result.metrics["validation"]["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_a_saved_datasets_directory_is_read(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from tunesmith.config import DataConfig
+
+    wave = tone(300, 0.2, seed=3)
+    soundfile.write(tmp_path / "a.wav", wave, RATE)
+    stored = {"bytes": (tmp_path / "a.wav").read_bytes(), "path": "a.wav"}
+    table = pa.table({"audio": [stored, stored], "label": ["x", "y"]})
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    with pa.OSFile(str(saved / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (saved / "dataset_info.json").write_text("{}")
+    examples = read_audio_examples(str(saved), DataConfig(train="x"), "label")
+    assert [e.label for e in examples] == ["x", "y"] and examples[0].where == "data-00000-of-00001.arrow row 0"
+    assert np.allclose(decode_audio(examples[0].audio, RATE), wave, atol=1e-4)

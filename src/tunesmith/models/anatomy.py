@@ -44,13 +44,16 @@ def adapters_off(model: nn.Module) -> AbstractContextManager[Any]:
 def find_blocks(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
     """The repeated blocks (name, module): a conv net's `stages` list where it has one (ResNet,
     ConvNeXt, EfficientNet-Lite0; not one stage's own layers), else the longest `ModuleList`
-    (a transformer's blocks)."""
+    (a transformer's blocks); of lists as long, the first whose blocks hold linear layers (a
+    transformer's, not a speech encoder's convolutional front end)."""
     best: tuple[str, nn.ModuleList] | None = None
+    best_rank = (0, False)
     lists = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     stages = [(n, m) for n, m in lists if n.split(".")[-1] == "stages"]
     for name, module in stages[:1] or lists:
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
+        rank = (len(module), any(is_linear(sub) for sub in module.modules()))
+        if best is None or rank > best_rank:
+            best, best_rank = (name, module), rank
     if best is None or len(best[1]) == 0:
         raise ConfigError(f"{type(backbone).__name__}: found no stack of transformer blocks")
     return best
