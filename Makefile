@@ -10,7 +10,7 @@ TORCH_CPU := torch==2.13.0
 # installed without their dependencies.
 CARRIERS := carriers.txt
 
-.PHONY: setup demo demo-sft demo-vision demo-rlhf demo-speech test test-unit bench bench-sft bench-vision lint clean
+.PHONY: setup demo demo-sft demo-vision demo-rlhf demo-speech test test-unit bench bench-sft bench-vision bench-speech lint clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,9 @@ bench-sft: setup
 
 bench-vision: setup
 	$(BIN)/python bench/vision.py
+
+bench-speech: setup
+	$(BIN)/python bench/speech.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench examples
