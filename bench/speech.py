@@ -40,10 +40,11 @@ classifier (104k weights), tunesmith's one linear layer (7.7k) with dropout 0.1 
 reference averages all 50 positions (padding included), tunesmith only the positions that hold the
 clip. The encoder weights that train are the same on both sides (the position table stays frozen).
 
-Not measured: the reference on the default 30 s window (`reference-30s`). It costs about 37 GFLOP
-per clip forward (30 x the linears of the 1 s encoder plus attention over 1,500 positions), so one
-epoch of `full` over 800 clips is about 90 TFLOP and one of `feature-extraction` about 30 TFLOP:
-a quarter of an hour and five minutes at the ~100 GFLOP/s two cores reach, i.e. hours per repeat.
+Not measured: the reference on Whisper's default 30 s window (a `reference-30s` tool). It costs
+about 37 GFLOP per clip forward (30 x the linears of the 1 s encoder plus attention over 1,500
+positions); on a 2-core Xeon (avx512_bf16) one fp32 training step of 8 clips took 18.6 s and a
+forward 3.6 s: about 31 minutes per epoch of `full` and 6 per epoch of `feature-extraction` over
+800 clips, several hours per repeat.
 
 Method of measurement: bench/harness.py, as for bench/vision.py. Every (tool, variant, workload,
 repeat) runs in a fresh `python bench/speech.py --worker ...` subprocess; within a repeat the tools
