@@ -22,7 +22,7 @@ import torch
 from tunesmith.eval.evaluate import eval_batches
 from tunesmith.runtime import Runtime
 
-__all__ = ["allocate_store", "cache_features", "cache_hidden", "cache_text_items"]
+__all__ = ["allocate_store", "cache_features", "cache_hidden", "cache_text_items", "warn_uncached"]
 
 Collate = Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
 
@@ -124,7 +124,7 @@ def _split_matches(model: Any, batch: dict[str, torch.Tensor], k: int) -> bool:
     """
     arch = type(model.backbone).__name__
     if not model.can_split(k):
-        return _no_cache(f"{arch} cannot start at block {k}")
+        return warn_uncached(f"{arch} cannot start at block {k}")
     rows = [0, len(batch["input_ids"]) - 1]
     ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
     types = batch["token_type_ids"][rows] if "token_type_ids" in batch else None
@@ -132,9 +132,9 @@ def _split_matches(model: Any, batch: dict[str, torch.Tensor], k: int) -> bool:
     try:
         split = model.encode_suffix(model.encode_prefix(ids, mask, types, k), mask, k)
     except (TypeError, ValueError, AttributeError, IndexError) as exc:  # a forward the split view does not fit
-        return _no_cache(f"{arch}: splitting at block {k} failed ({exc})")
+        return warn_uncached(f"{arch}: splitting at block {k} failed ({exc})")
     if not torch.allclose(split, full, rtol=1e-4, atol=1e-5):
-        return _no_cache(
+        return warn_uncached(
             f"{arch}: split at block {k} differs from the full forward by {(split - full).abs().max():.2e}"
         )
     return True
@@ -160,7 +160,7 @@ def cache_text_items(
     return list(items) if hidden is None else hidden
 
 
-def _no_cache(why: str) -> bool:
+def warn_uncached(why: str) -> bool:
     warnings.warn(f"{why}; the frozen blocks will run at every step instead of once", stacklevel=4)
     return False
 

@@ -13,7 +13,6 @@ forward that accepts `features=` or `hidden=..., start_block=k` with the side in
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tunesmith.training.cache import allocate_store
+from tunesmith.training.cache import allocate_store, warn_uncached
 
 __all__ = ["cache_input_features", "cache_input_states"]
 
@@ -124,7 +123,7 @@ def _split_matches(model: Any, items: Sequence[dict[str, Any]], collate: Collate
     """Whether blocks k.. on the cached states give the full forward's logits (fp32, two inputs)."""
     arch = type(getattr(model, "backbone", model)).__name__
     if not model.can_split(k):
-        return _no_cache(f"{arch} cannot start at block {k}")
+        return warn_uncached(f"{arch} cannot start at block {k}")
     was_training = model.training
     model.eval()
     try:
@@ -137,15 +136,10 @@ def _split_matches(model: Any, items: Sequence[dict[str, Any]], collate: Collate
         model.train(was_training)
     if not torch.allclose(split, full, rtol=1e-4, atol=1e-5):
         gap = (split - full).abs().max()
-        return _no_cache(f"{arch}: split at block {k} differs from the full forward by {gap:.2e}")
+        return warn_uncached(f"{arch}: split at block {k} differs from the full forward by {gap:.2e}")
     return True
 
 
 def _inputs(batch: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
     device = next(model.parameters()).device
     return {key: value.to(device) for key, value in batch.items() if key != "labels"}
-
-
-def _no_cache(why: str) -> bool:
-    warnings.warn(f"{why}; the frozen blocks will run at every step instead of once", stacklevel=4)
-    return False
