@@ -47,6 +47,10 @@ class Method(Protocol):
     virtual_tokens: bool
     # Why gradient checkpointing cannot run with it (None: it can).
     checkpointing_refusal: str | None
+    # Export (tunesmith.export): whether what it adds is a peft adapter that plain peft loads onto the
+    # base, and whether the model, once `merge`d, has exactly the base architecture's layers.
+    peft_adapter: bool
+    standard_layers: bool
 
     def apply(self, model: Any) -> None:
         """Prepare `model` in place: wrap or add modules, set `requires_grad` on what trains."""
@@ -59,6 +63,14 @@ class Method(Protocol):
 
     def noop_reason(self, model: Any) -> str | None:
         """Why the added weights are still an identity (None when they moved or cannot tell)."""
+
+    def merge(self, model: Any) -> None:
+        """Fold what the method added into one plain network, in place and in the model's dtype
+        (LoRA and IA3 into the base weights; nothing to do where no weights were added).
+
+        Raises:
+            ConfigError: what it added cannot become part of one network (virtual tokens).
+        """
 
 
 class Metrics(Protocol):

@@ -14,7 +14,7 @@ from torch import nn
 from tunesmith import registry
 from tunesmith.models.classifier import TextClassifier
 
-__all__ = ["BaseMethod", "freeze_backbone", "method_descriptions", "param_groups"]
+__all__ = ["BaseMethod", "freeze_backbone", "merge_peft", "method_descriptions", "param_groups"]
 
 
 class BaseMethod:
@@ -27,6 +27,8 @@ class BaseMethod:
     extra_positions = 0
     virtual_tokens = False
     checkpointing_refusal: str | None = None
+    peft_adapter = False
+    standard_layers = True
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -39,6 +41,22 @@ class BaseMethod:
 
     def noop_reason(self, model: TextClassifier) -> str | None:
         return None
+
+    def merge(self, model: TextClassifier) -> None:
+        return None
+
+
+def merge_peft(model: TextClassifier) -> None:
+    """Fold a peft adapter on `model.backbone` into its base weights (peft's own merge), leaving the
+    plain base model in its place."""
+    try:
+        model.backbone = model.backbone.merge_and_unload()  # type: ignore[operator]
+    except (ValueError, NotImplementedError, RuntimeError) as exc:
+        from tunesmith.errors import ConfigError
+
+        raise ConfigError(
+            f"the adapter cannot be merged into the base weights ({exc}); export it with --format peft"
+        ) from None
 
 
 def freeze_backbone(model: TextClassifier) -> None:

@@ -58,6 +58,7 @@ class AdapterMethod(BaseMethod):
     name = "adapter"
     config = AdapterConfig
     default_lr = 1e-3
+    standard_layers = False  # its bottlenecks are layers no transformers or peft model has
 
     def __init__(self, cfg: AdapterConfig) -> None:
         super().__init__(cfg)

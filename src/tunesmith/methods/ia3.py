@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from tunesmith.config import MethodSection
-from tunesmith.methods import BaseMethod
+from tunesmith.methods import BaseMethod, merge_peft
 from tunesmith.methods.targets import FFN_OUTPUT, KEYS_VALUES, match_targets
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.registry import register_method
@@ -30,6 +30,7 @@ class IA3Method(BaseMethod):
     name = "ia3"
     config = IA3Config
     default_lr = 5e-3
+    peft_adapter = True
 
     def __init__(self, cfg: IA3Config) -> None:
         super().__init__(cfg)
@@ -50,3 +51,6 @@ class IA3Method(BaseMethod):
         if vectors and all(torch.all(p == 1) for p in vectors):
             return "every IA3 scaling vector is still 1, so the adapter changes nothing (it never trained)"
         return None
+
+    def merge(self, model: TextClassifier) -> None:
+        merge_peft(model)

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from tunesmith.config import MethodSection
-from tunesmith.methods import BaseMethod
+from tunesmith.methods import BaseMethod, merge_peft
 from tunesmith.methods.targets import lora_targets
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.registry import register_method
@@ -36,6 +36,7 @@ class LoraMethod(BaseMethod):
     name = "lora"
     config = LoraConfig
     default_lr = 5e-4
+    peft_adapter = True
 
     def __init__(self, cfg: LoraConfig) -> None:
         super().__init__(cfg)
@@ -62,3 +63,6 @@ class LoraMethod(BaseMethod):
         if b_weights and all(torch.count_nonzero(p) == 0 for p in b_weights):
             return "every LoRA B matrix is zero, so the adapter adds nothing (it never trained)"
         return None
+
+    def merge(self, model: TextClassifier) -> None:
+        merge_peft(model)

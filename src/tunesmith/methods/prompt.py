@@ -44,14 +44,25 @@ def _wrap(model: TextClassifier, peft_cfg, method: str) -> None:
         param.requires_grad_(True)
 
 
+class _VirtualTokens(BaseMethod):
+    """What prompt and prefix tuning share: virtual tokens that no base weight can hold."""
+
+    def merge(self, model: TextClassifier) -> None:
+        raise ConfigError(
+            f"method.name={self.name}: its virtual tokens cannot be merged into the base weights; "
+            "export the run with --format peft"
+        )
+
+
 @register_method("prompt-tuning")
-class PromptTuningMethod(BaseMethod):
+class PromptTuningMethod(_VirtualTokens):
     """Train a few virtual-token embeddings prepended to every input; the model is untouched."""
 
     name = "prompt-tuning"
     config = PromptTuningConfig
     default_lr = 3e-2
     virtual_tokens = True
+    peft_adapter = True
 
     def __init__(self, cfg: PromptTuningConfig) -> None:
         super().__init__(cfg)
@@ -75,13 +86,14 @@ class PromptTuningMethod(BaseMethod):
 
 
 @register_method("prefix-tuning")
-class PrefixTuningMethod(BaseMethod):
+class PrefixTuningMethod(_VirtualTokens):
     """Train key/value prefixes at every layer; the model is untouched."""
 
     name = "prefix-tuning"
     config = PrefixTuningConfig
     default_lr = 1e-2
     virtual_tokens = True
+    peft_adapter = True
     checkpointing_refusal = "the prefix is a cache that checkpointing cannot recompute"
 
     def __init__(self, cfg: PrefixTuningConfig) -> None:
