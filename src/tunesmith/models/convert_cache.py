@@ -22,21 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ConfigError
+from tunesmith.paths import cache_root
 from tunesmith.runs import atomic_write_text
 
 __all__ = ["COMPLETE_MARKER", "build_once", "cache_root", "file_sha256"]
 
 COMPLETE_MARKER = ".complete"
-
-
-def cache_root() -> Path:
-    """Where tunesmith caches converted models: `$TUNESMITH_CACHE`, `$XDG_CACHE_HOME/tunesmith` or
-    `~/.cache/tunesmith`, the first that is set."""
-    if os.environ.get("TUNESMITH_CACHE"):
-        return Path(os.environ["TUNESMITH_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "tunesmith"
-    return Path.home() / ".cache" / "tunesmith"
 
 
 def file_sha256(path: Path, sidecar: Path) -> str:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
 from torch import nn
 
 from tunesmith.config import TrainConfig
 from tunesmith.runs import peak_rss_mb
+from tunesmith.runtime import bf16_probe
 from tunesmith.training.batching import total_steps
 from tunesmith.training.loop import LoopResult
 
@@ -22,10 +24,14 @@ def run_plan(
 ) -> dict[str, Any]:
     """Steps, learning rate, precision and parameter counts (with the names of what trains)."""
     params = dict(model.named_parameters())
+    measured = {}
+    if cfg.precision == "auto" and not torch.cuda.is_available():
+        measured = {"precision_probe": bf16_probe()}  # what `auto` measured on this CPU (cached)
     return {
         "total_steps": total_steps(n_items, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps),
         "lr": cfg.lr if cfg.lr is not None else default_lr,
         "precision": precision,
+        **measured,
         "trainable_parameters": sum(params[n].numel() for n in names if n in params),
         "total_parameters": sum(p.numel() for p in params.values()),
         "trainable_names": names,
