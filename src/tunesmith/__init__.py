@@ -15,6 +15,7 @@ __all__ = [
     "clean_data",
     "compare",
     "evaluate",
+    "export",
     "generate",
     "load_config",
     "predict",
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
         clean_data,
         compare,
         evaluate,
+        export,
         generate,
         load_config,
         predict,
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "train": "tunesmith.api",
     "evaluate": "tunesmith.api",
+    "export": "tunesmith.api",
     "check_data": "tunesmith.api",
     "clean_data": "tunesmith.api",
     "compare": "tunesmith.api",

@@ -26,8 +26,10 @@ from tunesmith.errors import ConfigError
 from tunesmith.eval.evaluate import evaluate_items
 from tunesmith.eval.report import write_report
 from tunesmith.eval.retention import build_retention
+from tunesmith.export import Exported, export_run
 from tunesmith.inference import Trained, held_out_metrics, load_trained, prompt_inputs, read_prompts, runtime_for
 from tunesmith.inference import generate as generate_with
+from tunesmith.inference.adapters import Adapters, RunsArg, load_adapters
 from tunesmith.models.generate import Sampling
 from tunesmith.plugins import Task, build_method, build_task
 from tunesmith.runs import config_hash, list_runs, open_or_create, read_json, write_json, write_jsonl, write_manifest
@@ -38,6 +40,7 @@ from tunesmith.training.plan import report_dropped, run_plan, train_summary
 from tunesmith.zoo import model_source_path
 
 __all__ = [
+    "Adapters",
     "RunResult",
     "RunSummary",
     "Sampling",
@@ -49,6 +52,7 @@ __all__ = [
     "generate",
     "generate_file",
     "generate_with",
+    "load_adapters",
     "load_config",
     "load_trained",
     "predict",
@@ -194,20 +198,29 @@ def evaluate(
 
 
 def generate(
-    run_dir: str | Path,
+    runs: RunsArg | Adapters,
     prompts: list[str] | list[list[dict[str, str]]],
     sampling: Sampling | None = None,
     on_token: Any = None,
+    adapter: str | None = None,
 ) -> list[str]:
     """Completions of a run that generates text (sft, dpo, rl) for text prompts or chat conversations
-    (`[{role, content}, ...]`), rendered exactly as training rendered its rows."""
-    trained = load_trained(run_dir)
+    (`[{role, content}, ...]`), rendered exactly as training rendered its rows.
+
+    `runs` is one run directory, several runs on one base model (directories, `NAME=DIR` strings or
+    {name: dir}; see `load_adapters`) of which `adapter` names the one to answer (default: the
+    first), or runs already loaded with `load_adapters`, switched without loading anything again.
+    """
+    trained = _answering(runs, adapter)
     return generate_with(trained, prompts, sampling or Sampling(), runtime_for(trained), on_token)
 
 
-def generate_file(run_dir: str | Path, data: str | Path, sampling: Sampling | None = None) -> list[dict[str, Any]]:
-    """{prompt, output} for every row of a data file (completions, if present, are not used)."""
-    trained = load_trained(run_dir)
+def generate_file(
+    runs: RunsArg | Adapters, data: str | Path, sampling: Sampling | None = None, adapter: str | None = None
+) -> list[dict[str, Any]]:
+    """{prompt, output} for every row of a data file (completions, if present, are not used); `runs`
+    and `adapter` as for `generate`."""
+    trained = _answering(runs, adapter)
     prompts = prompt_inputs(read_prompts(data, trained.config.data))
     outputs = generate_with(trained, prompts, sampling or Sampling(), runtime_for(trained))
     shown = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
@@ -215,15 +228,19 @@ def generate_file(run_dir: str | Path, data: str | Path, sampling: Sampling | No
 
 
 def predict(
-    run_dir: str | Path, texts: list[str] | None = None, data: str | Path | None = None
+    runs: RunsArg | Adapters,
+    texts: list[str] | None = None,
+    data: str | Path | None = None,
+    adapter: str | None = None,
 ) -> list[dict[str, Any]]:
     """Predicted label and class probabilities for each input (or each row of a data file).
 
     For an image-classification run the inputs are image paths, and each result names its `image`.
+    `runs` and `adapter` as for `generate`: one run, or several classifiers on one base model.
     """
     if (texts is None) == (data is None):
         raise ConfigError("predict: give either inputs or a data file, not both")
-    trained = load_trained(run_dir)
+    trained = _answering(runs, adapter)
     _require_output(trained, "label", "predict")
     return trained.task.predict(trained, texts, None if data is None else str(data), runtime_for(trained))
 
@@ -262,6 +279,29 @@ class RunSummary:
     method: str
     finished: bool
     headline: dict[str, float]  # the task's headline metrics on test (else validation) data
+
+
+def export(
+    run_dir: str | Path,
+    format: str,
+    out: str | Path,
+    quantize: str | None = None,
+    data: str | Path | None = None,
+    rows: int = 8,
+) -> Exported:
+    """Export a trained run where it runs: `hf` (plain transformers), `peft` (an adapter plain peft
+    loads onto the base), `onnx` (onnxruntime; `quantize="int8"`), `gguf` (llama.cpp and Ollama;
+    `quantize="q8_0"`), into the new directory `out`, with a model card.
+
+    Every export is checked before it is written: held-out rows of the run (or `rows` rows of `data`)
+    go through the trained model and through the artifact loaded by its own library; their logits must
+    agree within the format's tolerance, with the same predicted labels and greedy generations.
+
+    Raises:
+        ConfigError: a format, quantization or output that does not fit (one line saying why).
+        ParityError: the artifact does not match the trained model (nothing is written).
+    """
+    return export_run(run_dir, format, out, quantize, data, rows)
 
 
 def run_summaries(parent: str | Path = "runs") -> list[RunSummary]:
@@ -390,6 +430,13 @@ def _data_setup(
         references = [str(validation)] if validation is not None else [s for s in configured if Path(s).exists()]
     data = cfg.data if max_length is None else cfg.data.model_copy(update={"max_length": max_length})
     return plugin, data, tokenizer, references
+
+
+def _answering(runs: RunsArg | Adapters, adapter: str | None) -> Trained:
+    """The run that answers: `adapter` of loaded runs, or of runs loaded now (one run alone)."""
+    if isinstance(runs, Adapters):
+        return runs.use(adapter)
+    return load_adapters(runs, adapter).use()
 
 
 def _require_output(trained: Trained, output: str, verb: str) -> None:

@@ -12,7 +12,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.models.causal_lm import base_decoder
 from tunesmith.plugins import Method, Task
 
-__all__ = ["build_model", "refuse_noop", "trained_buffers"]
+__all__ = ["apply_method", "build_model", "refuse_noop", "trained_buffers"]
 
 
 def build_model(cfg: RunConfig, task: Task, method: Method, num_labels: int) -> tuple[nn.Module, list[str]]:
@@ -24,12 +24,22 @@ def build_model(cfg: RunConfig, task: Task, method: Method, num_labels: int) -> 
     """
     task.check_method(method)
     model = task.build_model(num_labels)
+    return model, apply_method(cfg, method, model)
+
+
+def apply_method(cfg: RunConfig, method: Method, model: nn.Module) -> list[str]:
+    """Apply the method to a task's base model, in place, as `build_model` does once the task built
+    it; the names of what trains (parameters, and buffers that training changes).
+
+    Raises:
+        ConfigError: the method does not fit the model.
+    """
     _check_positions(cfg, model, method)
     method.apply(model)
     if cfg.train.gradient_checkpointing:
         _enable_checkpointing(model, method)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    return model, names + trained_buffers(model)
+    return names + trained_buffers(model)
 
 
 def trained_buffers(model: nn.Module) -> list[str]:

@@ -75,12 +75,26 @@ def eval_(
     _print_metrics(str(data), metrics)
 
 
+# Several runs on one base model: RUN_DIR and each --run load as named adapters on one copy of it.
+MoreRuns = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--run",
+        help="Another run on the same base model, loaded beside RUN_DIR as a named adapter (the base loads "
+        "once): DIR, named by its directory's name, or NAME=DIR. Repeat for more.",
+    ),
+]
+Adapter = Annotated[str | None, typer.Option(help="The run that answers, by name (default: RUN_DIR).")]
+
+
 @app.command()
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    run_dir: Annotated[str, typer.Argument(help="A finished run directory (or NAME=DIR).")],
     text: Annotated[str | None, typer.Argument(help="Text to classify (an image path for an image run).")] = None,
     data: Annotated[Path | None, typer.Option(help="Data file: classify every row.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write predictions as JSONL.")] = None,
+    run: MoreRuns = None,
+    adapter: Adapter = None,
 ) -> None:
     """Classify one text or image, or every row of a data file (JSONL out)."""
     from tunesmith import api
@@ -88,7 +102,8 @@ def predict(
 
     if (text is None) == (data is None):
         raise TunesmithError("give one text or --data FILE")
-    rows = api.predict(run_dir, texts=[text] if text is not None else None, data=data)
+    texts = [text] if text is not None else None
+    rows = api.predict([run_dir, *(run or [])], texts=texts, data=data, adapter=adapter)
     lines = "".join(json.dumps(r) + "\n" for r in rows)
     if output is not None:
         atomic_write_text(output, lines)
@@ -146,13 +161,15 @@ Seed = Annotated[int, typer.Option(help="Sampling seed.")]
 
 @app.command()
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run that generates text (sft, dpo or rl).")],
+    run_dir: Annotated[str, typer.Argument(help="A finished run that generates text: sft, dpo or rl (or NAME=DIR).")],
     prompt: Annotated[str | None, typer.Argument(help="The prompt (rendered as training rendered rows).")] = None,
     data: Annotated[Path | None, typer.Option(help="Data file: answer every row's prompt (JSONL out).")] = None,
     max_new_tokens: MaxNew = 128,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
     seed: Seed = 0,
+    run: MoreRuns = None,
+    adapter: Adapter = None,
 ) -> None:
     """Generate a completion for a prompt (streamed), or for every prompt of a data file."""
     from tunesmith import api
@@ -161,32 +178,38 @@ def generate(
     if (prompt is None) == (data is None):
         raise TunesmithError("give one prompt or --data FILE")
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    runs = [run_dir, *(run or [])]
     if data is not None:
-        for row in api.generate_file(run_dir, data, sampling):
+        for row in api.generate_file(runs, data, sampling, adapter=adapter):
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
         return
-    trained = api.load_trained(run_dir)
+    trained = api.load_adapters(runs, adapter).use()
     _stream(trained, [prompt], sampling, api.runtime_for(trained))
 
 
 @app.command()
 def chat(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run that generates text (sft, dpo or rl).")],
+    run_dir: Annotated[str, typer.Argument(help="A finished run that generates text: sft, dpo or rl (or NAME=DIR).")],
     system: Annotated[str | None, typer.Option(help="A system message to start the conversation.")] = None,
     max_new_tokens: MaxNew = 256,
     temperature: Temperature = 0.7,
     top_p: TopP = 0.9,
     seed: Seed = 0,
+    run: MoreRuns = None,
+    adapter: Adapter = None,
 ) -> None:
-    """Talk to a trained model: the chat template applied, tokens streamed. /reset starts over, /exit ends."""
+    """Talk to a trained model: the chat template applied, tokens streamed. /reset starts over, /exit ends;
+    with several runs, /adapters lists them and /adapter NAME switches mid-conversation."""
     from tunesmith import api
     from tunesmith.models.generate import Sampling
 
-    trained = api.load_trained(run_dir)
+    loaded = api.load_adapters([run_dir, *(run or [])], adapter)
+    trained = loaded.use()
     runtime = api.runtime_for(trained)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    err_console.print("chat: /reset starts over, /exit (or Ctrl-D) ends")
+    several = ", /adapters lists the runs, /adapter NAME switches" if len(loaded.names) > 1 else ""
+    err_console.print(f"chat: /reset starts over{several}, /exit (or Ctrl-D) ends")
     turn = 0
     while True:
         try:
@@ -198,6 +221,10 @@ def chat(
         if line.strip() == "/reset":
             history = list(start)
             continue
+        if line.split()[:1] in (["/adapters"], ["/adapter"]):
+            trained = _adapter_command(loaded, line.split())
+            runtime = api.runtime_for(trained)
+            continue
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
@@ -205,6 +232,24 @@ def chat(
         reply = _stream(trained, [history], Sampling(max_new_tokens, temperature, top_p, seed + turn), runtime)
         history.append({"role": "assistant", "content": reply})
         turn += 1
+
+
+def _adapter_command(loaded: Any, words: list[str]) -> Any:
+    """`/adapters` lists the loaded runs (* marks the one answering); `/adapter NAME` switches to
+    run NAME (an unknown name is said, and the conversation goes on). Returns the run answering."""
+    from tunesmith.errors import ConfigError
+
+    if words[0] == "/adapters":
+        for name, trained in loaded.runs.items():
+            mark = "*" if name == loaded.active else " "
+            line = f"{mark} {name}  {trained.where}  ({trained.config.method.name})"
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return loaded.use()
+    try:
+        return loaded.use(" ".join(words[1:]))
+    except ConfigError as exc:
+        err_console.print(Text.assemble(("error: ", "bold red"), str(exc)))
+        return loaded.use()
 
 
 def _stream(trained: Any, prompts: list, sampling: Any, runtime: Any) -> str:
@@ -228,6 +273,28 @@ def _stream(trained: Any, prompts: list, sampling: Any, runtime: Any) -> str:
     sys.stdout.write(answer[len(shown) :] + "\n")
     sys.stdout.flush()
     return answer
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="hf, peft, onnx or gguf.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="A new directory for the export.")],
+    quantize: Annotated[str | None, typer.Option(help="onnx: int8; gguf: f16, q8_0 or q4_0.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Rows to check parity on (default: held-out rows).")] = None,
+    rows: Annotated[int, typer.Option(help="How many probe rows.")] = 8,
+) -> None:
+    """Export a run to transformers, peft, ONNX or GGUF, checked against the trained model first."""
+    from tunesmith import api
+
+    done = api.export(run_dir, format, output, quantize=quantize, data=data, rows=rows)
+    console.print(f"[green]exported[/] {done.format}{f' ({done.quantize})' if done.quantize else ''} to {done.path}")
+    console.print(f"parity: {done.parity.describe()}")
+    console.print(
+        f"size {done.size_bytes / 1e6:.1f} MB, load {done.load_seconds:.2f} s, {done.latency_ms:.2f} ms per row"
+    )
+    for key, value in done.details.items():
+        console.print(f"{key}: {value}")
 
 
 @app.command()

@@ -3,7 +3,8 @@ preference sampling share (and, later, export and the service).
 
 `load_trained` rebuilds a run's model from its saved config through the task and method plug-ins
 and loads its trained weights strictly; `base_model` gives the model it started from, for the
-comparisons DPO evaluation and drift measurements make.
+comparisons DPO evaluation and drift measurements make. `adapters.load_adapters` loads several runs
+onto one base model as named peft adapters.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tunesmith.runtime import Runtime, make_runtime
 from tunesmith.training.checkpoint import load_trainable
 
 __all__ = [
+    "SavedRun",
     "Trained",
     "base_model",
     "generate",
@@ -39,6 +41,7 @@ __all__ = [
     "load_trained",
     "prompt_inputs",
     "read_prompts",
+    "read_saved_run",
     "runtime_for",
 ]
 
@@ -60,28 +63,57 @@ class Trained:
         return str(self.run.dir) if self.run is not None else self.config.model.name
 
 
+@dataclass(frozen=True)
+class SavedRun:
+    """A finished run as its directory records it: config, plug-ins, labels and where its trained
+    weights are; nothing loaded yet."""
+
+    run: Run
+    config: RunConfig
+    task: Task
+    method: Method
+    labels: list[str]
+
+    @property
+    def weights(self) -> Path:
+        return self.run.final / "trainable.safetensors"
+
+    def load_objective(self) -> Objective:
+        """The run's objective with the tokenizer it saved. Load it before building the model: what a
+        task saved with its tokenizer (a speech run's clip length) may shape the model."""
+        saved = self.run.final / "tokenizer"
+        tokenizer = self.task.load_tokenizer(saved if saved.is_dir() else None)
+        return self.task.objective(tokenizer, self.labels)
+
+
+def read_saved_run(run_dir: str | Path) -> SavedRun:
+    """A finished run's record, its config validated and its plug-ins built.
+
+    Raises:
+        ConfigError: not a run directory, or a run with no final weights.
+    """
+    run = open_run(run_dir)
+    cfg = config_from_dict(run.config(), origin=str(run.dir / "config.yaml"))
+    if not (run.final / "trainable.safetensors").is_file():
+        raise ConfigError(f"{run.dir}: the run has no final weights (interrupted? resume it with --resume)")
+    labels_file = run.final / "labels.json"
+    labels = [str(x) for x in read_json(labels_file)] if labels_file.is_file() else []
+    return SavedRun(run, cfg, build_task(cfg), build_method(cfg.method), labels)
+
+
 def load_trained(run_dir: str | Path) -> Trained:
     """Rebuild a run's model from its config and load its trained weights (strictly).
 
     Raises:
         ConfigError: not a run directory, no final weights, or weights that do not fit the model.
     """
-    run = open_run(run_dir)
-    cfg = config_from_dict(run.config(), origin=str(run.dir / "config.yaml"))
-    weights = run.final / "trainable.safetensors"
-    if not weights.is_file():
-        raise ConfigError(f"{run.dir}: the run has no final weights (interrupted? resume it with --resume)")
-    labels_file = run.final / "labels.json"
-    labels = [str(x) for x in read_json(labels_file)] if labels_file.is_file() else []
-    task, method = build_task(cfg), build_method(cfg.method)
-    saved = run.final / "tokenizer"
-    # The tokenizer first: what a task saved with it (a speech run's clip length) may shape the model.
-    tokenizer = task.load_tokenizer(saved if saved.is_dir() else None)
-    model, names = build_model(cfg, task, method, len(labels))
-    load_trainable(model, names, weights)
-    refuse_noop(method, model)
+    saved = read_saved_run(run_dir)
+    objective = saved.load_objective()
+    model, names = build_model(saved.config, saved.task, saved.method, len(saved.labels))
+    load_trainable(model, names, saved.weights)
+    refuse_noop(saved.method, model)
     model.eval()
-    return Trained(cfg, task, method, model, task.objective(tokenizer, labels), run)
+    return Trained(saved.config, saved.task, saved.method, model, objective, saved.run)
 
 
 def load_base(model: str, task: str, data: str) -> Trained:
