@@ -37,8 +37,11 @@ if fmt == "peft":
 model.eval()
 with torch.no_grad():
     logits = model(**inputs).logits
-    want = probe["logits"]
-    logits = logits[:, -want.shape[1]:] if logits.ndim == 3 else logits
+    if "logits" in probe:
+        want = probe["logits"]
+    else:  # token logits: the trained model's top values at their token ids
+        want = probe["logits_top_values"]
+        logits = logits[:, -want.shape[1]:].gather(-1, probe["logits_top_indices"])
     if "mask" in probe:
         keep = probe["mask"].bool()
         logits, want = logits[keep], want[keep]

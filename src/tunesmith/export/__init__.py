@@ -121,6 +121,7 @@ def export_run(
         from tunesmith.export.card import write_card
 
         exported.size_bytes = _size(scratch)
+        exported.load_hint = exported.load_hint.replace(scratch.name, target.name)
         write_card(scratch, trained, exported, probe)
         if target.exists():
             target.rmdir()

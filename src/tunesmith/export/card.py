@@ -4,8 +4,9 @@ The card states what the model is (base model and its hash, method, task, labels
 from (data files and their hashes, hyperparameters), how well (held-out metrics before and after,
 retention change), and how exactly the artifact matches the trained model (the probe, the tolerance
 and the measured difference). Beside it: `export.json` (the same facts as data) and
-`probe.safetensors` (the probe's input tensors and the trained model's logits), so the parity check
-can be repeated with the plain library alone.
+`probe.safetensors` (the probe's input tensors and the trained model's logits: for a model that
+generates, the 32 largest of each position with their token ids), so the parity check can be
+repeated with the plain library alone.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from tunesmith.runs import atomic_write_text, read_json, write_json
 if TYPE_CHECKING:
     from tunesmith.export import Exported
 
-__all__ = ["write_card"]
+__all__ = ["TOP_K", "write_card"]
+
+TOP_K = 32  # token logits kept per position in probe.safetensors
 
 
 def write_card(out: Path, trained: Trained, exported: Exported, probe: Probe) -> None:
@@ -32,7 +35,11 @@ def write_card(out: Path, trained: Trained, exported: Exported, probe: Probe) ->
     facts = _facts(trained, exported, probe)
     write_json(out / "export.json", facts)
     tensors = {f"input.{k}": v.clone().contiguous() for k, v in probe.inputs.items() if isinstance(v, torch.Tensor)}
-    tensors["logits"] = probe.logits.float().contiguous()
+    if probe.logits.ndim == 3:  # token logits: the top 32 of each position (all of them would outweigh a model)
+        top = probe.logits.float().topk(min(TOP_K, probe.logits.shape[-1]), dim=-1)
+        tensors["logits_top_values"], tensors["logits_top_indices"] = top.values.contiguous(), top.indices.contiguous()
+    else:
+        tensors["logits"] = probe.logits.float().contiguous()
     if probe.mask is not None:
         tensors["mask"] = probe.mask.clone().contiguous()
     save_file(tensors, str(out / "probe.safetensors"))

@@ -70,9 +70,14 @@ class Parity:
     rows: int
     max_abs_diff: float
     tolerance: float
-    labels_equal: float  # share of rows (positions, for token logits) whose argmax is the same
+    # Share of rows (positions, for token logits) whose argmax is the same, among those the trained
+    # model decides: its top logit leads the runner-up by more than 2 x tolerance, so differences the
+    # tolerance allows cannot swap them (an exact tie rounded either way is no mismatch).
+    labels_equal: float
     generations_equal: bool | None = None  # None where the model does not generate
     note: str = ""  # what the tolerance allows for (dtype, quantization)
+    same_argmax_all: float = 1.0  # the same share over every row or position
+    decided: tuple[int, int] = (0, 0)  # (rows or positions decided, all of them)
 
     @property
     def ok(self) -> bool:
@@ -81,6 +86,8 @@ class Parity:
     def describe(self) -> str:
         text = f"max |logit difference| {self.max_abs_diff:.3g} (tolerance {self.tolerance:g}) over {self.rows} rows"
         text += f", same argmax {self.labels_equal:.1%}"
+        if self.decided[0] < self.decided[1]:
+            text += f" of the {self.decided[0]} of {self.decided[1]} decided beyond 2x tolerance"
         if self.generations_equal is not None:
             text += f", greedy generations {'identical' if self.generations_equal else 'DIFFERENT'}"
         return text
@@ -96,6 +103,8 @@ class Parity:
             "max_abs_logit_diff": self.max_abs_diff,
             "tolerance": self.tolerance,
             "same_argmax": self.labels_equal,
+            "same_argmax_all": self.same_argmax_all,
+            "decided": list(self.decided),
             "greedy_generations_identical": self.generations_equal,
             "note": self.note,
         }
@@ -167,12 +176,21 @@ def compare(
     if probe.mask is not None and want.ndim == 3:
         keep = probe.mask.bool()
         want, got = want[keep], got[keep]  # (N, V) over the real positions
-    diff = float((want - got).abs().max()) if want.numel() else 0.0
-    same = float((want.argmax(-1) == got.argmax(-1)).float().mean()) if want.numel() else 1.0
+    if not want.numel():
+        return Parity(probe.rows, 0.0, tolerance, 1.0, None, note)
+    diff = float((want - got).abs().max())
+    agree = want.argmax(-1) == got.argmax(-1)
+    if want.shape[-1] > 1:
+        top = want.topk(2, dim=-1).values
+        decided = (top[..., 0] - top[..., 1]) > 2 * max(tolerance, 0.0)
+    else:  # one output (a score): nothing to rank
+        decided = torch.ones_like(agree)
+    same = float(agree[decided].float().mean()) if bool(decided.any()) else 1.0
     equal = None
     if probe.prompts:
         equal = [list(g) for g in generations or []] == probe.generations
-    return Parity(probe.rows, diff, tolerance, same, equal, note)
+    counts = (int(decided.sum()), int(decided.numel()))
+    return Parity(probe.rows, diff, tolerance, same, equal, note, float(agree.float().mean()), counts)
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 5) -> float:
