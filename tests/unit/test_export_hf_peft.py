@@ -59,9 +59,9 @@ def test_a_causal_lm_exports_to_plain_transformers(tiny_llama: Path, tmp_path: P
     assert "Parity with the trained model" in card and f"**{method}**" in card and "sha256" in card
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "prompt-tuning"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt-tuning", "prefix-tuning"])
 def test_a_causal_lm_adapter_exports_to_plain_peft(tiny_llama: Path, tmp_path: Path, method: str) -> None:
-    run = sft_run(tiny_llama, tmp_path, method, epochs=3 if method == "prompt-tuning" else 2)
+    run = sft_run(tiny_llama, tmp_path, method, epochs=3 if method.endswith("tuning") else 2)
     done = export(run, "peft", tmp_path / "adapter", rows=4)
     assert done.parity.ok and done.parity.generations_equal
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -69,7 +69,7 @@ def test_a_causal_lm_adapter_exports_to_plain_peft(tiny_llama: Path, tmp_path: P
     from safetensors.torch import load_file
 
     keys = list(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
-    if method != "prompt-tuning":  # peft's own names for the full model's modules
+    if not method.endswith("tuning"):  # peft's own names for the full model's modules
         assert all(k.startswith("base_model.model.model.layers.") for k in keys), keys[:3]
     seen = load_elsewhere(tmp_path / "adapter", "peft-lm", tmp_path)
     assert seen["max_diff"] < 1e-3 and seen["same_argmax"] and seen["generations_equal"]

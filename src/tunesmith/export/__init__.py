@@ -122,6 +122,7 @@ def export_run(
 
         exported.size_bytes = _size(scratch)
         exported.load_hint = exported.load_hint.replace(scratch.name, target.name)
+        exported.path = target
         write_card(scratch, trained, exported, probe)
         if target.exists():
             target.rmdir()
@@ -129,7 +130,6 @@ def export_run(
         os.replace(scratch, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    exported.path = target
     return exported
 
 
