@@ -26,7 +26,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.eval.evaluate import evaluate_items
 from tunesmith.eval.report import write_report
 from tunesmith.eval.retention import build_retention
-from tunesmith.export import Exported, export_run
+from tunesmith.exports import Exported, export_run
 from tunesmith.inference import Trained, held_out_metrics, load_trained, prompt_inputs, read_prompts, runtime_for
 from tunesmith.inference import generate as generate_with
 from tunesmith.inference.adapters import Adapters, RunsArg, load_adapters

@@ -47,7 +47,7 @@ class Method(Protocol):
     virtual_tokens: bool
     # Why gradient checkpointing cannot run with it (None: it can).
     checkpointing_refusal: str | None
-    # Export (tunesmith.export): whether what it adds is a peft adapter that plain peft loads onto the
+    # Export (tunesmith.exports): whether what it adds is a peft adapter that plain peft loads onto the
     # base, and whether the model, once `merge`d, has exactly the base architecture's layers.
     peft_adapter: bool
     standard_layers: bool

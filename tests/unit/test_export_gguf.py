@@ -18,11 +18,10 @@ from safetensors.torch import load_file
 
 import tunesmith
 from conftest import CHATML, run_cli, write_jsonl
-from tunesmith.api import export
 from tunesmith.errors import ConfigError
-from tunesmith.export.gguf import FILE, TOLERANCE
-from tunesmith.export.ollama import modelfile
-from tunesmith.export.parity import ParityError
+from tunesmith.exports.gguf import FILE, TOLERANCE
+from tunesmith.exports.ollama import modelfile
+from tunesmith.exports.parity import ParityError
 
 WORDS = ["red", "blue", "green", "gold"]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -114,7 +113,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lora_f16(lora_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("gguf-export") / "f16"
-    export(lora_run, "gguf", out, rows=4)
+    tunesmith.export(lora_run, "gguf", out, rows=4)
     return out
 
 
@@ -146,7 +145,7 @@ def llama_names(layers: int, tied: bool) -> set[str]:
 # --- parity -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("quantize", [None, "q8_0"])
 def test_a_lora_run_exports_f16_and_q8_0_with_parity(lora_run: Path, tmp_path: Path, quantize: str | None) -> None:
-    done = export(lora_run, "gguf", tmp_path / "out", quantize=quantize, rows=4)
+    done = tunesmith.export(lora_run, "gguf", tmp_path / "out", quantize=quantize, rows=4)
     kind = quantize or "f16"
     scale = max(1.0, float(load_file(tmp_path / "out" / "probe.safetensors")["logits_top_values"].abs().max()))
     # The tolerance scales with the largest |logit| (the file keeps the top ones: at least that large).
@@ -162,7 +161,7 @@ def test_a_lora_run_exports_f16_and_q8_0_with_parity(lora_run: Path, tmp_path: P
 
 
 def test_a_full_run_of_an_untied_model_keeps_its_output_matrix(full_run: Path, tmp_path: Path) -> None:
-    done = export(full_run, "gguf", tmp_path / "out", rows=4)
+    done = tunesmith.export(full_run, "gguf", tmp_path / "out", rows=4)
     assert done.parity.ok and done.parity.generations_equal and not done.details["tied_embeddings"]
     fields, tensors = read_gguf(tmp_path / "out" / FILE)
     assert set(tensors) == llama_names(2, tied=False)
@@ -225,7 +224,7 @@ print(json.dumps({
 def test_argmax_counts_where_the_trained_model_leads_by_more_than_twice_the_tolerance() -> None:
     import torch
 
-    from tunesmith.export.parity import Probe, compare
+    from tunesmith.exports.parity import Probe, compare
 
     trained = torch.tensor([[[1.0, 1.0, 0.0], [3.0, 0.0, 0.0]]])  # (1, 2, V): an exact tie, then a clear lead
     probe = Probe("rows", {}, trained, torch.ones(1, 2, dtype=torch.long))
@@ -237,7 +236,7 @@ def test_argmax_counts_where_the_trained_model_leads_by_more_than_twice_the_tole
 
 def test_q4_0_is_refused_with_what_it_measured(lora_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"q4_0 does not hold quality: .* changed 2 of 8 greedy answers") as refused:
-        export(lora_run, "gguf", tmp_path / "out", quantize="q4_0")
+        tunesmith.export(lora_run, "gguf", tmp_path / "out", quantize="q4_0")
     assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
 
 
@@ -331,11 +330,11 @@ def test_q_and_k_rows_are_in_llama_cpps_rotary_layout(lora_f16: Path, lora_run: 
 
 
 def test_without_the_permutation_the_parity_check_fails(lora_run: Path, tmp_path: Path, monkeypatch) -> None:
-    import tunesmith.export.gguf as gguf_export
+    import tunesmith.exports.gguf as gguf_export
 
     monkeypatch.setattr(gguf_export, "permute_qk", lambda weight, heads: weight)
     with pytest.raises(ParityError, match="greedy generations DIFFERENT"):
-        export(lora_run, "gguf", tmp_path / "out", rows=4)
+        tunesmith.export(lora_run, "gguf", tmp_path / "out", rows=4)
     assert not (tmp_path / "out").exists()
 
 
@@ -408,7 +407,7 @@ def test_runs_llama_cpp_cannot_hold_are_refused_in_one_line(
     }
     for run, reason in cases.items():
         with pytest.raises(ConfigError) as refused:
-            export(run, "gguf", tmp_path / "x")
+            tunesmith.export(run, "gguf", tmp_path / "x")
         assert reason in str(refused.value) and "\n" not in str(refused.value)
         assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.partial-*"))
     result = run_cli(monkeypatch, capsys, "export", classifier, "--format", "gguf", "-o", tmp_path / "x")

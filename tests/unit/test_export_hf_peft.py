@@ -12,8 +12,7 @@ import pytest
 import tunesmith
 from conftest import run_cli, write_jsonl
 from export_files import load_elsewhere
-from tunesmith.api import export
-from tunesmith.export.parity import ParityError
+from tunesmith.exports.parity import ParityError
 
 WORDS = ["red", "blue", "green", "gold"]
 
@@ -43,7 +42,7 @@ def classifier_run(base_config: dict, method: object) -> Path:
 @pytest.mark.parametrize("method", ["lora", "full", "ia3"])
 def test_a_causal_lm_exports_to_plain_transformers(tiny_llama: Path, tmp_path: Path, method: str) -> None:
     run = sft_run(tiny_llama, tmp_path, method)
-    done = export(run, "hf", tmp_path / "hf", rows=4)
+    done = tunesmith.export(run, "hf", tmp_path / "hf", rows=4)
     assert done.parity.ok and done.parity.generations_equal and done.parity.rows == 4
     seen = load_elsewhere(tmp_path / "hf", "hf-lm", tmp_path)
     assert seen["max_diff"] < 1e-3 and seen["same_argmax"] and seen["generations_equal"]
@@ -62,7 +61,7 @@ def test_a_causal_lm_exports_to_plain_transformers(tiny_llama: Path, tmp_path: P
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt-tuning", "prefix-tuning"])
 def test_a_causal_lm_adapter_exports_to_plain_peft(tiny_llama: Path, tmp_path: Path, method: str) -> None:
     run = sft_run(tiny_llama, tmp_path, method, epochs=3 if method.endswith("tuning") else 2)
-    done = export(run, "peft", tmp_path / "adapter", rows=4)
+    done = tunesmith.export(run, "peft", tmp_path / "adapter", rows=4)
     assert done.parity.ok and done.parity.generations_equal
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == str(tiny_llama)
@@ -77,14 +76,14 @@ def test_a_causal_lm_adapter_exports_to_plain_peft(tiny_llama: Path, tmp_path: P
 
 def test_a_text_classifier_exports_to_transformers_and_peft(base_config: dict, tmp_path: Path) -> None:
     run = classifier_run(base_config, "lora")
-    hf = export(run, "hf", tmp_path / "hf")
+    hf = tunesmith.export(run, "hf", tmp_path / "hf")
     assert hf.parity.ok and hf.parity.labels_equal == 1.0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["auto_map"]["AutoModelForSequenceClassification"] == "modeling_tunesmith.TunesmithClassifier"
     assert set(config["id2label"].values()) == {"negative", "positive"}
     seen = load_elsewhere(tmp_path / "hf", "hf-text", tmp_path)
     assert seen["max_diff"] < 1e-4 and seen["same_argmax"]
-    adapter = export(run, "peft", tmp_path / "adapter")
+    adapter = tunesmith.export(run, "peft", tmp_path / "adapter")
     assert adapter.parity.ok
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["head"] and config["base_model_name_or_path"] == "base"
@@ -122,11 +121,11 @@ def test_formats_that_do_not_fit_are_refused_in_one_line(
 
 def test_a_failed_parity_check_writes_nothing_and_says_by_how_much(base_config: dict, tmp_path: Path, monkeypatch):
     run = classifier_run(base_config, "lora")
-    import tunesmith.export.hf as hf
+    import tunesmith.exports.hf as hf
 
     monkeypatch.setattr(hf, "TOLERANCE", -1.0)  # nothing can pass
     with pytest.raises(ParityError, match=r"max \|logit difference\| .* \(tolerance -1\)"):
-        export(run, "hf", tmp_path / "hf")
+        tunesmith.export(run, "hf", tmp_path / "hf")
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.partial-*"))
 
 

@@ -13,7 +13,6 @@ import soundfile
 import tunesmith
 from conftest import make_tiny_vit, write_halves_npz
 from export_files import load_elsewhere
-from tunesmith.api import export
 from whisper_files import make_tiny_whisper
 
 RATE = 16000
@@ -66,13 +65,13 @@ def test_a_vit_image_classifier_exports(tiny_vit: Path, tmp_path: Path, method: 
         method=method,
         data={"train": str(data), "validation": 0.25},
     )
-    assert export(run, "hf", tmp_path / "hf").parity.ok
+    assert tunesmith.export(run, "hf", tmp_path / "hf").parity.ok
     seen = load_elsewhere(tmp_path / "hf", "hf-image", tmp_path)
     assert seen["max_diff"] < 1e-4 and seen["same_argmax"]
     processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
     assert processor["size"] == {"height": 16, "width": 16}
     if method == "lora":
-        assert export(run, "peft", tmp_path / "peft").parity.ok
+        assert tunesmith.export(run, "peft", tmp_path / "peft").parity.ok
         seen = load_elsewhere(tmp_path / "peft", "peft-image", tmp_path)
         assert seen["max_diff"] < 1e-4 and seen["same_argmax"]
 
@@ -86,7 +85,7 @@ def test_efficientnet_lite0_travels_as_its_own_torch_file(tmp_path: Path) -> Non
         method="full",
         data={"train": str(data), "validation": 0.25, "image_size": 32},
     )
-    assert export(run, "hf", tmp_path / "hf").parity.ok
+    assert tunesmith.export(run, "hf", tmp_path / "hf").parity.ok
     assert (tmp_path / "hf" / "efficientnet_net.py").is_file()
     seen = load_elsewhere(tmp_path / "hf", "hf-image", tmp_path)
     assert seen["max_diff"] < 1e-4 and seen["same_argmax"]
@@ -101,13 +100,13 @@ def test_an_audio_classifier_exports_with_its_cut_encoder(tiny_whisper: Path, tm
         method="lora",
         data={"train": str(data), "validation": 0.25},
     )
-    done = export(run, "hf", tmp_path / "hf")
+    done = tunesmith.export(run, "hf", tmp_path / "hf")
     assert done.parity.ok and "max_length=6400" in done.load_hint  # clips padded to 0.4 s
     seen = load_elsewhere(tmp_path / "hf", "hf-audio", tmp_path)
     assert seen["max_diff"] < 1e-4 and seen["same_argmax"]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["backbone_spec"]["max_source_positions"] == 20 and config["encoder_only"]
-    assert export(run, "peft", tmp_path / "peft").parity.ok
+    assert tunesmith.export(run, "peft", tmp_path / "peft").parity.ok
     seen = load_elsewhere(tmp_path / "peft", "peft-audio", tmp_path)
     assert seen["max_diff"] < 1e-4 and seen["same_argmax"]
 
@@ -122,7 +121,7 @@ def test_a_transcription_run_exports_to_stock_whisper(tiny_whisper: Path, tmp_pa
         data={"train": str(data / "train.jsonl"), "validation": str(data / "validation.jsonl")},
         eval={"max_new_tokens": 4},
     )
-    done = export(run, "hf", tmp_path / "hf")
+    done = tunesmith.export(run, "hf", tmp_path / "hf")
     assert done.parity.ok and done.parity.generations_equal
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["WhisperForConditionalGeneration"] and config["max_source_positions"] == 20
@@ -133,6 +132,6 @@ def test_a_transcription_run_exports_to_stock_whisper(tiny_whisper: Path, tmp_pa
     extractor = WhisperFeatureExtractor.from_pretrained(tmp_path / "hf")
     features = extractor(np.zeros(3000, np.float32), sampling_rate=RATE, max_length=6400, padding="max_length")
     assert np.asarray(features["input_features"]).shape[-1] == 40  # what the cut encoder takes
-    assert export(run, "peft", tmp_path / "peft").parity.ok
+    assert tunesmith.export(run, "peft", tmp_path / "peft").parity.ok
     seen = load_elsewhere(tmp_path / "peft", "peft-whisper", tmp_path)
     assert seen["max_diff"] < 1e-4 and seen["same_argmax"]

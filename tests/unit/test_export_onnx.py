@@ -19,9 +19,9 @@ import torch
 import tunesmith
 from conftest import make_tiny_resnet, make_tiny_vit, sentiment_rows, write_halves_npz, write_jsonl
 from tunesmith.errors import ConfigError
-from tunesmith.export import export_run
-from tunesmith.export.onnx import FP32_TOLERANCE
-from tunesmith.export.parity import ParityError, make_probe, model_logits
+from tunesmith.exports import export_run
+from tunesmith.exports.onnx import FP32_TOLERANCE
+from tunesmith.exports.parity import ParityError, make_probe, model_logits
 from tunesmith.inference import load_trained
 
 RATE = 16000

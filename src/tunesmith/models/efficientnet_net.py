@@ -1,5 +1,5 @@
 """EfficientNet-Lite0's network in plain torch: nothing but torch, so that an export can ship this
-file as it is (tunesmith.export.hf copies it beside `modeling_tunesmith.py`). Loading the packaged
+file as it is (tunesmith.exports.hf copies it beside `modeling_tunesmith.py`). Loading the packaged
 weights, preprocessing and the rest live in tunesmith.models.efficientnet.
 
 EfficientNet (Tan & Le, 2019, https://arxiv.org/abs/1905.11946) in its "Lite" form for mobile

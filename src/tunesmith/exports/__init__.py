@@ -1,6 +1,6 @@
 """Export a trained run to where it runs (DESIGN §10), each export proven to match the trained model.
 
-`export_run(run, fmt, out)` loads the run, takes its probe (tunesmith.export.parity), hands both to
+`export_run(run, fmt, out)` loads the run, takes its probe (tunesmith.exports.parity), hands both to
 the format's module, which writes the artifact into a scratch directory beside `out`, loads it back
 with the format's own library (transformers, peft, onnxruntime, gguf) and measures parity. Only when
 parity holds is the model card written and the scratch directory renamed to `out`: a failed check
@@ -23,17 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ConfigError
-from tunesmith.export.parity import Parity, Probe, make_probe
+from tunesmith.exports.parity import Parity, Probe, make_probe
 from tunesmith.inference import Trained, load_trained
 
 __all__ = ["FORMATS", "Exported", "export_run", "format_module"]
 
 # format -> (module, quantizations it offers)
 FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "hf": ("tunesmith.export.hf", ()),
-    "peft": ("tunesmith.export.peft", ()),
-    "onnx": ("tunesmith.export.onnx", ("int8",)),
-    "gguf": ("tunesmith.export.gguf", ("f16", "q8_0", "q4_0")),
+    "hf": ("tunesmith.exports.hf", ()),
+    "peft": ("tunesmith.exports.peft", ()),
+    "onnx": ("tunesmith.exports.onnx", ("int8",)),
+    "gguf": ("tunesmith.exports.gguf", ("f16", "q8_0", "q4_0")),
 }
 
 
@@ -118,7 +118,7 @@ def export_run(
         exported: Exported = module.export(trained, probe, scratch, quantize)
         exported.parity.require(f"the {fmt} export of {trained.where}")
         exported.details.setdefault("export_seconds", round(time.perf_counter() - started, 1))
-        from tunesmith.export.card import write_card
+        from tunesmith.exports.card import write_card
 
         exported.size_bytes = _size(scratch)
         exported.load_hint = exported.load_hint.replace(scratch.name, target.name)

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from tunesmith.export.parity import Probe
+from tunesmith.exports.parity import Probe
 from tunesmith.inference import Trained
 from tunesmith.runs import atomic_write_text, read_json, write_json
 
 if TYPE_CHECKING:
-    from tunesmith.export import Exported
+    from tunesmith.exports import Exported
 
 __all__ = ["TOP_K", "write_card"]
 

@@ -32,9 +32,9 @@ import torch
 
 from tunesmith.data.templates import FALLBACK_CHAT_TEMPLATE, resolve_template
 from tunesmith.errors import ConfigError
-from tunesmith.export import Exported
-from tunesmith.export.ollama import modelfile
-from tunesmith.export.parity import Probe, compare, median_seconds, strip_eos
+from tunesmith.exports import Exported
+from tunesmith.exports.ollama import modelfile
+from tunesmith.exports.parity import Probe, compare, median_seconds, strip_eos
 from tunesmith.inference import Trained
 from tunesmith.models.causal_lm import CausalLM, base_decoder
 

@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunesmith.errors import ConfigError
-from tunesmith.export import Exported
-from tunesmith.export.hf import _AUTO_CLASSES, _CLASSIFIERS, REMOTE_CODE, _save_classifier, _save_whisper
-from tunesmith.export.parity import Probe, compare, median_seconds, strip_eos
+from tunesmith.exports import Exported
+from tunesmith.exports.hf import _AUTO_CLASSES, _CLASSIFIERS, REMOTE_CODE, _save_classifier, _save_whisper
+from tunesmith.exports.parity import Probe, compare, median_seconds, strip_eos
 from tunesmith.inference import Trained
 from tunesmith.models.audio import SpeechToText
 from tunesmith.models.causal_lm import CausalLM

@@ -10,7 +10,7 @@ these exports the same way):
 - a classifier (text, image, audio; reward models too): the backbone with tunesmith's pooling and
   head, as transformers custom code (`modeling_tunesmith.py`, loaded with `trust_remote_code=True`
   through `AutoModelFor{Sequence,Image,Audio}Classification`): no stock class pools as tunesmith does
-  (tunesmith.export.hf_remote_code says why). EfficientNet-Lite0, tunesmith's own network, travels
+  (tunesmith.exports.hf_remote_code says why). EfficientNet-Lite0, tunesmith's own network, travels
   as its torch-only file (tunesmith.models.efficientnet_net) beside the custom code.
 
 LoRA and IA3 are merged into the base weights in fp32 (peft's merge) and saved in fp32. Prompt and
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from tunesmith.errors import ConfigError
-from tunesmith.export import Exported
-from tunesmith.export.parity import Probe, compare, median_seconds, strip_eos
+from tunesmith.exports import Exported
+from tunesmith.exports.parity import Probe, compare, median_seconds, strip_eos
 from tunesmith.inference import Trained
 from tunesmith.models import efficientnet_net
 from tunesmith.models.audio import AudioClassifier, SpeechToText

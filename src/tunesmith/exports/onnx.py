@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.export import Exported
-from tunesmith.export.parity import Parity, Probe, compare, held_out_rows, median_seconds, model_logits
+from tunesmith.exports import Exported
+from tunesmith.exports.parity import Parity, Probe, compare, held_out_rows, median_seconds, model_logits
 from tunesmith.inference import Trained
 
 __all__ = ["FP32_TOLERANCE", "INT8_TOLERANCE", "check", "export"]
