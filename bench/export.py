@@ -77,7 +77,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=64, help="Held-out rows to check parity on.")
     parser.add_argument("--out", type=Path, default=None, help="Where runs and exports go (default: a temp dir).")
+    parser.add_argument("--render", type=Path, help="Only print the table of an earlier results .json.")
     args = parser.parse_args()
+    if args.render:
+        print(render(_with_formats(json.loads(args.render.read_text())["rows"]), args.rows))
+        return
     work = args.out or Path(tempfile.mkdtemp(prefix="tunesmith-export-bench-"))
     rows: list[dict[str, Any]] = []
     print(f"CPU: {cpu()}")
@@ -97,7 +101,7 @@ def main() -> None:
                 row["error"] = str(exc)
                 print(f"  {name}: {exc}", flush=True)
             else:
-                row |= done.to_dict()
+                row |= done.to_dict() | {"format": name}
                 print(f"  {name}: {done.parity.describe()}", flush=True)
             rows.append(row)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -109,10 +113,18 @@ def main() -> None:
     print(table)
 
 
+def _with_formats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of results written before the format column named the quantization."""
+    return [
+        r | {"format": f"{r['format']}-{r['quantize']}"} if r.get("quantize") and "-" not in r["format"] else r
+        for r in rows
+    ]
+
+
 def render(rows: list[dict[str, Any]], probe_rows: int) -> str:
     lines = [
-        f"| model | format | size (MB) | load (s) | ms per row | max logit diff | same argmax ({probe_rows} rows) "
-        "| generations | metric change |",
+        f"| model | format | size (MB) | load (s) | ms per row | max logit diff "
+        f"| same argmax ({probe_rows} rows: decided; all) | generations | metric change |",
         "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
@@ -121,10 +133,15 @@ def render(rows: list[dict[str, Any]], probe_rows: int) -> str:
             continue
         parity = row["parity"]
         same = parity["greedy_generations_identical"]
-        change = row.get("metric_change", row.get("held_out_metric_change", "0 (same argmax)"))
+        change = row.get("held_out_change")
+        if isinstance(change, dict):  # quantized: the task's metrics on held-out rows, against fp32
+            change = ", ".join(f"{k} {v:+.3f}" for k, v in change.items() if k in ("accuracy", "macro_f1"))
+        else:
+            change = "none (same argmax)" if parity["same_argmax"] == 1.0 else "see parity"
         lines.append(
             f"| {row['model']} | {row['format']} | {row['size_bytes'] / 1e6:.1f} | {row['load_seconds']:.2f} "
-            f"| {row['latency_ms_per_row']:.2f} | {parity['max_abs_logit_diff']:.2g} | {parity['same_argmax']:.1%} "
+            f"| {row['latency_ms_per_row']:.2f} | {parity['max_abs_logit_diff']:.2g} "
+            f"| {parity['same_argmax']:.1%}; {parity.get('same_argmax_all', parity['same_argmax']):.1%} "
             f"| {'—' if same is None else 'identical' if same else 'differ'} | {change} |"
         )
     return "\n".join(lines) + "\n"
