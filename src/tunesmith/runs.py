@@ -24,6 +24,7 @@ from typing import Any, TextIO
 import yaml
 
 from tunesmith.errors import ConfigError
+from tunesmith.machine import cpu_name
 
 __all__ = [
     "Run",
@@ -232,7 +233,7 @@ def _hardware() -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "machine": platform.machine(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -241,16 +242,6 @@ def _hardware() -> dict[str, Any]:
     if info["cuda"]:
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from tunesmith.config import EvalConfig, TrainConfig
-from tunesmith.paths import cache_root
+from tunesmith.machine import cache_root, cpu_name
 
 __all__ = ["Runtime", "bf16_probe", "make_runtime", "resolve_precision", "trains_convolutions"]
 
@@ -85,7 +84,7 @@ def bf16_probe() -> dict[str, Any]:
     version and thread count) and kept in `cache_root()/machine.json`: a 1024 x 1024 matmul, 3
     warm-ups then the median of 7, in each dtype; about 0.2 s. bf16 must win by 10% to be chosen
     (its autocast adds casts a bare matmul does not show)."""
-    key = f"{_cpu_model()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    key = f"{cpu_name()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
     path = cache_root() / "machine.json"
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
@@ -121,16 +120,6 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 1024) -> float:
         a @ b
         times.append(time.perf_counter() - start)
     return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def trains_convolutions(model: torch.nn.Module) -> bool:

@@ -34,7 +34,7 @@ from tunesmith.data.templates import FALLBACK_CHAT_TEMPLATE, resolve_template
 from tunesmith.errors import ConfigError
 from tunesmith.exports import Exported
 from tunesmith.exports.ollama import modelfile
-from tunesmith.exports.parity import Probe, compare, median_seconds, strip_eos
+from tunesmith.exports.parity import Probe, compare, greedy, median_seconds
 from tunesmith.inference import Trained
 from tunesmith.models.causal_lm import CausalLM, base_decoder
 
@@ -329,7 +329,7 @@ def _read_back(probe: Probe, out: Path, kind: str) -> Exported:
     inputs = {k: probe.inputs[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         logits = hf(**inputs).logits
-        generations = [_greedy(hf, prompt, probe) for prompt in probe.prompts]
+        generations = [greedy(hf, prompt, probe) for prompt in probe.prompts]
         latency = median_seconds(lambda: hf(**inputs), repeats=3) / probe.rows
     scale = max(1.0, float(probe.logits.abs().max()))
     tolerance = TOLERANCE[kind] * scale
@@ -346,17 +346,3 @@ def _read_back(probe: Probe, out: Path, kind: str) -> Exported:
         "positions_decided_beyond_2x_tolerance": f"{decided} of {positions}",
     }
     return Exported("gguf", out, parity, load, latency * 1000, "", quantize=kind, details=details)
-
-
-def _greedy(hf: Any, prompt: list[int], probe: Probe) -> list[int]:
-    ids = torch.tensor([prompt])
-    new = hf.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=probe.max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=probe.eos or None,
-        pad_token_id=probe.pad,
-    )
-    return strip_eos(new[0, len(prompt) :].tolist(), probe.eos)

@@ -31,7 +31,7 @@ from torch import nn
 
 from tunesmith.errors import ConfigError
 from tunesmith.exports import Exported
-from tunesmith.exports.parity import Probe, compare, median_seconds, strip_eos
+from tunesmith.exports.parity import Probe, compare, greedy, median_seconds
 from tunesmith.inference import Trained
 from tunesmith.models import efficientnet_net
 from tunesmith.models.audio import AudioClassifier, SpeechToText
@@ -126,7 +126,7 @@ def _check_causal_lm(probe: Probe, out: Path) -> Exported:
     inputs = {k: probe.inputs[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         logits = hf(**inputs).logits
-        generations = [_greedy(hf, prompt, probe) for prompt in probe.prompts]
+        generations = [greedy(hf, prompt, probe) for prompt in probe.prompts]
         latency = median_seconds(lambda: hf(**inputs), repeats=3) / probe.rows
     parity = compare(probe, logits, TOLERANCE, generations, note="fp32 weights, LoRA/IA3 merged in fp32.")
     hint = (
@@ -135,21 +135,6 @@ def _check_causal_lm(probe: Probe, out: Path) -> Exported:
         f"tokenizer = AutoTokenizer.from_pretrained('{out.name}')"
     )
     return Exported("hf", out, parity, load, latency * 1000, hint)
-
-
-def _greedy(hf: Any, prompt: list[int], probe: Probe) -> list[int]:
-    ids = torch.tensor([prompt])
-    new = hf.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=probe.max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        repetition_penalty=1.0,
-        eos_token_id=probe.eos or None,
-        pad_token_id=probe.pad,
-    )
-    return strip_eos(new[0, len(prompt) :].tolist(), probe.eos)
 
 
 # --- Whisper ----------------------------------------------------------------------------------------

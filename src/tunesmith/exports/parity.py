@@ -204,6 +204,23 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def greedy(model: Any, prompt: list[int], probe: Probe) -> list[int]:
+    """A transformers (or peft) model's greedy continuation of `prompt`, as the probe's were made: one
+    prompt at a time, no padding, no repetition penalty, cut at the first EOS."""
+    ids = torch.tensor([prompt])
+    new = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=probe.max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        eos_token_id=probe.eos or None,
+        pad_token_id=probe.pad,
+    )
+    return strip_eos(new[0, len(prompt) :].tolist(), probe.eos)
+
+
 def strip_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
     """A generated continuation up to (not including) its first end-of-sequence token."""
     out = []

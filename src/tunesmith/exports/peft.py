@@ -28,7 +28,7 @@ from torch import nn
 from tunesmith.errors import ConfigError
 from tunesmith.exports import Exported
 from tunesmith.exports.hf import _AUTO_CLASSES, _CLASSIFIERS, REMOTE_CODE, _save_classifier, _save_whisper
-from tunesmith.exports.parity import Probe, compare, median_seconds, strip_eos
+from tunesmith.exports.parity import Probe, compare, greedy, median_seconds
 from tunesmith.inference import Trained
 from tunesmith.models.audio import SpeechToText
 from tunesmith.models.causal_lm import CausalLM
@@ -140,7 +140,7 @@ def _check(probe: Probe, out: Path, base_path: str, kind: str) -> Exported:
         inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         logits = _logits(model(**inputs), probe)
-        generations = [_greedy(model, p, probe) for p in probe.prompts] if kind == "causal-lm" else None
+        generations = [greedy(model, p, probe) for p in probe.prompts] if kind == "causal-lm" else None
         latency = median_seconds(lambda: model(**inputs), repeats=3) / probe.rows
     parity = compare(probe, logits, TOLERANCE, generations, note="fp32 base with the adapter applied by peft.")
     hint = f"from peft import PeftModel\nfrom transformers import {auto}\nbase = {load_base}\n"
@@ -155,18 +155,3 @@ def _logits(output: Any, probe: Probe) -> torch.Tensor:
     if logits.ndim == 3 and logits.shape[1] > probe.logits.shape[1]:
         logits = logits[:, -probe.logits.shape[1] :]  # prompt tuning's virtual tokens come first
     return logits  # type: ignore[no-any-return]
-
-
-def _greedy(model: Any, prompt: list[int], probe: Probe) -> list[int]:
-    ids = torch.tensor([prompt])
-    new = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=probe.max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        repetition_penalty=1.0,
-        eos_token_id=probe.eos or None,
-        pad_token_id=probe.pad,
-    )
-    return strip_eos(new[0, len(prompt) :].tolist(), probe.eos)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ConfigError
-from tunesmith.paths import cache_root
+from tunesmith.machine import cache_root
 from tunesmith.runs import atomic_write_text
 
 __all__ = ["COMPLETE_MARKER", "build_once", "cache_root", "file_sha256"]
