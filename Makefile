@@ -10,7 +10,7 @@ TORCH_CPU := torch==2.13.0
 # installed without their dependencies.
 CARRIERS := carriers.txt
 
-.PHONY: setup demo demo-sft demo-vision demo-rlhf demo-speech test test-unit bench bench-sft bench-vision bench-speech lint clean
+.PHONY: setup demo demo-sft demo-vision demo-rlhf demo-speech test test-unit bench bench-sft bench-vision bench-speech bench-export lint clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,9 @@ bench-vision: setup
 
 bench-speech: setup
 	$(BIN)/python bench/speech.py
+
+bench-export: setup
+	$(BIN)/python bench/export.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench examples
