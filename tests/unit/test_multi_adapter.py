@@ -24,7 +24,8 @@ PROMPTS = ["colour of red 5?", "colour of gold 2?"]
 
 
 def _train(tmp: Path, **config: object) -> Path:
-    return tunesmith.train(output=str(tmp), **config).run_dir
+    # Named after its folder: runs started within one second would otherwise share a name.
+    return tunesmith.train(output={"dir": str(tmp), "name": tmp.name}, **config).run_dir
 
 
 @pytest.fixture(scope="module")
