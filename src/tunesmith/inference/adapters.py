@@ -191,7 +191,7 @@ def _check_shareable(runs: list[SavedRun]) -> None:
                 "load it alone"
             )
     for run in runs[1:]:
-        if run.config.task != first.config.task:
+        if type(run.task) is not type(first.task):  # the same task plug-in, whichever it is
             raise ConfigError(
                 f"{run.run.dir}: a {run.config.task} run, and {first.run.dir} a {first.config.task} run; "
                 "runs share a base model only within one task"
