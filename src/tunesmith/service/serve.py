@@ -1,0 +1,130 @@
+"""`tunesmith serve`: the store migrated, a model host and N workers started as child processes, and
+the web app run by uvicorn in this process. `tunesmith worker` runs one worker alone (for more
+workers on this or other machines sharing the store and the data directory).
+
+Children die with the server (Linux's parent-death signal): killing the server with SIGKILL stops
+them too, and the next start picks the jobs up from the store, each from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["DEFAULT_DATA_DIR", "open_store", "run_host", "run_worker", "serve"]
+
+DEFAULT_DATA_DIR = Path("tunesmith-data")
+
+
+def open_store(db: str | None, data_dir: Path):  # type: ignore[no-untyped-def]
+    from tunesmith.service.store import Store
+
+    store = Store(db) if db else Store.in_directory(data_dir)
+    store.migrate()
+    return store
+
+
+def serve(
+    data_dir: Path = DEFAULT_DATA_DIR,
+    db: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    models_dir: Path | None = None,
+    max_upload_mb: float = 512,
+) -> None:
+    import uvicorn
+
+    from tunesmith.service.app import create_app
+    from tunesmith.service.deps import Settings
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(db, data_dir)
+    if not store.list_keys():
+        secret = store.create_key("default")
+        print(f"created API key 'default' (shown once, stored hashed): {secret}", flush=True)
+    host_port = _free_port()
+    common = ["--data-dir", str(data_dir)] + (["--db", db] if db else [])
+    common += ["--models", str(models_dir)] if models_dir else []
+    children = [_child(["host", "--port", str(host_port), *common])]
+    children += [_child(["worker", *common]) for _ in range(workers)]
+    _wait_for(host_port)
+    settings = Settings(store, data_dir, models_dir, max_upload_mb, f"http://127.0.0.1:{host_port}")
+    print(f"tunesmith: http://{host}:{port}/ (API at /v1; {workers} worker(s); data in {data_dir})", flush=True)
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(10)
+
+
+def run_worker(data_dir: Path, db: str | None, models_dir: Path | None) -> None:
+    from tunesmith.service.worker import Worker
+
+    store = open_store(db, data_dir)
+    worker = Worker(store, data_dir, models_dir)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    worker.run()
+
+
+def run_host(data_dir: Path, port: int) -> None:
+    import uvicorn
+
+    from tunesmith.service.host import create_host
+
+    uvicorn.run(create_host(data_dir), host="127.0.0.1", port=port, log_level="warning")
+
+
+def _child(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tunesmith.service.serve", *args], preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    os.setsid()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(port: int, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the model host did not start on port {port}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tunesmith.service.serve")
+    parser.add_argument("role", choices=["host", "worker"])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--db")
+    parser.add_argument("--models", type=Path)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.role == "host":
+        run_host(args.data_dir, args.port)
+    else:
+        run_worker(args.data_dir, args.db, args.models)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The service's store: migrations, hashed keys, and job claims that never give one job to two workers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, select
+
+from tunesmith.service.migrate import current_revision
+from tunesmith.service.store import Job, Key, Store, new_id, now
+
+
+def make_store(tmp_path: Path) -> Store:
+    store = Store.in_directory(tmp_path)
+    store.migrate()
+    return store
+
+
+def add_jobs(store: Store, owner: str, n: int) -> list[str]:
+    ids = []
+    with store.session() as s:
+        for i in range(n):
+            job = Job(
+                id=new_id("ftjob"),
+                owner=owner,
+                model="m",
+                training_file="file-x",
+                seed=0,
+                meta={},
+                method={"type": "supervised"},
+                hyperparameters={},
+                status="queued",
+                created_at=now() + i,
+                attempts=0,
+            )
+            s.add(job)
+            ids.append(job.id)
+    return ids
+
+
+def owner_of(store: Store) -> str:
+    store.create_key("tests")
+    with store.session() as s:
+        return s.scalars(select(Key.id)).one()
+
+
+def test_migrations_create_the_schema_once_and_are_idempotent(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    store.migrate()  # a second start changes nothing
+    assert current_revision(store.engine) == "0001"
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"api_keys", "files", "jobs", "events", "checkpoints", "alembic_version"} <= tables
+    with store.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_keys_are_stored_hashed_and_resolve_to_their_owner(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    secret = store.create_key("alice")
+    assert secret.startswith("ts-") and len(secret) > 40
+    with store.session() as s:
+        key = s.scalars(select(Key)).one()
+    assert secret not in key.digest and key.digest != secret
+    assert store.key_owner(secret) == key.id
+    assert store.key_owner(secret + "x") is None
+    with pytest.raises(ValueError, match="exists"):
+        store.create_key("alice")
+    raw = (tmp_path / "tunesmith.db").read_bytes() + (tmp_path / "tunesmith.db-wal").read_bytes()
+    assert secret.encode() not in raw
+
+
+def test_a_job_is_claimed_by_one_worker_only(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    owner = owner_of(store)
+    ids = add_jobs(store, owner, 6)
+    claimed: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while (job := store.claim(name, 60)) is not None:
+            with lock:
+                claimed.append((name, job.id))
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(j for _, j in claimed) == sorted(ids)  # every job once, none twice
+
+
+def test_claims_across_processes_never_overlap(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    ids = add_jobs(store, owner_of(store), 12)
+    script = (
+        "import sys; from pathlib import Path; from tunesmith.service.store import Store\n"
+        "s = Store.in_directory(Path(sys.argv[1]))\n"
+        "while (j := s.claim(sys.argv[2], 60)) is not None: print(j.id, flush=True)\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path), f"p{i}"], stdout=subprocess.PIPE, text=True)
+        for i in range(3)
+    ]
+    got = [line for p in procs for line in p.communicate(timeout=60)[0].split()]
+    assert sorted(got) == sorted(ids)
+
+
+def test_a_job_whose_lease_ran_out_is_claimed_again(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    (job_id,) = add_jobs(store, owner_of(store), 1)
+    first = store.claim("dead", 0.2)
+    assert first is not None and first.attempts == 1
+    assert store.claim("other", 60) is None  # still held
+    time.sleep(0.3)
+    again = store.claim("other", 60)
+    assert again is not None and again.id == job_id and again.attempts == 2 and again.worker == "other"
+    assert store.renew(job_id, "dead", 60) is None  # the old holder lost it and cannot renew
+    assert not store.release(job_id, "dead", status="succeeded")  # nor finish it
+    assert store.release(job_id, "other", status="succeeded")
