@@ -1,7 +1,12 @@
-"""The service's store: migrations, hashed keys, and job claims that never give one job to two workers."""
+"""The service's store: migrations, hashed keys, and job claims that never give one job to two workers.
+
+Each test runs on SQLite and, where `TUNESMITH_TEST_POSTGRES_URL` names a PostgreSQL database that the
+tests may empty (`.ci/run` starts one), on PostgreSQL too.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -9,14 +14,30 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 
 from tunesmith.service.migrate import current_revision
 from tunesmith.service.store import Job, Key, Store, new_id, now
 
+POSTGRES = os.environ.get("TUNESMITH_TEST_POSTGRES_URL")
 
-def make_store(tmp_path: Path) -> Store:
-    store = Store.in_directory(tmp_path)
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tunesmith.db'}"
+    if not POSTGRES:
+        pytest.skip("PostgreSQL: set TUNESMITH_TEST_POSTGRES_URL to a database the tests may empty (.ci/run does)")
+    engine = Store(POSTGRES).engine
+    with engine.begin() as c:  # an empty database for each test
+        c.execute(text("DROP SCHEMA public CASCADE"))
+        c.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    return POSTGRES
+
+
+def make_store(url: str) -> Store:
+    store = Store(url)
     store.migrate()
     return store
 
@@ -49,18 +70,19 @@ def owner_of(store: Store) -> str:
         return s.scalars(select(Key.id)).one()
 
 
-def test_migrations_create_the_schema_once_and_are_idempotent(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+def test_migrations_create_the_schema_once_and_are_idempotent(url: str) -> None:
+    store = make_store(url)
     store.migrate()  # a second start changes nothing
     assert current_revision(store.engine) == "0001"
     tables = set(inspect(store.engine).get_table_names())
     assert {"api_keys", "files", "jobs", "events", "checkpoints", "alembic_version"} <= tables
-    with store.engine.connect() as c:
-        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    if url.startswith("sqlite"):
+        with store.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
 
-def test_keys_are_stored_hashed_and_resolve_to_their_owner(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+def test_keys_are_stored_hashed_and_resolve_to_their_owner(url: str, tmp_path: Path) -> None:
+    store = make_store(url)
     secret = store.create_key("alice")
     assert secret.startswith("ts-") and len(secret) > 40
     with store.session() as s:
@@ -70,12 +92,13 @@ def test_keys_are_stored_hashed_and_resolve_to_their_owner(tmp_path: Path) -> No
     assert store.key_owner(secret + "x") is None
     with pytest.raises(ValueError, match="exists"):
         store.create_key("alice")
-    raw = (tmp_path / "tunesmith.db").read_bytes() + (tmp_path / "tunesmith.db-wal").read_bytes()
-    assert secret.encode() not in raw
+    if url.startswith("sqlite"):
+        raw = (tmp_path / "tunesmith.db").read_bytes() + (tmp_path / "tunesmith.db-wal").read_bytes()
+        assert secret.encode() not in raw
 
 
-def test_a_job_is_claimed_by_one_worker_only(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+def test_a_job_is_claimed_by_one_worker_only(url: str) -> None:
+    store = make_store(url)
     owner = owner_of(store)
     ids = add_jobs(store, owner, 6)
     claimed: list[tuple[str, str]] = []
@@ -94,24 +117,24 @@ def test_a_job_is_claimed_by_one_worker_only(tmp_path: Path) -> None:
     assert sorted(j for _, j in claimed) == sorted(ids)  # every job once, none twice
 
 
-def test_claims_across_processes_never_overlap(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+def test_claims_across_processes_never_overlap(url: str) -> None:
+    store = make_store(url)
     ids = add_jobs(store, owner_of(store), 12)
     script = (
-        "import sys; from pathlib import Path; from tunesmith.service.store import Store\n"
-        "s = Store.in_directory(Path(sys.argv[1]))\n"
+        "import sys; from tunesmith.service.store import Store\n"
+        "s = Store(sys.argv[1])\n"
         "while (j := s.claim(sys.argv[2], 60)) is not None: print(j.id, flush=True)\n"
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(tmp_path), f"p{i}"], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", script, url, f"p{i}"], stdout=subprocess.PIPE, text=True)
         for i in range(3)
     ]
     got = [line for p in procs for line in p.communicate(timeout=60)[0].split()]
     assert sorted(got) == sorted(ids)
 
 
-def test_a_job_whose_lease_ran_out_is_claimed_again(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+def test_a_job_whose_lease_ran_out_is_claimed_again(url: str) -> None:
+    store = make_store(url)
     (job_id,) = add_jobs(store, owner_of(store), 1)
     first = store.claim("dead", 0.2)
     assert first is not None and first.attempts == 1

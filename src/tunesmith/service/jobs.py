@@ -5,7 +5,7 @@ The `"auto"` rule (recorded in the job's `hyperparameters` and in the run's `pla
 - `n_epochs`: enough passes to see about 3,000 rows, between 1 and 10: `clamp(ceil(3000 / rows), 1, 10)`.
 - `batch_size`: rows / 100 rounded to a power of two, between 4 and 32.
 - `learning_rate_multiplier`: 1.0, i.e. the method's own default learning rate (tunesmith's defaults
-  depend on the method: LoRA 1e-4, full 5e-5, ...).
+  depend on the method: LoRA 5e-4, full 5e-5, ...).
 - `beta` (DPO): 0.1.
 
 Requests never name server paths: a model is a packaged name, a directory under the server's

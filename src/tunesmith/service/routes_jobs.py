@@ -247,14 +247,15 @@ def add(app: FastAPI) -> None:
                     "format",
                     "export_failed",
                 )
-        record = json.loads((out / "export.json").read_text())
+        facts = json.loads((out / "export.json").read_text())["export"]
         return {
             "object": "tunesmith.export",
             "job": job.id,
             "format": fmt,
             "quantize": quantize,
-            "path": str(out.relative_to(settings.data_dir)),
-            "export": record,
+            "path": str(out.relative_to(settings.data_dir)),  # on the server, under its data directory
+            "size_bytes": facts.get("size_bytes"),
+            "parity": facts.get("parity"),
         }
 
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,14 +54,17 @@ def serve(
     host_port = _free_port()
     common = ["--data-dir", str(data_dir)] + (["--db", db] if db else [])
     common += ["--models", str(models_dir)] if models_dir else []
-    children = [_child(["host", "--port", str(host_port), *common])]
-    children += [_child(["worker", *common]) for _ in range(workers)]
+    roles = [["host", "--port", str(host_port), *common]] + [["worker", *common]] * workers
+    children = [_child(role) for role in roles]
+    stop = threading.Event()
+    threading.Thread(target=_supervise, args=(roles, children, stop), daemon=True).start()
     _wait_for(host_port)
     settings = Settings(store, data_dir, models_dir, max_upload_mb, f"http://127.0.0.1:{host_port}")
     print(f"tunesmith: http://{host}:{port}/ (API at /v1; {workers} worker(s); data in {data_dir})", flush=True)
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
     finally:
+        stop.set()
         for child in children:
             child.terminate()
         for child in children:
@@ -87,6 +91,20 @@ def run_host(data_dir: Path, port: int) -> None:
 
 def _child(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tunesmith.service.serve", *args], preexec_fn=_die_with_parent)
+
+
+def _supervise(roles: list[list[str]], children: list[subprocess.Popen], stop: threading.Event) -> None:
+    """Start again a model host or worker that died (a worker killed mid-job: its job is claimed again
+    when its lease runs out, and continues from its last checkpoint)."""
+    while not stop.wait(1.0):
+        for i, child in enumerate(children):
+            if child.poll() is not None and not stop.is_set():
+                print(
+                    f"tunesmith: {roles[i][0]} process {child.pid} exited ({child.returncode}); starting another",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                children[i] = _child(roles[i])
 
 
 def _die_with_parent() -> None:
