@@ -61,8 +61,21 @@ class Server:
 
     def start(self) -> Server:
         self.log = self.data_dir.parent / f"serve-{self.port}-{time.time_ns()}.log"
-        args = [*TUNESMITH, "serve", "--port", str(self.port), "--workers", str(self.workers),
-                "--data-dir", str(self.data_dir), "--models", str(self.models), *self.extra]
+        args = [
+            *TUNESMITH,
+            "serve",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            "--data-dir",
+            str(self.data_dir),
+            "--models",
+            str(self.models),
+            "--lease-seconds",
+            "3",
+            *self.extra,
+        ]
         args += ["--db", self.db] if self.db else []
         self.process = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=_env())
         deadline = time.time() + 90

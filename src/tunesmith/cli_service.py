@@ -18,6 +18,10 @@ Db = Annotated[
     str | None,
     typer.Option(help="Store URL (default: SQLite in the data directory), e.g. postgresql+psycopg://user@host/db."),
 ]
+Lease = Annotated[
+    float,
+    typer.Option(min=1, help="Seconds after which a job whose worker stopped renewing its hold is taken over."),
+]
 Models = Annotated[
     Path | None,
     typer.Option(
@@ -34,18 +38,21 @@ def serve(
     data_dir: DataDir = Path("tunesmith-data"),
     models: Models = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest file accepted by /v1/files.")] = 512,
+    lease_seconds: Lease = 15.0,
 ) -> None:
     """Run the fine-tuning service: the OpenAI fine-tuning API at /v1 and the dashboard at /."""
     from tunesmith.service.serve import serve as run
 
-    run(data_dir, db, host, port, workers, models, max_upload_mb)
+    run(data_dir, db, host, port, workers, models, max_upload_mb, lease_seconds)
 
 
-def worker(db: Db = None, data_dir: DataDir = Path("tunesmith-data"), models: Models = None) -> None:
+def worker(
+    db: Db = None, data_dir: DataDir = Path("tunesmith-data"), models: Models = None, lease_seconds: Lease = 15.0
+) -> None:
     """Run one worker that trains the service's jobs (more workers: run this again, here or elsewhere)."""
     from tunesmith.service.serve import run_worker
 
-    run_worker(data_dir, db, models)
+    run_worker(data_dir, db, models, lease_seconds)
 
 
 @keys_app.command("create")

@@ -40,6 +40,7 @@ def serve(
     workers: int = 1,
     models_dir: Path | None = None,
     max_upload_mb: float = 512,
+    lease_seconds: float = 15.0,
 ) -> None:
     import uvicorn
 
@@ -54,7 +55,8 @@ def serve(
     host_port = _free_port()
     common = ["--data-dir", str(data_dir)] + (["--db", db] if db else [])
     common += ["--models", str(models_dir)] if models_dir else []
-    roles = [["host", "--port", str(host_port), *common]] + [["worker", *common]] * workers
+    worker = ["worker", "--lease-seconds", str(lease_seconds), *common]
+    roles = [["host", "--port", str(host_port), *common]] + [worker] * workers
     children = [_child(role) for role in roles]
     stop = threading.Event()
     threading.Thread(target=_supervise, args=(roles, children, stop), daemon=True).start()
@@ -72,11 +74,11 @@ def serve(
                 child.wait(10)
 
 
-def run_worker(data_dir: Path, db: str | None, models_dir: Path | None) -> None:
+def run_worker(data_dir: Path, db: str | None, models_dir: Path | None, lease_seconds: float = 15.0) -> None:
     from tunesmith.service.worker import Worker
 
     store = open_store(db, data_dir)
-    worker = Worker(store, data_dir, models_dir)
+    worker = Worker(store, data_dir, models_dir, lease_s=lease_seconds)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     worker.run()
 
@@ -137,11 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db")
     parser.add_argument("--models", type=Path)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--lease-seconds", type=float, default=15.0)
     args = parser.parse_args(argv)
     if args.role == "host":
         run_host(args.data_dir, args.port)
     else:
-        run_worker(args.data_dir, args.db, args.models)
+        run_worker(args.data_dir, args.db, args.models, args.lease_seconds)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ __all__ = ["LEASE_SECONDS", "Worker", "add_event"]
 
 LEASE_SECONDS = 15.0  # a job whose worker has not renewed for this long is claimed again
 POLL_SECONDS = 1.0
+COUNTS = ("tokens", "count")  # sizes of an evaluation, not metrics of it
 
 
 def add_event(store: Store, job_id: str, message: str, level: str = "info", **extra: Any) -> None:
@@ -54,14 +55,21 @@ def add_event(store: Store, job_id: str, message: str, level: str = "info", **ex
 class Worker:
     """Claims and trains jobs until `stop` is set."""
 
-    def __init__(self, store: Store, data_dir: Path, models_dir: Path | None = None, name: str | None = None) -> None:
-        self.store, self.data_dir, self.models_dir = store, data_dir.resolve(), models_dir
+    def __init__(
+        self,
+        store: Store,
+        data_dir: Path,
+        models_dir: Path | None = None,
+        name: str | None = None,
+        lease_s: float = LEASE_SECONDS,
+    ) -> None:
+        self.store, self.data_dir, self.models_dir, self.lease_s = store, data_dir.resolve(), models_dir, lease_s
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         while not stop.is_set():
-            job = self.store.claim(self.name, LEASE_SECONDS)
+            job = self.store.claim(self.name, self.lease_s)
             if job is None:
                 stop.wait(POLL_SECONDS)
                 continue
@@ -146,7 +154,7 @@ class Worker:
         while child.poll() is None:
             if stop.wait(POLL_SECONDS):
                 return "stopped"
-            held = self.store.renew(job.id, self.name, LEASE_SECONDS)
+            held = self.store.renew(job.id, self.name, self.lease_s)
             if held is None:
                 return "lost"
             self._sync(job, job_dir)
@@ -252,7 +260,8 @@ def metrics_event(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         return f"Step {record['step']}: training loss={record['loss']:.4f}", data
     if record.get("kind") == "eval":
         metrics = record.get("metrics", {})
-        data = {"step": record["step"], **{f"valid_{k}": v for k, v in metrics.items() if _number(v)}}
+        metrics = {k: v for k, v in metrics.items() if _number(v) and k not in COUNTS}
+        data = {"step": record["step"], **{f"valid_{k}": v for k, v in metrics.items()}}
         if "token_accuracy" in metrics:  # OpenAI's name for it
             data["valid_mean_token_accuracy"] = metrics["token_accuracy"]
         return f"Step {record['step']}: validation " + ", ".join(
