@@ -64,7 +64,9 @@ def serve(
     settings = Settings(store, data_dir, models_dir, max_upload_mb, f"http://127.0.0.1:{host_port}")
     print(f"tunesmith: http://{host}:{port}/ (API at /v1; {workers} worker(s); data in {data_dir})", flush=True)
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        # Keep-alive past the clients' polling interval: a connection closed by the server just as a
+        # client reuses it fails that client's request.
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_keep_alive=75)
     finally:
         stop.set()
         for child in children:

@@ -40,6 +40,7 @@ __all__ = [
 
 FINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("validating_files", "queued", "running", "paused")
+KEY_CACHE_SECONDS = 60.0
 
 
 def now() -> int:
@@ -142,6 +143,7 @@ class Store:
         self.url = url
         self.engine = _engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._owners: dict[str, tuple[str, float]] = {}
 
     @classmethod
     def in_directory(cls, data_dir: Path) -> Store:
@@ -171,8 +173,17 @@ class Store:
         return secret
 
     def key_owner(self, secret: str) -> str | None:
+        """The id of the key `secret`, or None. Known keys are remembered for KEY_CACHE_SECONDS (every
+        request asks; keys are never changed, only created)."""
+        digest = _digest(secret)
+        hit = self._owners.get(digest)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
         with self.session() as s:
-            return s.scalar(select(Key.id).where(Key.digest == _digest(secret)))
+            owner = s.scalar(select(Key.id).where(Key.digest == digest))
+        if owner is not None:
+            self._owners[digest] = (owner, time.monotonic() + KEY_CACHE_SECONDS)
+        return owner
 
     def list_keys(self) -> list[Key]:
         with self.session() as s:

@@ -33,6 +33,7 @@ __all__ = ["LEASE_SECONDS", "Worker", "add_event"]
 
 LEASE_SECONDS = 15.0  # a job whose worker has not renewed for this long is claimed again
 POLL_SECONDS = 1.0
+TRAINING_NICENESS = 10
 COUNTS = ("tokens", "count")  # sizes of an evaluation, not metrics of it
 
 
@@ -311,7 +312,9 @@ def _last_line(path: Path) -> str:
 
 
 def _die_with_parent() -> None:
-    """Linux: the child gets SIGKILL when its worker dies, however the worker dies."""
+    """Linux: the child gets SIGKILL when its worker dies, however the worker dies. It also runs at a
+    lower priority than the web process, which must answer promptly while training takes every core."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     os.setsid()  # and a SIGINT to the server's terminal is not the child's to take
+    os.nice(TRAINING_NICENESS)
