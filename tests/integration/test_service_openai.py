@@ -160,3 +160,29 @@ def test_a_failing_job_says_why_and_the_server_stays_up(served: dict[str, Any]) 
     job = wait_for(client, job.id, ("succeeded", "failed"))
     assert job.status == "failed" and "no_such_setting" in job.error.message
     assert client.models.list().data  # still serving
+
+
+def test_dpo_job_on_openai_preference_rows(served: dict[str, Any]) -> None:
+    client, tmp = served["client"], served["tmp"]
+    words = ["red", "blue", "green", "cat", "dog", "sun", "sea", "sky"]
+    rows = [
+        {
+            "input": {"messages": [{"role": "user", "content": f"say {w}"}]},
+            "preferred_output": [{"role": "assistant", "content": w}],
+            "non_preferred_output": [{"role": "assistant", "content": "no"}],
+        }
+        for w in words * 2
+    ]
+    train = upload(client, write_rows(tmp / "pairs.jsonl", rows))
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=train.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2, "beta": 0.2}}},
+    )
+    assert job.method.dpo.hyperparameters.beta == 0.2
+    job = wait_for(client, job.id, ("succeeded", "failed"))
+    assert job.status == "succeeded", job.error
+    run = next((served["server"].data_dir / "jobs" / job.id / "runs").glob("run-*"))
+    assert "beta: 0.2" in (run / "config.yaml").read_text()
+    metrics = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
+    assert any("train_loss" in d for d in metrics)

@@ -124,7 +124,7 @@ def test_job_creation_resolves_auto_and_records_it(service: dict[str, Any]) -> N
         ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs", "between 1 and 50"),
         ({"suffix": "a/b"}, 400, "suffix", "pattern"),
         ({"tunesmith": {"output": {"dir": "/tmp"}}}, 400, "tunesmith.output", "set by the service"),
-        ({"tunesmith": {"data": {"replay": "/etc/passwd"}}}, 400, "tunesmith.data.replay", "paths are not accepted"),
+        ({"tunesmith": {"data": {"replay": {"path": "/etc/passwd"}}}}, 400, "tunesmith.data.replay.path", "paths are"),
         ({"tunesmith": {"rl": {"reward": "os:system"}}}, 400, "tunesmith.rl.reward", "set by the service"),
         ({"method": {"type": "reinforcement"}}, 400, "method.reinforcement.grader", "needs"),
         ({"surprise": 1}, 400, "surprise", "Extra inputs"),
@@ -154,11 +154,13 @@ def test_extension_file_ids_become_stored_paths(service: dict[str, Any]) -> None
     alice = service["alice"]
     extra = upload(alice, CHAT)
     job = alice.fine_tuning.jobs.create(
-        model="tiny", training_file=upload(alice, CHAT).id, extra_body={"tunesmith": {"data": {"replay": extra.id}}}
+        model="tiny",
+        training_file=upload(alice, CHAT).id,
+        extra_body={"tunesmith": {"data": {"replay": {"path": extra.id}}}},
     )
     assert job.status == "queued"
-    assert check_extension({"data": {"replay": extra.id}}, {extra.id: "files/x.jsonl"}) == {
-        "data": {"replay": "files/x.jsonl"}
+    assert check_extension({"data": {"replay": {"path": extra.id}}}, {extra.id: "files/x.jsonl"}) == {
+        "data": {"replay": {"path": "files/x.jsonl"}}
     }
 
 
@@ -290,3 +292,38 @@ def test_the_web_app_never_imports_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == (
         "False"
     )
+
+
+def test_the_worker_writes_the_run_config_a_job_asks_for(service: dict[str, Any], tmp_path: Path) -> None:
+    from tunesmith.service.worker import Worker
+
+    alice, store, data = service["alice"], service["store"], service["data"]
+    train, replay = upload(alice, CHAT), upload(alice, CHAT)
+    job = alice.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=train.id,
+        seed=5,
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 2, "learning_rate_multiplier": 3}},
+        },
+        extra_body={
+            "tunesmith": {"method": {"name": "full"}, "data": {"replay": {"path": replay.id, "fraction": 0.2}}}
+        },
+    )
+    claimed = store.claim("w", 60)
+    worker = Worker(store, data, tmp_path / "models")
+    job_dir = data / "jobs" / job.id
+    worker._prepare(claimed, job_dir)
+    spec = json.loads((job_dir / "job.json").read_text())
+    config = spec["config"]
+    assert config["model"] == str((tmp_path / "models" / "tiny").resolve())
+    assert (config["task"], config["method"], config["train"]) == (
+        "sft",
+        {"name": "full"},
+        {"epochs": 2, "batch_size": 4, "seed": 5},
+    )
+    assert config["data"]["train"] == str(data.resolve() / "files" / f"{train.id}.jsonl")
+    assert config["data"]["replay"] == {"path": str(data.resolve() / "files" / f"{replay.id}.jsonl"), "fraction": 0.2}
+    assert config["output"] == {"dir": str(job_dir / "runs"), "name": "run"}
+    assert spec["learning_rate_multiplier"] == 3

@@ -23,7 +23,15 @@ from typing import Any
 from tunesmith.service.openai_schema import ApiError, Hyperparameters, JobRequest
 from tunesmith.zoo import PACKAGED_MODELS
 
-__all__ = ["DEFAULT_METHOD", "TASK_OF", "available_models", "model_path", "resolve_hyperparameters", "run_config"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "TASK_OF",
+    "available_models",
+    "check_extension",
+    "model_path",
+    "resolve_hyperparameters",
+    "run_config",
+]
 
 TASK_OF = {"supervised": "sft", "dpo": "dpo", "reinforcement": "rl"}
 DEFAULT_METHOD: dict[str, Any] = {"name": "lora"}  # a CPU-friendly default; `tunesmith.method` changes it

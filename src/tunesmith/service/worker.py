@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from tunesmith.service.jobs import model_path, run_config
+from tunesmith.service.jobs import check_extension, model_path, run_config
 from tunesmith.service.openai_schema import JobRequest
 from tunesmith.service.store import Checkpoint, Event, File, Job, Store, new_id, now
 
@@ -107,10 +107,11 @@ class Worker:
 
     def _prepare(self, job: Job, job_dir: Path) -> dict[str, str]:
         job_dir.mkdir(parents=True, exist_ok=True)
-        request = JobRequest(
-            model=job.model, training_file=job.training_file, method=job.method, tunesmith=job.tunesmith, seed=job.seed
-        )
         paths = self._file_paths(job)
+        extension = check_extension(job.tunesmith, paths) if job.tunesmith else None  # file ids -> their paths
+        request = JobRequest(
+            model=job.model, training_file=job.training_file, method=job.method, tunesmith=extension, seed=job.seed
+        )
         config = run_config(
             request,
             job.hyperparameters,
