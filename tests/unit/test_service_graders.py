@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import make_tiny_byte_tokenizer, write_jsonl
-from tunesmith.service import graders
+from tunesmith.service import grader_python, graders
 from tunesmith.service.graders import (
     REWARD_MODULE,
     GraderError,
@@ -254,7 +254,7 @@ def test_python_grader_that_never_returns_gives_nan_within_the_limit() -> None:
 def test_a_grader_that_blocks_the_alarm_is_killed_and_keeps_the_scores_it_gave(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(graders, "PYTHON_GRADER_STARTUP_S", 0.5)
+    monkeypatch.setattr(grader_python, "PYTHON_GRADER_STARTUP_S", 0.5)
     source = """
 import signal
 

@@ -10,17 +10,11 @@ completion's prompt string, so `reward_function` finds a completion's row by tha
 from __future__ import annotations
 
 import ast
-import contextlib
 import hashlib
 import json
 import math
-import os
 import re
-import signal
-import subprocess
 import sys
-import tempfile
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +22,8 @@ from typing import Any
 from tunesmith.data.readers import Row
 from tunesmith.data.sft import SftExample, to_sft_examples
 from tunesmith.runs import atomic_write_text
+from tunesmith.service.grader_python import PYTHON_GRADER_STARTUP_S, PYTHON_GRADER_TIMEOUT_S, run_python
+from tunesmith.service.grader_similarity import METRICS
 
 __all__ = [
     "GRADER_TYPES",
@@ -64,15 +60,8 @@ _KEYS = {
     "python": ("type", "name", "source", "image_tag"),
 }
 
-# A python grader runs in its own interpreter. Each call of its code (the source's top level, then
-# grade() once per completion) may take PYTHON_GRADER_TIMEOUT_S; a call that runs over gives NaN for
-# that completion and the next one goes on. If the process stops answering (the grader blocked the
-# alarm, or sits in C code), it is killed after timeout × (completions + 1) + PYTHON_GRADER_STARTUP_S.
-PYTHON_GRADER_TIMEOUT_S = 10.0
-PYTHON_GRADER_STARTUP_S = 5.0
 PYTHON_SOURCE_MAX_BYTES = 256 * 1024  # OpenAI's limit on a python grader's source
 REWARD_MODULE = "tunesmith_grader_reward"
-_ENV_KEPT = ("PATH", "HOME", "TMPDIR", "TEMP", "TMP", "SYSTEMROOT", "LANG", "LC_ALL")
 
 
 class GraderError(ValueError):
@@ -235,95 +224,9 @@ def _sample(output: str) -> dict[str, Any]:
     return {"output_text": output, "output_json": parsed}
 
 
-# ----------------------------------------------------------------------------- text similarity
-
-
-def _words(text: str) -> list[str]:
-    """Lowercased word tokens, punctuation dropped (as rouge-score's tokenizer, but keeping non-ASCII letters)."""
-    return re.findall(r"\w+", text.lower())
-
-
-def _ngrams(words: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
-    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-
-
-def _f1(overlap: int, predicted: int, reference: int) -> float:
-    if not overlap:
-        return 0.0
-    precision, recall = overlap / predicted, overlap / reference
-    return 2 * precision * recall / (precision + recall)
-
-
-def _rouge_n(n: int) -> Callable[[str, str], float]:
-    """ROUGE-N (Lin 2004) as an F1 of shared n-grams, as rouge-score reports it."""
-
-    def score(text: str, reference: str) -> float:
-        ours, theirs = _ngrams(_words(text), n), _ngrams(_words(reference), n)
-        return _f1(sum((ours & theirs).values()), sum(ours.values()), sum(theirs.values()))
-
-    return score
-
-
-def _rouge_l(text: str, reference: str) -> float:
-    """ROUGE-L: F1 of the longest common subsequence of words."""
-    ours, theirs = _words(text), _words(reference)
-    previous = [0] * (len(theirs) + 1)
-    for word in ours:
-        row = [0]
-        for j, other in enumerate(theirs):
-            row.append(previous[j] + 1 if word == other else max(previous[j + 1], row[j]))
-        previous = row
-    return _f1(previous[-1], len(ours), len(theirs))
-
-
-def _bleu(text: str, reference: str) -> float:
-    """Sentence BLEU (Papineni et al. 2002): geometric mean of 1..4-gram precisions (up to the shorter
-    text's length), n > 1 smoothed by add-one (Lin & Och 2004, NLTK's method2), times the brevity penalty."""
-    ours, theirs = _words(text), _words(reference)
-    orders = min(4, len(ours), len(theirs))
-    if not orders:
-        return 0.0
-    log_sum = 0.0
-    for n in range(1, orders + 1):
-        mine = _ngrams(ours, n)
-        matches, total = sum((mine & _ngrams(theirs, n)).values()), sum(mine.values())
-        if n == 1 and not matches:
-            return 0.0
-        log_sum += math.log(matches / total if n == 1 else (matches + 1) / (total + 1))
-    brevity = min(1.0, math.exp(1 - len(theirs) / len(ours)))
-    return brevity * math.exp(log_sum / orders)
-
-
-def _gleu(text: str, reference: str) -> float:
-    """Sentence GLEU (Wu et al. 2016): min(precision, recall) over all shared 1..4-grams together."""
-    ours, theirs = _words(text), _words(reference)
-    mine = sum((_ngrams(ours, n) for n in range(1, 5)), Counter())
-    other = sum((_ngrams(theirs, n) for n in range(1, 5)), Counter())
-    matches = sum((mine & other).values())
-    if not matches:
-        return 0.0
-    return min(matches / sum(mine.values()), matches / sum(other.values()))
-
-
-def _fuzzy(text: str, reference: str) -> float:
-    """rapidfuzz's normalised Indel similarity (fuzz.ratio / 100); rapidfuzz comes with jiwer, a dependency."""
-    from rapidfuzz import fuzz
-
-    return float(fuzz.ratio(text, reference)) / 100.0
-
-
-_METRICS: dict[str, Callable[[str, str], float]] = {
-    "fuzzy_match": _fuzzy,
-    "bleu": _bleu,
-    "gleu": _gleu,
-    **{f"rouge_{n}": _rouge_n(n) for n in range(1, 6)},
-    "rouge_l": _rouge_l,
-}
-
-
 def _compare(spec: dict[str, Any], text: str, reference: str) -> float:
     if spec["type"] == "text_similarity":
-        return _METRICS[spec["evaluation_metric"]](text, reference)
+        return METRICS[spec["evaluation_metric"]](text, reference)
     operation = spec["operation"]
     passed = {
         "eq": text == reference,
@@ -358,7 +261,7 @@ def grade_samples(
     if not samples:
         return []
     if spec["type"] == "python":
-        scores, problems = _run_python(spec["source"], samples, list(items), timeout_s)
+        scores, problems = run_python(spec["source"], samples, list(items), timeout_s)
     else:
         scores, problems = [], []
         for sample, item in zip(samples, items, strict=True):
@@ -376,136 +279,6 @@ def grade_samples(
             file=sys.stderr,
         )
     return scores
-
-
-# The program a python grader runs in: it reads {source, cases, timeout_s} on stdin and writes one
-# JSON line per case ({"i", "score"} or {"i", "error"}) to its stdout as soon as the case is done, so a
-# process killed halfway keeps the scores it gave. What the grader prints goes to stderr.
-_RUNNER = r"""
-import json, math, numbers, signal, sys, types
-
-class _Timeout(BaseException):
-    pass
-
-def _alarm(signum, frame):
-    raise _Timeout()
-
-TIMER = hasattr(signal, "setitimer")
-
-def call(function, limit):
-    try:
-        if TIMER:
-            signal.setitimer(signal.ITIMER_REAL, limit)
-        try:
-            return function(), None
-        finally:
-            if TIMER:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-    except _Timeout:
-        return None, "timed out after %g s" % limit
-    except BaseException as exc:
-        return None, "%s: %s" % (type(exc).__name__, exc)
-
-def number(value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None, "grade returned %s, not a number" % type(value).__name__
-    try:
-        value = float(value)
-    except BaseException as exc:
-        return None, "grade returned a number float() refused (%s)" % exc
-    return (value, None) if math.isfinite(value) else (None, "grade returned %r" % value)
-
-def main():
-    out = sys.stdout.buffer
-    sys.stdout = sys.stderr
-    request = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-    limit = request["timeout_s"]
-    if TIMER:
-        signal.signal(signal.SIGALRM, _alarm)
-    module = sys.modules["grader"] = types.ModuleType("grader")
-    scope = module.__dict__
-    _, error = call(lambda: exec(compile(request["source"], "grader.py", "exec"), scope), limit)
-    if error is None and not callable(scope.get("grade")):
-        error = "the source defines no function grade(sample, item)"
-    if error is not None:
-        out.write((json.dumps({"error": "the source failed: " + error}) + "\n").encode("utf-8"))
-        return
-    for i, case in enumerate(request["cases"]):
-        value, error = call(lambda: scope["grade"](case["sample"], case["item"]), limit)
-        if error is None:
-            value, error = number(value)
-        record = {"i": i, "error": error} if error is not None else {"i": i, "score": value}
-        out.write((json.dumps(record) + "\n").encode("utf-8"))
-        out.flush()
-
-main()
-"""
-
-
-def _run_python(
-    source: str, samples: list[dict[str, Any]], items: list[dict[str, Any]], timeout_s: float
-) -> tuple[list[float], list[str]]:
-    """Scores of a python grader, all cases in one fresh interpreter (`-I`: no PYTHONPATH, no user site,
-    no current directory on sys.path) in an empty working directory, with a minimal environment. It is
-    a separate process, not a sandbox: the grader can do what this user can."""
-    cases = [{"sample": s, "item": i} for s, i in zip(samples, items, strict=True)]
-    request = json.dumps({"source": source, "cases": cases, "timeout_s": timeout_s}, default=str)
-    deadline = timeout_s * (len(cases) + 1) + PYTHON_GRADER_STARTUP_S
-    env = {k: os.environ[k] for k in _ENV_KEPT if k in os.environ}
-    killed = False
-    with tempfile.TemporaryDirectory(prefix="tunesmith-grader-") as cwd:
-        process = subprocess.Popen(
-            [sys.executable, "-I", "-c", _RUNNER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,  # its own process group, so a kill takes what it started too
-        )
-        try:
-            out, err = process.communicate(request.encode("utf-8"), timeout=deadline)
-        except subprocess.TimeoutExpired:
-            killed = True
-            _kill(process)
-            try:
-                out, err = process.communicate(timeout=PYTHON_GRADER_STARTUP_S)
-            except subprocess.TimeoutExpired as exc:  # something it started still holds the pipes
-                out, err = exc.output or b"", exc.stderr or b""
-    return _read_scores(out, len(cases), _why_ended(killed, deadline, process.returncode, err))
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    if hasattr(os, "killpg"):
-        with contextlib.suppress(ProcessLookupError):  # it ended by itself meanwhile
-            os.killpg(process.pid, signal.SIGKILL)
-    else:
-        process.kill()
-
-
-def _why_ended(killed: bool, deadline: float, code: int | None, err: bytes) -> str:
-    if killed:
-        return f"the grader process stopped answering and was killed after {deadline:g} s"
-    lines = err.decode("utf-8", "replace").strip().splitlines()
-    return f"the grader process ended early (exit code {code}){': ' + lines[-1] if lines else ''}"
-
-
-def _read_scores(out: bytes, count: int, ended: str) -> tuple[list[float], list[str]]:
-    scores, reasons = [math.nan] * count, [ended] * count
-    for line in out.decode("utf-8", "replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a partial last line of a killed process
-        if not isinstance(record, dict) or ("error" not in record and "score" not in record):
-            continue  # not the runner's (a grader that wrote to file descriptor 1 itself)
-        if "i" not in record:
-            return scores, [record["error"]] * count
-        if "score" in record:
-            scores[record["i"]], reasons[record["i"]] = float(record["score"]), ""
-        else:
-            reasons[record["i"]] = record["error"]
-    return scores, [r for r in reasons if r]
 
 
 # ----------------------------------------------------------------------------- the RL reward
