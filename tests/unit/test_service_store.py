@@ -73,12 +73,34 @@ def owner_of(store: Store) -> str:
 def test_migrations_create_the_schema_once_and_are_idempotent(url: str) -> None:
     store = make_store(url)
     store.migrate()  # a second start changes nothing
-    assert current_revision(store.engine) == "0001"
+    assert current_revision(store.engine) == "0002"
     tables = set(inspect(store.engine).get_table_names())
     assert {"api_keys", "files", "jobs", "events", "checkpoints", "alembic_version"} <= tables
     if url.startswith("sqlite"):
         with store.engine.connect() as c:
             assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_an_older_store_is_upgraded_in_place_and_keeps_its_rows(url: str) -> None:
+    from tunesmith.service.migrate import upgrade
+
+    store = Store(url)
+    upgrade(store.engine, "0001")  # the first schema, before jobs recorded their task's output
+    assert "output" not in {c["name"] for c in inspect(store.engine).get_columns("jobs")}
+    with store.engine.begin() as c:
+        c.execute(text("INSERT INTO api_keys (id, name, digest, created_at) VALUES ('key-1', 'old', 'd', 0)"))
+        c.execute(
+            text(
+                "INSERT INTO jobs (id, owner, model, training_file, seed, meta, method, hyperparameters, status, "
+                "created_at, attempts, order_ns) VALUES ('ftjob-1', 'key-1', 'm', 'file-1', 0, '{}', "
+                "'{\"type\": \"supervised\"}', '{}', 'succeeded', 0, 1, 0)"
+            )
+        )
+    store.migrate()
+    assert current_revision(store.engine) == "0002"
+    with store.session() as s:
+        job = s.get(Job, "ftjob-1")
+        assert job is not None and job.status == "succeeded" and job.output is None
 
 
 def test_keys_are_stored_hashed_and_resolve_to_their_owner(url: str, tmp_path: Path) -> None:

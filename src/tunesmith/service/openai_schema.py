@@ -166,7 +166,12 @@ def job_object(job: Job) -> dict[str, Any]:
         "metadata": job.meta or None,
         "method": method,
         "user_provided_suffix": job.suffix,
-        "tunesmith": {"progress": job.progress, "config": job.tunesmith, "attempts": job.attempts},
+        "tunesmith": {
+            "progress": job.progress,
+            "config": job.tunesmith,
+            "attempts": job.attempts,
+            "output": job.output,
+        },
     }
 
 

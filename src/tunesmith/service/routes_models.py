@@ -16,23 +16,18 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from tunesmith.service.deps import Config, Owner, Settings
-from tunesmith.service.jobs import TASK_OF, available_models
+from tunesmith.service.jobs import available_models
 from tunesmith.service.openai_schema import ApiError, ChatRequest, CompletionRequest, page
 from tunesmith.service.store import Job
 
 __all__ = ["add"]
 
-GENERATING_TASKS = ("sft", "dpo", "rl")
 HOST_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
 
 
 class ClassifyRequest(BaseModel):
     model: str
     input: str | list[str] = Field(min_length=1)
-
-
-def job_task(job: Job) -> str:
-    return str((job.tunesmith or {}).get("task") or TASK_OF[job.method["type"]])
 
 
 def tuned_model(settings: Settings, owner: str, model: str) -> Job:
@@ -81,8 +76,8 @@ def add(app: FastAPI) -> None:
     @app.post("/v1/classifications")
     async def classify(body: ClassifyRequest, owner: Owner, settings: Config) -> dict[str, Any]:
         job = tuned_model(settings, owner, body.model)
-        if job_task(job) in GENERATING_TASKS:
-            raise ApiError(400, f"model {body.model!r} generates text; use /v1/chat/completions", "model")
+        if job.output != "label":
+            raise ApiError(400, f"model {body.model!r} gives {job.output}, not labels; see /v1/models", "model")
         texts = [body.input] if isinstance(body.input, str) else body.input
         async with httpx.AsyncClient(timeout=HOST_TIMEOUT) as client:
             reply = await client.post(
@@ -116,8 +111,8 @@ def _host(settings: Settings) -> str:
 
 async def _complete(settings: Settings, owner: str, body: Any, prompt: Any, chat: bool) -> Any:
     job = tuned_model(settings, owner, body.model)
-    if job_task(job) not in GENERATING_TASKS:
-        raise ApiError(400, f"model {body.model!r} is a {job_task(job)} model; use /v1/classifications", "model")
+    if job.output != "text":
+        raise ApiError(400, f"model {body.model!r} gives a {job.output}, not text; use /v1/classifications", "model")
     request = {
         "run": str(settings.data_dir / (job.run_dir or "")),
         "prompt": prompt,

@@ -24,7 +24,7 @@ def run_job(job_dir: Path) -> dict[str, Any]:
     """Train (or continue) the job in `job_dir`; returns what result.json holds."""
     from tunesmith import api
     from tunesmith.config import load_config
-    from tunesmith.plugins import build_method
+    from tunesmith.plugins import build_method, build_task
     from tunesmith.training.checkpoint import latest_checkpoint
 
     spec = read_json(job_dir / "job.json")
@@ -52,6 +52,7 @@ def run_job(job_dir: Path) -> dict[str, Any]:
         "run_dir": result.run_dir.name,
         "tokens": result.metrics.get("train", {}).get("tokens"),
         "resumed": resume is not None,
+        "output": build_task(cfg).output,  # what the tuned model gives: text, label, score, transcript
     }
     write_json(job_dir / "result.json", summary)
     return summary

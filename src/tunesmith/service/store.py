@@ -102,6 +102,7 @@ class Job(Base):
     fine_tuned_model: Mapped[str | None] = mapped_column(String(300), nullable=True, index=True)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # {step, steps}
+    output: Mapped[str | None] = mapped_column(String(20), nullable=True)  # the task's output: text, label, ...
     run_dir: Mapped[str | None] = mapped_column(Text, nullable=True)  # relative to the data directory
     worker: Mapped[str | None] = mapped_column(String(80), nullable=True)
     lease_until: Mapped[float | None] = mapped_column(nullable=True)

@@ -181,6 +181,7 @@ class Worker:
                 "succeeded",
                 run_dir=run_dir,
                 trained_tokens=result.get("tokens"),
+                output=result.get("output"),
                 fine_tuned_model=fine_tuned_name(job),
             )
         else:

@@ -8,7 +8,6 @@ const KEY = "tunesmith.key";
 const PICKED = "tunesmith.compare"; // job ids chosen on the Jobs page for the Compare page
 const FINAL = ["succeeded", "failed", "cancelled"];
 const STATUSES = ["validating_files", "queued", "running", "paused", ...FINAL];
-const GENERATING_TASKS = ["sft", "dpo", "rl"];
 const METHODS = ["supervised", "dpo", "reinforcement"];
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563"];
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -192,10 +191,9 @@ function pickedJobs() {
   }
 }
 
-/** Whether a job's model writes text (so it can chat), rather than classify. */
+/** Whether a job's model writes text (so it can chat), rather than give labels or scores. */
 function generatesText(job) {
-  const task = job.tunesmith?.config?.task;
-  return METHODS.includes(job.method?.type) && (!task || GENERATING_TASKS.includes(task));
+  return job.tunesmith?.output === "text";
 }
 
 // ---------------------------------------------------------------- metrics
