@@ -27,7 +27,15 @@ from tunesmith.eval.evaluate import evaluate_items
 from tunesmith.eval.report import write_report
 from tunesmith.eval.retention import build_retention
 from tunesmith.exports import Exported, export_run
-from tunesmith.inference import Trained, held_out_metrics, load_trained, prompt_inputs, read_prompts, runtime_for
+from tunesmith.inference import (
+    TextStream,
+    Trained,
+    held_out_metrics,
+    load_trained,
+    prompt_inputs,
+    read_prompts,
+    runtime_for,
+)
 from tunesmith.inference import generate as generate_with
 from tunesmith.inference.adapters import Adapters, RunsArg, load_adapters
 from tunesmith.models.generate import Sampling
@@ -44,6 +52,7 @@ __all__ = [
     "RunResult",
     "RunSummary",
     "Sampling",
+    "TextStream",
     "Trained",
     "check_data",
     "clean_data",

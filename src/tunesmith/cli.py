@@ -260,22 +260,14 @@ def _stream(trained: Any, prompts: list, sampling: Any, runtime: Any) -> str:
     """Generate for one prompt, printing the text as tokens arrive; returns the whole answer."""
     from tunesmith import api
 
-    tokenizer = trained.objective.tokenizer
-    tokens: list[int] = []
-    shown = ""
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
-    def on_token(_row: int, token: int) -> None:
-        nonlocal shown
-        tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown) :])
-            sys.stdout.flush()
-            shown = text
-
-    answer = api.generate_with(trained, prompts, sampling, runtime, on_token)[0]
-    sys.stdout.write(answer[len(shown) :] + "\n")
-    sys.stdout.flush()
+    stream = api.TextStream(trained.objective.tokenizer, show)
+    answer = api.generate_with(trained, prompts, sampling, runtime, stream)[0]
+    stream.finish(answer)
+    show("\n")
     return answer
 
 

@@ -33,6 +33,7 @@ from tunesmith.training.checkpoint import load_trainable
 
 __all__ = [
     "SavedRun",
+    "TextStream",
     "Trained",
     "base_model",
     "generate",
@@ -201,3 +202,27 @@ def _message(turn: dict[str, str]) -> Message:
     if role not in ("system", "user", "assistant"):
         raise ConfigError(f"a conversation turn has role {role!r}; use system, user or assistant")
     return Message(role, turn["content"])  # type: ignore[arg-type]  # checked just above
+
+
+class TextStream:
+    """An `on_token` callback that turns the ids of one generation into text as they are chosen, and
+    passes each new piece to `on_text`; a piece never ends inside a multi-byte character."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.tokens: list[int] = []
+        self.shown = ""
+
+    def __call__(self, _row: int, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            self.on_text(text[len(self.shown) :])
+            self.shown = text
+
+    def finish(self, answer: str) -> None:
+        """Pass on what of the final `answer` was not shown yet."""
+        if answer[len(self.shown) :]:
+            self.on_text(answer[len(self.shown) :])
+        self.shown = answer
+

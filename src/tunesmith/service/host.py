@@ -66,28 +66,17 @@ class Models:
             adapters = self.get(body.run)
             trained = adapters.use()
             tokenizer = trained.objective.tokenizer
-            tokens: list[int] = []
-            shown = ""
-
-            def on_token(_row: int, token: int) -> None:
-                nonlocal shown
-                tokens.append(token)
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    on_text(text[len(shown) :])
-                    shown = text
-
+            stream = api.TextStream(tokenizer, on_text)
             sampling = api.Sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
-            text = api.generate(adapters, [body.prompt], sampling, on_token)[0]  # type: ignore[arg-type]
-            if text[len(shown) :]:
-                on_text(text[len(shown) :])
-            stopped = len(tokens) < body.max_new_tokens
+            text = api.generate(adapters, [body.prompt], sampling, stream)[0]  # type: ignore[arg-type]
+            stream.finish(text)
+            stopped = len(stream.tokens) < body.max_new_tokens
             return {
                 "done": True,
                 "text": text,
                 "finish_reason": "stop" if stopped else "length",
                 "prompt_tokens": _prompt_tokens(tokenizer, body.prompt),
-                "completion_tokens": len(tokens),
+                "completion_tokens": len(stream.tokens),
             }
 
     def predict(self, body: PredictBody) -> list[dict[str, Any]]:
