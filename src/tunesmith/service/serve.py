@@ -25,10 +25,30 @@ DEFAULT_DATA_DIR = Path("tunesmith-data")
 
 
 def open_store(db: str | None, data_dir: Path):  # type: ignore[no-untyped-def]
+    """The store at `db` (default: SQLite in `data_dir`), migrated to the newest schema.
+
+    Raises:
+        ConfigError: a URL that names no database this can open, or a server that cannot be reached.
+    """
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+    from tunesmith.errors import ConfigError
     from tunesmith.service.store import Store
 
-    store = Store(db) if db else Store.in_directory(data_dir)
-    store.migrate()
+    where = f"--db {db}" if db else f"--data-dir {data_dir}"
+    try:
+        store = Store(db) if db else Store.in_directory(data_dir)
+        store.migrate()
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ConfigError(
+            f"{where}: not a database URL ({exc}); give postgresql+psycopg://user:pw@host/db "
+            "or sqlite:///path/tunesmith.db"
+        ) from None
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise ConfigError(f"{where}: cannot open the store ({reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot use the data directory ({exc.strerror})") from None
     return store
 
 
@@ -44,10 +64,15 @@ def serve(
 ) -> None:
     import uvicorn
 
+    from tunesmith.errors import ConfigError
     from tunesmith.service.app import create_app
     from tunesmith.service.deps import Settings
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as probe:  # said now, in one line, rather than by uvicorn after the children start
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); choose another port") from None
     store = open_store(db, data_dir)
     if not store.list_keys():
         secret = store.create_key("default")
