@@ -167,3 +167,17 @@ def test_a_job_whose_lease_ran_out_is_claimed_again(url: str) -> None:
     assert store.renew(job_id, "dead", 60) is None  # the old holder lost it and cannot renew
     assert not store.release(job_id, "dead", status="succeeded")  # nor finish it
     assert store.release(job_id, "other", status="succeeded")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["serve", "--db", "nonsense"], "--db nonsense: not a database URL"),
+        (["worker", "--db", "postgresql+psycopg://u:p@127.0.0.1:1/x"], "cannot open the store"),
+        (["keys", "create", "a", "--data-dir", "/proc/no-such-place"], "cannot use the data directory"),
+    ],
+)
+def test_a_store_that_cannot_open_is_one_line_and_exit_2(args: list[str], words: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert words in done.stderr and "Traceback" not in done.stderr

@@ -72,7 +72,8 @@ def serve(
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); choose another port") from None
+            message = f"--host {host} --port {port}: cannot listen there ({exc.strerror}); choose another port"
+            raise ConfigError(message) from None
     store = open_store(db, data_dir)
     if not store.list_keys():
         secret = store.create_key("default")
