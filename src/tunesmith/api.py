@@ -42,6 +42,7 @@ from tunesmith.models.generate import Sampling
 from tunesmith.plugins import Task, build_method, build_task
 from tunesmith.runs import config_hash, list_runs, open_or_create, read_json, write_json, write_jsonl, write_manifest
 from tunesmith.runtime import make_runtime
+from tunesmith.search import TuneResult
 from tunesmith.training.checkpoint import save_trainable
 from tunesmith.training.loop import StepCallback, train_loop
 from tunesmith.training.plan import report_dropped, run_plan, train_summary
@@ -71,6 +72,8 @@ __all__ = [
     "score",
     "train",
     "transcribe",
+    "tune",
+    "tune_report",
 ]
 
 
@@ -374,6 +377,80 @@ def compare(
     from tunesmith.compare import plan_variants
 
     return run_compare(config, plan_variants(methods, shots, seeds), overrides, out)
+
+
+def tune(
+    config: str | Path,
+    trials: int = 20,
+    overrides: list[str] | None = None,
+    storage: str | None = None,
+    study: str | None = None,
+    timeout: float | None = None,
+) -> TuneResult:
+    """Search the config's `search` space with Optuna: `trials` runs (each a normal run directory),
+    each pruned at an evaluation where it falls behind the median of earlier trials. The study is
+    kept in `storage` (default SQLite beside the runs), so a later call, or another machine with the
+    same storage URL, continues it. Returns the best trial and all trials.
+
+    Raises:
+        ConfigError: no `search` section, a bad entry in it, or a metric the evaluation does not report.
+    """
+    import optuna
+
+    from tunesmith.search import make_pruner, pruning_callback, read_search, suggest, summarize
+
+    search = read_search(config, overrides or [], storage, study)
+    out_dir = Path(search.base["output"]["dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seed = int((search.base.get("train") or {}).get("seed", 0))
+    found = optuna.create_study(
+        study_name=search.study,
+        storage=search.storage,
+        direction=search.direction,
+        pruner=make_pruner(search.pruner),
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        load_if_exists=True,
+    )
+
+    def objective(trial: Any) -> float:
+        name = f"trial-{trial.number}"
+
+        def remember_run(step: int, record: dict[str, Any]) -> None:
+            if "run_dir" not in trial.user_attrs:
+                trial.set_user_attr("run_dir", str(max(out_dir.glob(f"{name}-*"))))
+
+        cfg = _as_config(search.base, [*suggest(trial, search.space), f"output.name={name}"], {})
+        result = train(cfg, callbacks=[remember_run, pruning_callback(trial, search.metric)])
+        trial.set_user_attr("steps", result.metrics["train"]["steps"])
+        held_out = result.metrics.get("validation") or {}
+        if search.metric not in held_out:
+            raise ConfigError(
+                f"tune.metric={search.metric}: not in the validation metrics {sorted(held_out)}; "
+                "tune needs a validation split (data.validation) that reports it"
+            )
+        return float(held_out[search.metric])
+
+    found.optimize(objective, n_trials=trials, timeout=timeout)
+    rows = summarize(found)
+    best = next((r for r in rows if r["state"] == "complete" and r["number"] == found.best_trial.number), {})
+    return TuneResult(search.study, search.storage, best, rows)
+
+
+def tune_report(config: str | Path, storage: str | None = None, study: str | None = None) -> Path:
+    """The HTML report of a study (see `tune`), written beside its runs; returns its path."""
+    import optuna
+
+    from tunesmith.search import read_search, write_report
+
+    search = read_search(config, [], storage, study)
+    try:
+        found = optuna.load_study(study_name=search.study, storage=search.storage)
+    except KeyError:
+        raise ConfigError(
+            f"{config}: no study {search.study!r} in {search.storage}; run `tunesmith tune` first"
+        ) from None
+    return write_report(found, Path(search.base["output"]["dir"]) / "tune-report.html")
 
 
 def preference_pairs(

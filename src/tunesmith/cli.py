@@ -369,6 +369,37 @@ def compare_(
     err_console.print(f"tables written to {path} and {path.with_suffix('.html')}")
 
 
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML) with a search section.")],
+    overrides: Overrides = None,
+    trials: Annotated[int, typer.Option(min=1, help="Trials to run (added to those the study has).")] = 20,
+    storage: Annotated[str | None, typer.Option(help="Study database URL (default: SQLite beside the runs).")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: the config file's name).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    report: Annotated[bool, typer.Option("--report", help="Write the study's HTML report and stop.")] = False,
+) -> None:
+    """Search hyperparameters with Optuna, pruning trials that fall behind at an evaluation."""
+    from tunesmith import api
+
+    if report:
+        path = api.tune_report(config, storage, study)
+        console.print(f"study report: {path}", markup=False, highlight=False)
+        return
+    result = api.tune(config, trials, overrides or [], storage, study, timeout)
+    table = Table(title=f"study {result.study} ({result.storage})")
+    for column in ("trial", "state", "value", "steps", "params"):
+        table.add_column(column)
+    for t in result.trials:
+        value = "" if t["value"] is None else f"{t['value']:.4f}"
+        table.add_row(str(t["number"]), t["state"], value, str(t["steps"] or ""), json.dumps(t["params"]))
+    console.print(table)
+    if result.best:
+        console.print(
+            f"best: trial {result.best['number']} {json.dumps(result.best['params'])} -> {result.best['run_dir']}"
+        )
+
+
 def _print_result(run_dir: Path, metrics: dict[str, Any]) -> None:
     for split in ("validation", "test"):
         if split in metrics:

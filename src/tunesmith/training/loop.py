@@ -188,6 +188,7 @@ def train_loop(
                 if samples:
                     run.log({"kind": "samples", "step": step, "samples": samples})
                 result.evals.append({"step": step, **metrics})
+                record["eval"] = metrics  # callbacks see each evaluation (e.g. a search prunes on it)
                 postfix[watch] = f"{metrics.get(watch, float('nan')):.4f}"
             due_save = step % cfg.save_every == 0 if cfg.save_every else (due_eval or epoch_end)
             if due_save and step < steps:
