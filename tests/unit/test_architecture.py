@@ -50,9 +50,17 @@ def _names_in(node: ast.AST, names: set[str]) -> bool:
     return any(isinstance(n, ast.Constant) and n.value in names for n in ast.walk(node))
 
 
+# The one table allowed to be keyed by a word that is also a task's name: OpenAI's method types
+# ("dpo" is OpenAI's word there), translated into tunesmith's tasks in one place.
+OPENAI_METHODS = "service/openai_schema.py"
+
+
 def test_no_task_name_is_compared_outside_the_tasks() -> None:
     tasks = set(registry.tasks())
-    assert name_branches(tasks, SOURCE / "tasks") == []
+    found = name_branches(tasks, SOURCE / "tasks")
+    exempt = [f for f in found if f.startswith(f"{OPENAI_METHODS}:") and f.endswith("a table keyed by name")]
+    assert len(exempt) <= 1
+    assert [f for f in found if f not in exempt] == []
 
 
 def test_no_method_name_is_compared_outside_the_methods() -> None:

@@ -6,7 +6,7 @@ The `"auto"` rule (recorded in the job's `hyperparameters` and in the run's `pla
 - `batch_size`: rows / 100 rounded to a power of two, between 4 and 32.
 - `learning_rate_multiplier`: 1.0, i.e. the method's own default learning rate (tunesmith's defaults
   depend on the method: LoRA 5e-4, full 5e-5, ...).
-- `beta` (DPO): 0.1.
+- `beta` (DPO): 0.1 (`OPENAI_METHODS` in openai_schema.py).
 
 Requests never name server paths: a model is a packaged name, a directory under the server's
 `--models` folder, or nothing else; data are uploaded file ids; the extension cannot set the output,
@@ -20,12 +20,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tunesmith.service.openai_schema import ApiError, Hyperparameters, JobRequest
+from tunesmith.service.openai_schema import OPENAI_METHODS, ApiError, Hyperparameters, JobRequest
 from tunesmith.zoo import PACKAGED_MODELS
 
 __all__ = [
     "DEFAULT_METHOD",
-    "TASK_OF",
     "available_models",
     "check_extension",
     "model_path",
@@ -33,7 +32,6 @@ __all__ = [
     "run_config",
 ]
 
-TASK_OF = {"supervised": "sft", "dpo": "dpo", "reinforcement": "rl"}
 DEFAULT_METHOD: dict[str, Any] = {"name": "lora"}  # a CPU-friendly default; `tunesmith.method` changes it
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -79,8 +77,9 @@ def resolve_hyperparameters(asked: Hyperparameters, rows: int, method: str) -> d
             400, "learning_rate_multiplier: must be > 0 and <= 100", "hyperparameters.learning_rate_multiplier"
         )
     resolved: dict[str, Any] = {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": multiplier}
-    if method == "dpo":
-        resolved["beta"] = 0.1 if asked.beta in (None, "auto") else asked.beta
+    for name, default in OPENAI_METHODS[method].defaults.items():  # e.g. DPO's beta
+        value = getattr(asked, name)
+        resolved[name] = default if value in (None, "auto") else value
     resolved["auto"] = sorted(k for k, v in asked.model_dump(exclude_none=True).items() if v == "auto")
     return resolved
 
@@ -121,14 +120,15 @@ def run_config(
     method = request.method.type if request.method else "supervised"
     config: dict[str, Any] = {
         "model": model,
-        "task": TASK_OF[method],
+        "task": OPENAI_METHODS[method].task,
         "method": dict(DEFAULT_METHOD),
         "data": {"train": train, **({"validation": validation} if validation else {})},
         "train": {"epochs": hyper["n_epochs"], "batch_size": hyper["batch_size"], "seed": request.seed or 0},
         "output": {"dir": out, "name": "run"},
     }
-    if method == "dpo":
-        config["dpo"] = {"beta": hyper["beta"]}
+    for name, path in OPENAI_METHODS[method].settings.items():
+        section, key = path.split(".")
+        config.setdefault(section, {})[key] = hyper[name]
     return _merge(config, request.tunesmith or {})
 
 

@@ -5,6 +5,7 @@ client reads back, rendered from the store's rows. Field names follow the curren
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,10 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunesmith.service.store import Checkpoint, Event, File, Job
 
 __all__ = [
+    "OPENAI_METHODS",
     "ApiError",
     "ChatRequest",
     "CompletionRequest",
     "JobRequest",
+    "OpenAIMethod",
     "checkpoint_object",
     "event_object",
     "file_object",
@@ -24,6 +27,25 @@ __all__ = [
 ]
 
 Auto = Literal["auto"]
+
+
+@dataclass(frozen=True)
+class OpenAIMethod:
+    """What a job of one OpenAI `method.type` trains in tunesmith."""
+
+    task: str  # the tunesmith task it runs
+    reads: tuple[str, ...]  # the kinds of uploaded rows it takes (see uploads.py)
+    settings: dict[str, str] = field(default_factory=dict)  # its own hyperparameters -> run-config paths
+    defaults: dict[str, float] = field(default_factory=dict)  # their values for "auto"
+
+
+# OpenAI's method types are its wire vocabulary; two of them happen to share their names with
+# tunesmith's tasks. This table is the one place that translates them.
+OPENAI_METHODS = {
+    "supervised": OpenAIMethod("sft", ("chat", "prompt_completion")),
+    "dpo": OpenAIMethod("dpo", ("preference",), {"beta": "dpo.beta"}, {"beta": 0.1}),
+    "reinforcement": OpenAIMethod("rl", ("chat", "prompt_completion")),
+}
 
 
 class ApiError(Exception):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunesmith.service.openai_schema import OPENAI_METHODS
+
 __all__ = ["FileVerdict", "check_upload", "fits_method"]
 
 ROLES = ("system", "user", "assistant")  # what tunesmith's chat reader takes
@@ -61,11 +63,7 @@ def check_upload(path: Path) -> FileVerdict:
 
 def fits_method(kind: str | None, method: str) -> str | None:
     """Why a file of `kind` cannot train `method` (None when it can)."""
-    wanted = {
-        "supervised": ("chat", "prompt_completion"),
-        "dpo": ("preference",),
-        "reinforcement": ("chat", "prompt_completion"),
-    }[method]
+    wanted = OPENAI_METHODS[method].reads
     if kind in wanted:
         return None
     return f"a {method} job reads {' or '.join(wanted)} rows; this file has {kind} rows"
