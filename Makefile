@@ -37,11 +37,15 @@ demo-rlhf: setup
 demo-speech: setup
 	$(BIN)/python examples/demo_speech.py
 
+# Tests run in TEST_WORKERS processes (pytest-xdist); tests that share one resource (the PostgreSQL
+# test database) are grouped onto one worker. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 test-unit: setup
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests/unit
 
 bench: setup
 	$(BIN)/python bench/classification.py

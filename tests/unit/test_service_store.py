@@ -20,6 +20,8 @@ from tunesmith.service.migrate import current_revision
 from tunesmith.service.store import Job, Key, Store, new_id, now
 
 POSTGRES = os.environ.get("TUNESMITH_TEST_POSTGRES_URL")
+# Each test empties the one PostgreSQL database: under pytest-xdist they all run in one worker.
+pytestmark = pytest.mark.xdist_group("postgresql")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -69,6 +69,7 @@ def serve(
     from tunesmith.service.deps import Settings
 
     with socket.socket() as probe:  # said now, in one line, rather than by uvicorn after the children start
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed port is free
         try:
             probe.bind((host, port))
         except OSError as exc:
