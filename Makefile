@@ -37,15 +37,14 @@ demo-rlhf: setup
 demo-speech: setup
 	$(BIN)/python examples/demo_speech.py
 
-# Tests run in TEST_WORKERS processes (pytest-xdist); tests that share one resource (the PostgreSQL
-# test database) are grouped onto one worker. TEST_WORKERS=0 runs them in this process.
+# Tests run in TEST_WORKERS processes (pytest-xdist); TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 test-unit: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests/unit
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests/unit
 
 bench: setup
 	$(BIN)/python bench/classification.py

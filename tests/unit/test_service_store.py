@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,22 +22,25 @@ from tunesmith.service.migrate import current_revision
 from tunesmith.service.store import Job, Key, Store, new_id, now
 
 POSTGRES = os.environ.get("TUNESMITH_TEST_POSTGRES_URL")
-# Each test empties the one PostgreSQL database: under pytest-xdist they all run in one worker.
-pytestmark = pytest.mark.xdist_group("postgresql")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store URL: SQLite in tmp_path, or a schema of its own in the PostgreSQL test database (so
+    tests in parallel processes, or two CI runs on one server, never see each other's tables)."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'tunesmith.db'}"
+        yield f"sqlite:///{tmp_path / 'tunesmith.db'}"
+        return
     if not POSTGRES:
-        pytest.skip("PostgreSQL: set TUNESMITH_TEST_POSTGRES_URL to a database the tests may empty (.ci/run does)")
-    engine = Store(POSTGRES).engine
-    with engine.begin() as c:  # an empty database for each test
-        c.execute(text("DROP SCHEMA public CASCADE"))
-        c.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
-    return POSTGRES
+        pytest.skip("PostgreSQL: set TUNESMITH_TEST_POSTGRES_URL to a database the tests may use (.ci/run does)")
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    admin = Store(POSTGRES).engine
+    with admin.begin() as c:
+        c.execute(text(f"CREATE SCHEMA {schema}"))
+    yield f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}options=-csearch_path%3D{schema}"
+    with admin.begin() as c:
+        c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
 
 
 def make_store(url: str) -> Store:
