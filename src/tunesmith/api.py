@@ -40,10 +40,20 @@ from tunesmith.inference import generate as generate_with
 from tunesmith.inference.adapters import Adapters, RunsArg, load_adapters
 from tunesmith.models.generate import Sampling
 from tunesmith.plugins import Task, build_method, build_task
-from tunesmith.runs import config_hash, list_runs, open_or_create, read_json, write_json, write_jsonl, write_manifest
-from tunesmith.runtime import make_runtime
+from tunesmith.runs import (
+    Run,
+    config_hash,
+    list_runs,
+    open_or_create,
+    read_json,
+    write_json,
+    write_jsonl,
+    write_manifest,
+)
+from tunesmith.runtime import Runtime, make_runtime
 from tunesmith.search import TuneResult
 from tunesmith.training.checkpoint import save_trainable
+from tunesmith.training.distributed import Processes, start_processes
 from tunesmith.training.loop import StepCallback, train_loop
 from tunesmith.training.plan import report_dropped, run_plan, train_summary
 from tunesmith.zoo import model_source_path
@@ -81,6 +91,7 @@ __all__ = [
 class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
+    main: bool = True  # False in the processes of a multi-process run that write nothing (rank > 0)
 
 
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
@@ -110,6 +121,8 @@ def train(
         The run directory and its final metrics (what eval.json holds).
     """
     cfg = _as_config(config, overrides, sections)
+    processes = start_processes(not torch.cuda.is_available(), cfg.train.distributed)
+    main = processes.main
     task, method = build_task(cfg), build_method(cfg.method)
     torch.manual_seed(cfg.train.seed)
     splits = load_splits(cfg.data, cfg.train.seed, lambda s: task.read_examples(s, cfg.data), task.labelled)
@@ -118,22 +131,27 @@ def train(
     splits = without_unreadable(splits, quality.unreadable if quality else ())
     objective = task.objective(tokenizer, splits.labels)
     model, names = build_model(cfg, task, method, len(splits.labels))
-    runtime = make_runtime(cfg.train, cfg.eval, model)
+    runtime = _shared_runtime(make_runtime(cfg.train, cfg.eval, model), processes)
     model.to(runtime.device)
-    run = open_or_create(cfg.output.dir, cfg.output.name or f"{cfg.task}-{cfg.method.name}", cfg.to_dict(), resume)
+    name = cfg.output.name or f"{cfg.task}-{cfg.method.name}"
+    made = open_or_create(cfg.output.dir, name, cfg.to_dict(), resume).dir if main or resume else None
+    run = Run(processes.broadcast(made))  # rank 0 makes the directory; the others learn its name
     fingerprint = {"config_hash": config_hash(cfg.to_dict()), "data_hash": config_hash(splits.hashes, ())}
     train_items = objective.encode(splits.train, "train", pack_rows=True)
     val_items = objective.encode(splits.validation, "validation") if splits.validation else None
     train_items, val_items = task.prepare(objective, model, runtime, splits, train_items, val_items)
-    plan = run_plan(cfg.train, method.default_lr, runtime.precision, model, names, len(train_items))
-    write_json(run.dir / "plan.json", _describe_data(splits, objective) | plan | task.plan(objective))
-    if resume is None:
+    if main:
+        n = len(train_items)
+        plan = run_plan(cfg.train, method.default_lr, runtime.precision, model, names, n, processes.world)
+        write_json(run.dir / "plan.json", _describe_data(splits, objective) | plan | task.plan(objective))
+    if resume is None and main:
         extra = task.run_record(objective)
         write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name), extra or None)
-    if quality is not None:
+    if quality is not None and main:
         write_json(run.dir / "data_report.json", quality.to_dict())
     limit = cfg.eval.exact_match_rows
-    baseline = held_out_metrics(task, objective, model, splits, runtime, limit) if cfg.eval.baseline else None
+    evaluates = cfg.eval.baseline and main
+    baseline = held_out_metrics(task, objective, model, splits, runtime, limit) if evaluates else None
     retention = build_retention(
         cfg.eval.retention,
         task.retention_default,
@@ -156,10 +174,13 @@ def train(
         names=names,
         fingerprint=fingerprint,
         runtime=runtime,
+        processes=processes,
         resume=resume is not None,
         callbacks=callbacks or [],
         retention=retention,
     )
+    if not main:
+        return RunResult(run.dir, {}, main=False)
     refuse_noop(method, model)
     model.eval()
     save_trainable(model, names, run.final / "trainable.safetensors")
@@ -176,6 +197,14 @@ def train(
     write_json(run.dir / "eval.json", metrics)
     write_report(run.dir)
     return RunResult(run.dir, metrics)
+
+
+def _shared_runtime(runtime: Runtime, processes: Processes) -> Runtime:
+    """One runtime for every process of a run: each on its own device (its GPU), all in rank 0's
+    precision (`auto` measures, and two processes measuring at once may disagree)."""
+    if processes.world == 1:
+        return runtime
+    return replace(runtime, device=processes.accelerator.device, precision=processes.broadcast(runtime.precision))
 
 
 def evaluate(

@@ -40,12 +40,39 @@ def train(
     config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
     overrides: Overrides = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory.")] = None,
+    nproc: Annotated[int, typer.Option(help="Processes on this machine (data parallel; CPUs or GPUs).")] = 1,
+    nnodes: Annotated[int, typer.Option(help="Machines taking part, each running this command.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This machine's place among them (0 writes the run).")] = 0,
+    master_addr: Annotated[str, typer.Option(help="Address of the node-rank 0 machine.")] = "127.0.0.1",
+    master_port: Annotated[
+        int | None, typer.Option(help="Its port (default: a free one; 29500 on several machines).")
+    ] = None,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option(help="host:port of a c10d rendezvous, instead of --master-addr and --node-rank.")
+    ] = None,
 ) -> None:
     """Fine-tune a model as the config says; writes a run directory."""
     from tunesmith import api
 
+    if nproc > 1 or nnodes > 1:
+        from tunesmith.training.distributed import LaunchOptions, launch
+
+        api.load_config(config, overrides or [])  # a bad config is one line here, not one per process
+        port = master_port or (29500 if nnodes > 1 else _free_port())
+        options = LaunchOptions(nproc, nnodes, node_rank, master_addr, port, rdzv_endpoint)
+        args = ["train", str(config), *(overrides or []), *(["--resume", str(resume)] if resume else [])]
+        raise typer.Exit(launch(args, options))
     result = api.train(config, overrides=overrides or [], resume=resume)
-    _print_result(result.run_dir, result.metrics)
+    if result.main:
+        _print_result(result.run_dir, result.metrics)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @app.command()

@@ -25,6 +25,7 @@ from tunesmith.errors import ConfigError
 __all__ = [
     "AugmentConfig",
     "DataConfig",
+    "DistributedConfig",
     "EarlyStoppingConfig",
     "EvalConfig",
     "MethodSection",
@@ -229,6 +230,22 @@ class EarlyStoppingConfig(Section):
     min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
 
 
+class DistributedConfig(Section):
+    """How the processes of a multi-process run (`tunesmith train --nproc N`) share the work."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="ddp: every process holds the model, gradients are averaged; fsdp / deepspeed: "
+        "parameters, gradients and optimizer state sharded over the processes (GPUs).",
+    )
+    find_unused_parameters: bool = Field(
+        False, description="ddp: allow trainable parameters that a forward pass does not use (slower)."
+    )
+    reshard_after_forward: bool = Field(True, description="fsdp: free gathered parameters after forward (ZeRO-3).")
+    cpu_offload: bool = Field(False, description="fsdp: keep sharded parameters in CPU memory between uses.")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="deepspeed: ZeRO stage.")
+
+
 class TrainConfig(Section):
     """Optimisation and the loop's schedule."""
 
@@ -257,6 +274,9 @@ class TrainConfig(Section):
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice).")
     gradient_checkpointing: bool = Field(
         False, description="Recompute block activations in the backward pass: less memory, ~30% more compute."
+    )
+    distributed: DistributedConfig | None = Field(
+        None, description="Multi-process runs: the strategy (default ddp); the process count is --nproc."
     )
 
 

@@ -24,6 +24,7 @@ CORE: list[tuple[str, type[BaseModel]]] = [
     ("data.augment", c.AugmentConfig),
     ("train", c.TrainConfig),
     ("train.early_stopping", c.EarlyStoppingConfig),
+    ("train.distributed", c.DistributedConfig),
     ("eval", c.EvalConfig),
     ("eval.retention", c.RetentionConfig),
     ("output", c.OutputConfig),

@@ -101,15 +101,23 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: dict[str, Any],
+    rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write `folder/step-<step>` atomically; keep the last KEEP_LAST step checkpoints."""
+    """Write `folder/step-<step>` atomically; keep the last KEEP_LAST step checkpoints.
+
+    `rngs` holds every process's RNG state in rank order (default: this process's alone)."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
     try:
         save_trainable(model, names, tmp / "trainable.safetensors")
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rngs[0] if rngs else rng_state(),
+                "rng_per_process": rngs or [rng_state()],
+            },
             tmp / "training_state.pt",
         )
         write_json(tmp / "state.json", {"step": step, **state})
@@ -133,14 +141,14 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, names: list[str], optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path, model: nn.Module, names: list[str], optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from `path`; return its state.json."""
+    """Restore weights, optimizer, scheduler and process `rank`'s RNG from `path`; return its state.json."""
     load_trainable(model, names, path / "trainable.safetensors")
     blob = torch.load(path / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
+    set_rng_state(blob.get("rng_per_process", [blob["rng"]])[rank])
     return read_json(path / "state.json")  # type: ignore[no-any-return]
 
 

@@ -1,6 +1,7 @@
 """The one training loop (DESIGN §7), on accelerate.
 
-Reads top to bottom: take the device and precision from the command's `Runtime`, cache frozen
+Reads top to bottom: take the device and precision from the command's `Runtime` (and the processes
+of a multi-process run from `Processes`: see training/distributed.py), cache frozen
 work, build the optimizer and schedule, optionally restore a checkpoint, then step through epochs
 of length-grouped batches with gradient accumulation, clipping, periodic validation, early stopping
 and atomic checkpoints. The loop knows no task and no method: it talks to the objective and the
@@ -10,9 +11,12 @@ method through their protocols (tunesmith.plugins), and what it needs of them is
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +29,9 @@ from tunesmith.eval.metrics import higher_is_better
 from tunesmith.runs import Run, read_json
 from tunesmith.runtime import Runtime
 from tunesmith.training.batching import epoch_batches, total_steps
-from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint
+from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, rng_state, save_checkpoint
 from tunesmith.training.checkpoint import save_trainable as save_weights
+from tunesmith.training.distributed import Processes, rank_share
 from tunesmith.training.dropout import use_fast_dropout
 
 __all__ = ["LoopResult", "StepCallback", "frozen_matmuls_to_bf16", "train_loop"]
@@ -88,15 +93,16 @@ def train_loop(
     names: list[str],
     fingerprint: dict[str, str],
     runtime: Runtime,
+    processes: Processes,
     resume: bool = False,
     callbacks: Sequence[StepCallback] = (),
     retention: Any = None,
 ) -> LoopResult:
-    from accelerate import Accelerator
     from transformers import get_scheduler  # imported before the clock starts (~2 s the first time)
 
-    accelerator = Accelerator(cpu=runtime.device.type == "cpu")
     device, autocast = runtime.device, runtime.autocast
+    world, main = processes.world, processes.main
+    log = run.log if main else _discard  # only rank 0 writes the run directory
     model.to(device)
     if device.type == "cpu":
         use_fast_dropout(model)  # torch's per-element Bernoulli draw was a third of a CPU LoRA step
@@ -105,24 +111,32 @@ def train_loop(
 
     # Frozen work done once: what runs before the first trainable weight is computed a single time.
     if method.frozen_backbone or method.frozen_blocks > 0:
-        train_items, val_items = _cache(model, method, objective, train_items, val_items, cfg, runtime, run)
+        spill = run.dir / "cache" if main else Path(tempfile.mkdtemp(prefix="tunesmith-cache-"))
+        train_items, val_items = _cache(model, method, objective, train_items, val_items, cfg, runtime, spill)
     if runtime.precision == "bf16":
         # After caching: the cache checks its split against an fp32 forward, which needs fp32 weights.
         frozen_matmuls_to_bf16(model, set(names))
 
-    steps = total_steps(len(train_items), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+    accum = cfg.grad_accum * world  # micro-batches of one optimizer step, over all processes
+    steps = total_steps(len(train_items), cfg.batch_size, accum, cfg.epochs, cfg.max_steps)
     optimizer, scheduler = _optimizer(model, method, cfg, steps, get_scheduler)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # `net` is what trains (wrapped for data parallelism where there are several processes);
+    # `model` stays the plain module that evaluation and checkpoints read.
+    net, optimizer = processes.accelerator.prepare(model, optimizer)
 
-    state: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "bad_evals": 0, **fingerprint}
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "processes": world, **fingerprint}
     if resume:
-        state = _restore(run, model, names, optimizer, scheduler, fingerprint)
+        state = _restore(run, model, names, optimizer, scheduler, fingerprint, processes)
+    elif world > 1:
+        torch.manual_seed(cfg.seed + 7919 * processes.rank)  # each process its own dropout masks
     step = int(state.get("step", 0))
     result = LoopResult(steps=step, train_seconds=0.0, samples=0, tokens=0, best=state["best"])
-    if retention is not None:
+    if retention is not None and main:
         _retention_baseline(retention, state, model, runtime, run, result)
     watch = (cfg.early_stopping.metric if cfg.early_stopping else None) or eval_cfg.metric or objective.default_metric
-    bar = tqdm(total=steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not main
+    )
     paused = 0.0  # seconds spent validating or checkpointing, left out of the throughput
     running: list[float] = []
     postfix: dict[str, str] = {}  # the progress bar shows the latest loss and validation metric
@@ -134,38 +148,47 @@ def train_loop(
         batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
         b = state["batch"]
         while b < len(batches) and step < steps:
-            group = batches[b : b + cfg.grad_accum]  # micro-batches of one optimizer step
+            group = batches[b : b + accum]  # micro-batches of one optimizer step
+            share = rank_share(group, processes.rank, world)
             finite = True
-            for ids in group:
+            for k, (ids, counts) in enumerate(share):
                 batch = {k: v.to(device) for k, v in objective.collate([train_items[i] for i in ids]).items()}
-                with autocast():
-                    logits = model(**objective.model_inputs(batch))
-                    loss = objective.loss(logits, batch) / len(group)
-                result.samples += len(ids)
-                result.tokens += sum(lengths[i] for i in ids)
-                if not bool(torch.isfinite(loss)):
-                    finite = False  # never let a NaN reach the weights: the whole step is skipped
-                    break
-                accelerator.backward(loss)
-                running.append(float(loss.detach()) * len(group))
-            if finite:
+                # Gradients are averaged over the processes once, after this process's last micro-batch.
+                sync = processes.accelerator.no_sync(net) if k < len(share) - 1 else nullcontext()
+                with sync:
+                    with autocast():
+                        logits = net(**objective.model_inputs(batch))
+                        # x world: data parallelism averages gradients, a single process sums them.
+                        loss = objective.loss(logits, batch) * (world / len(group))
+                    if counts:
+                        result.samples += len(ids)
+                        result.tokens += sum(lengths[i] for i in ids)
+                        # never let a NaN reach the weights: the whole step is skipped (on every process)
+                        finite = finite and bool(torch.isfinite(loss))
+                        running.append(float(loss.detach()) * len(group) / world)
+                    else:
+                        loss = loss * 0.0  # a stand-in that keeps the processes in step
+                    processes.accelerator.backward(loss)
+            if processes.all(finite):
                 if cfg.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    processes.accelerator.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
                 optimizer.step()
             else:
                 result.skipped_steps += 1
-                run.log({"kind": "skipped_step", "step": step + 1, "reason": "non-finite loss"})
+                log({"kind": "skipped_step", "step": step + 1, "reason": "non-finite loss"})
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step, b = step + 1, b + len(group)
             state.update(step=step, epoch=epoch, batch=b)
 
             record: dict[str, Any] = {"step": step, "epoch": round(epoch + b / len(batches), 4)}
-            if (step % cfg.log_every == 0 or step == steps) and running:
-                record.update(loss=sum(running) / len(running), lr=scheduler.get_last_lr()[0])
-                record.update(objective.step_stats())  # e.g. rl: mean reward, KL, completion length
+            if step % cfg.log_every == 0 or step == steps:
+                total, count = processes.sum([sum(running), len(running)])  # the mean over every process
+                stats = _mean_stats(processes, objective.step_stats())  # e.g. rl: mean reward, KL
                 running.clear()
-                run.log({"kind": "train", **record})
+                if count:
+                    record.update(loss=total / count, lr=scheduler.get_last_lr()[0], **stats)
+                    log({"kind": "train", **record})
             epoch_end = b >= len(batches)
             due_eval = val_items is not None and (
                 (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_end)
@@ -173,32 +196,26 @@ def train_loop(
             t0 = time.perf_counter()
             if due_eval:
                 assert val_items is not None
-                metrics = evaluate_items(model, objective, val_items, runtime)
-                kept = retention.measure(model, runtime) if retention is not None else None
-                within = kept is None or kept["within_bound"]
-                _track_best(metrics, watch, step, state, cfg, run, model, names, result, within)
-                if kept is not None:
-                    run.log({"kind": "retention", "step": step, **kept})
-                    result.retention.append({"step": step, **kept})
-                    if not within:
-                        result.stopped_early = True
-                        run.log({"kind": "retention_stop", "step": step, "best": state["best"]})
-                run.log({"kind": "eval", "step": step, "epoch": record["epoch"], "metrics": metrics})
-                samples = objective.eval_samples(model, runtime, eval_cfg.max_new_tokens)
-                if samples:
-                    run.log({"kind": "samples", "step": step, "samples": samples})
-                result.evals.append({"step": step, **metrics})
-                record["eval"] = metrics  # callbacks see each evaluation (e.g. a search prunes on it)
-                postfix[watch] = f"{metrics.get(watch, float('nan')):.4f}"
+                metrics = None
+                if main:  # rank 0 evaluates; the others wait for its verdict
+                    metrics = _evaluate(model, objective, val_items, runtime, retention, eval_cfg)
+                    _judge(metrics, record["epoch"], watch, step, state, cfg, run, model, names, result)
+                agreed = processes.broadcast((state["best"], state["bad_evals"], result.stopped_early))
+                state["best"], state["bad_evals"], result.stopped_early = agreed
+                if metrics is not None:
+                    record["eval"] = metrics  # callbacks see each evaluation (e.g. a search prunes on it)
+                    postfix[watch] = f"{metrics.get(watch, float('nan')):.4f}"
             due_save = step % cfg.save_every == 0 if cfg.save_every else (due_eval or epoch_end)
             if due_save and step < steps:
-                save_checkpoint(run.checkpoints, step, model, names, optimizer, scheduler, state)
+                rngs = processes.gather(rng_state())  # every process's RNG, for an exact resume
+                if main:
+                    save_checkpoint(run.checkpoints, step, model, names, optimizer, scheduler, state, rngs)
             paused += time.perf_counter() - t0
             if "loss" in record:
                 postfix["loss"] = f"{record['loss']:.4f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-            for callback in callbacks:
+            for callback in callbacks if main else ():
                 callback(step, record)
             if result.stopped_early:
                 break
@@ -208,18 +225,60 @@ def train_loop(
     bar.close()
     result.steps = step
     result.train_seconds = time.perf_counter() - started - paused
+    samples, tokens = processes.sum([result.samples, result.tokens])
+    result.samples, result.tokens = int(samples), int(tokens)
     result.best = state["best"]
     bounded = retention is not None and retention.max_drop is not None
-    if (cfg.early_stopping or bounded) and state["best"] is not None:
+    if (cfg.early_stopping or bounded) and state["best"] is not None and main:
         load_trainable(model, names, run.checkpoints / "best.safetensors")
     return result
 
 
-def _cache(model, method, objective, train_items, val_items, cfg, runtime, run):
+def _discard(record: dict[str, Any]) -> None:
+    """What a process other than rank 0 does with a metrics line."""
+
+
+def _mean_stats(processes: Processes, stats: dict[str, Any]) -> dict[str, Any]:
+    """An objective's step statistics averaged over the processes (each saw its own rows)."""
+    if processes.world == 1:
+        return stats
+    every = processes.gather(stats)
+    return {k: sum(float(s[k]) for s in every) / len(every) for k in stats}
+
+
+def _evaluate(model, objective, val_items, runtime, retention, eval_cfg) -> dict[str, Any]:
+    """Validation metrics, with the forgetting measured beside them (`_retention` in the dict)."""
+    metrics: dict[str, Any] = evaluate_items(model, objective, val_items, runtime)
+    if retention is not None:
+        metrics["_retention"] = retention.measure(model, runtime)
+    samples = objective.eval_samples(model, runtime, eval_cfg.max_new_tokens)
+    if samples:
+        metrics["_samples"] = samples
+    return metrics
+
+
+def _judge(metrics, epoch, watch, step, state, cfg, run, model, names, result) -> None:
+    """Log an evaluation, keep the best weights so far, and decide whether to stop (rank 0)."""
+    kept = metrics.pop("_retention", None)
+    samples = metrics.pop("_samples", None)
+    within = kept is None or kept["within_bound"]
+    _track_best(metrics, watch, step, state, cfg, run, model, names, result, within)
+    if kept is not None:
+        run.log({"kind": "retention", "step": step, **kept})
+        result.retention.append({"step": step, **kept})
+        if not within:
+            result.stopped_early = True
+            run.log({"kind": "retention_stop", "step": step, "best": state["best"]})
+    run.log({"kind": "eval", "step": step, "epoch": epoch, "metrics": metrics})
+    if samples:
+        run.log({"kind": "samples", "step": step, "samples": samples})
+    result.evals.append({"step": step, **metrics})
+
+
+def _cache(model, method, objective, train_items, val_items, cfg, runtime, spill: Path):
     """Pooled features of a frozen backbone, else what enters block `method.frozen_blocks` (the
     objective knows its inputs; it leaves items as they are where nothing can be cached)."""
     max_bytes = cfg.cache_max_mb * 2**20
-    spill = run.dir / "cache"
     k = None if method.frozen_backbone else method.frozen_blocks
 
     def cache(items, name):
@@ -273,7 +332,7 @@ def _track_best(metrics, watch, step, state, cfg, run, model, names, result, wit
             run.log({"kind": "early_stop", "step": step, "best": state["best"]})
 
 
-def _restore(run: Run, model, names, optimizer, scheduler, fingerprint: dict[str, str]) -> dict[str, Any]:
+def _restore(run: Run, model, names, optimizer, scheduler, fingerprint: dict[str, str], processes) -> dict[str, Any]:
     latest = latest_checkpoint(run.checkpoints)
     if latest is None:
         raise ConfigError(f"{run.dir}: no complete checkpoint to resume from; start the run again")
@@ -285,4 +344,10 @@ def _restore(run: Run, model, names, optimizer, scheduler, fingerprint: dict[str
                 f"--resume {run.dir}: the {what} differs from the interrupted run's ({key} {saved.get(key)} "
                 f"!= {value}); resume with the same config and data, or start a new run"
             )
-    return load_checkpoint(latest, model, names, optimizer, scheduler)
+    before = int(saved.get("processes", 1))
+    if before != processes.world:
+        raise ConfigError(
+            f"--resume {run.dir}: the run was trained in {before} process(es), not {processes.world}; "
+            f"resume with --nproc {before} (the data order and RNG states are per process)"
+        )
+    return load_checkpoint(latest, model, names, optimizer, scheduler, processes.rank)

@@ -20,15 +20,24 @@ __all__ = ["report_dropped", "run_plan", "train_summary"]
 
 
 def run_plan(
-    cfg: TrainConfig, default_lr: float, precision: str, model: nn.Module, names: list[str], n_items: int
+    cfg: TrainConfig,
+    default_lr: float,
+    precision: str,
+    model: nn.Module,
+    names: list[str],
+    n_items: int,
+    processes: int = 1,
 ) -> dict[str, Any]:
-    """Steps, learning rate, precision and parameter counts (with the names of what trains)."""
+    """Steps, learning rate, precision and parameter counts (with the names of what trains); an
+    optimizer step takes `grad_accum` micro-batches in each of `processes` processes."""
     params = dict(model.named_parameters())
     measured = {}
     if cfg.precision == "auto" and not torch.cuda.is_available():
         measured = {"precision_probe": bf16_probe()}  # what `auto` measured on this CPU (cached)
     return {
-        "total_steps": total_steps(n_items, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps),
+        "total_steps": total_steps(n_items, cfg.batch_size, cfg.grad_accum * processes, cfg.epochs, cfg.max_steps),
+        "processes": processes,
+        "global_batch": cfg.batch_size * cfg.grad_accum * processes,
         "lr": cfg.lr if cfg.lr is not None else default_lr,
         "precision": precision,
         **measured,
