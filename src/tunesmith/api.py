@@ -43,6 +43,7 @@ from tunesmith.plugins import Task, build_method, build_task
 from tunesmith.runs import config_hash, list_runs, open_or_create, read_json, write_json, write_jsonl, write_manifest
 from tunesmith.runtime import make_runtime
 from tunesmith.search import TuneResult
+from tunesmith.trackers import build_trackers
 from tunesmith.training.checkpoint import save_trainable
 from tunesmith.training.loop import StepCallback, train_loop
 from tunesmith.training.plan import report_dropped, run_plan, train_summary
@@ -110,6 +111,7 @@ def train(
         The run directory and its final metrics (what eval.json holds).
     """
     cfg = _as_config(config, overrides, sections)
+    trackers = build_trackers(cfg)  # a tracker that is not installed stops the run here, before any work
     task, method = build_task(cfg), build_method(cfg.method)
     torch.manual_seed(cfg.train.seed)
     splits = load_splits(cfg.data, cfg.train.seed, lambda s: task.read_examples(s, cfg.data), task.labelled)
@@ -143,38 +145,40 @@ def train(
         cfg.train.seed,
         cfg.eval.batch_size,
     )
-    started = time.perf_counter()
-    outcome = train_loop(
-        model=model,
-        method=method,
-        objective=objective,
-        train_items=train_items,
-        val_items=val_items,
-        cfg=cfg.train,
-        eval_cfg=cfg.eval,
-        run=run,
-        names=names,
-        fingerprint=fingerprint,
-        runtime=runtime,
-        resume=resume is not None,
-        callbacks=callbacks or [],
-        retention=retention,
-    )
-    refuse_noop(method, model)
-    model.eval()
-    save_trainable(model, names, run.final / "trainable.safetensors")
-    if objective.tokenizer is not None:
-        objective.tokenizer.save_pretrained(run.final / "tokenizer")
-    if splits.labels:
-        write_json(run.final / "labels.json", splits.labels)
-    metrics = held_out_metrics(task, objective, model, splits, runtime, limit)
-    if baseline is not None:
-        metrics["baseline"] = baseline
-    if retention is not None:
-        metrics["retention"] = retention.summary(model, runtime, outcome.retention)
-    metrics["train"] = train_summary(outcome, model, names, runtime.precision, time.perf_counter() - started)
-    write_json(run.dir / "eval.json", metrics)
-    write_report(run.dir)
+    with trackers.active(run.dir, cfg.to_dict()):  # a run that raises is closed as failed there
+        started = time.perf_counter()
+        outcome = train_loop(
+            model=model,
+            method=method,
+            objective=objective,
+            train_items=train_items,
+            val_items=val_items,
+            cfg=cfg.train,
+            eval_cfg=cfg.eval,
+            run=run,
+            names=names,
+            fingerprint=fingerprint,
+            runtime=runtime,
+            resume=resume is not None,
+            callbacks=[trackers.log, *(callbacks or [])],  # trackers first: a step that stops the run is kept
+            retention=retention,
+        )
+        refuse_noop(method, model)
+        model.eval()
+        save_trainable(model, names, run.final / "trainable.safetensors")
+        if objective.tokenizer is not None:
+            objective.tokenizer.save_pretrained(run.final / "tokenizer")
+        if splits.labels:
+            write_json(run.final / "labels.json", splits.labels)
+        metrics = held_out_metrics(task, objective, model, splits, runtime, limit)
+        if baseline is not None:
+            metrics["baseline"] = baseline
+        if retention is not None:
+            metrics["retention"] = retention.summary(model, runtime, outcome.retention)
+        metrics["train"] = train_summary(outcome, model, names, runtime.precision, time.perf_counter() - started)
+        write_json(run.dir / "eval.json", metrics)
+        write_report(run.dir)
+        trackers.finish(run.dir, metrics)
     return RunResult(run.dir, metrics)
 
 
@@ -397,7 +401,7 @@ def tune(
     """
     import optuna
 
-    from tunesmith.search import make_pruner, pruning_callback, read_search, suggest, summarize
+    from tunesmith.search import make_pruner, pruning_callback, read_search, suggest, summarize, tracked_trial
 
     search = read_search(config, overrides or [], storage, study)
     out_dir = Path(search.base["output"]["dir"])
@@ -421,6 +425,7 @@ def tune(
                 trial.set_user_attr("run_dir", str(max(out_dir.glob(f"{name}-*"))))
 
         cfg = _as_config(search.base, [*suggest(trial, search.space), f"output.name={name}"], {})
+        cfg = tracked_trial(cfg, search.study, trial.number)
         result = train(cfg, callbacks=[remember_run, pruning_callback(trial, search.metric)])
         trial.set_user_attr("steps", result.metrics["train"]["steps"])
         held_out = result.metrics.get("validation") or {}
