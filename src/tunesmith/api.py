@@ -52,6 +52,7 @@ from tunesmith.runs import (
 )
 from tunesmith.runtime import Runtime, make_runtime
 from tunesmith.search import TuneResult
+from tunesmith.trackers import Trackers, build_trackers
 from tunesmith.training.checkpoint import save_trainable
 from tunesmith.training.distributed import Processes, start_processes
 from tunesmith.training.loop import StepCallback, train_loop
@@ -123,6 +124,8 @@ def train(
     cfg = _as_config(config, overrides, sections)
     processes = start_processes(not torch.cuda.is_available(), cfg.train.distributed)
     main = processes.main
+    # a tracker that is not installed stops the run here, before any work; only rank 0 reports
+    trackers = build_trackers(cfg) if main else Trackers([])
     task, method = build_task(cfg), build_method(cfg.method)
     torch.manual_seed(cfg.train.seed)
     splits = load_splits(cfg.data, cfg.train.seed, lambda s: task.read_examples(s, cfg.data), task.labelled)
@@ -161,41 +164,43 @@ def train(
         cfg.train.seed,
         cfg.eval.batch_size,
     )
-    started = time.perf_counter()
-    outcome = train_loop(
-        model=model,
-        method=method,
-        objective=objective,
-        train_items=train_items,
-        val_items=val_items,
-        cfg=cfg.train,
-        eval_cfg=cfg.eval,
-        run=run,
-        names=names,
-        fingerprint=fingerprint,
-        runtime=runtime,
-        processes=processes,
-        resume=resume is not None,
-        callbacks=callbacks or [],
-        retention=retention,
-    )
-    if not main:
-        return RunResult(run.dir, {}, main=False)
-    refuse_noop(method, model)
-    model.eval()
-    save_trainable(model, names, run.final / "trainable.safetensors")
-    if objective.tokenizer is not None:
-        objective.tokenizer.save_pretrained(run.final / "tokenizer")
-    if splits.labels:
-        write_json(run.final / "labels.json", splits.labels)
-    metrics = held_out_metrics(task, objective, model, splits, runtime, limit)
-    if baseline is not None:
-        metrics["baseline"] = baseline
-    if retention is not None:
-        metrics["retention"] = retention.summary(model, runtime, outcome.retention)
-    metrics["train"] = train_summary(outcome, model, names, runtime.precision, time.perf_counter() - started)
-    write_json(run.dir / "eval.json", metrics)
-    write_report(run.dir)
+    with trackers.active(run.dir, cfg.to_dict()):  # a run that raises is closed as failed there
+        started = time.perf_counter()
+        outcome = train_loop(
+            model=model,
+            method=method,
+            objective=objective,
+            train_items=train_items,
+            val_items=val_items,
+            cfg=cfg.train,
+            eval_cfg=cfg.eval,
+            run=run,
+            names=names,
+            fingerprint=fingerprint,
+            runtime=runtime,
+            processes=processes,
+            resume=resume is not None,
+            callbacks=[trackers.log, *(callbacks or [])],  # trackers first: a step that stops the run is kept
+            retention=retention,
+        )
+        if not main:
+            return RunResult(run.dir, {}, main=False)
+        refuse_noop(method, model)
+        model.eval()
+        save_trainable(model, names, run.final / "trainable.safetensors")
+        if objective.tokenizer is not None:
+            objective.tokenizer.save_pretrained(run.final / "tokenizer")
+        if splits.labels:
+            write_json(run.final / "labels.json", splits.labels)
+        metrics = held_out_metrics(task, objective, model, splits, runtime, limit)
+        if baseline is not None:
+            metrics["baseline"] = baseline
+        if retention is not None:
+            metrics["retention"] = retention.summary(model, runtime, outcome.retention)
+        metrics["train"] = train_summary(outcome, model, names, runtime.precision, time.perf_counter() - started)
+        write_json(run.dir / "eval.json", metrics)
+        write_report(run.dir)
+        trackers.finish(run.dir, metrics)
     return RunResult(run.dir, metrics)
 
 
@@ -426,7 +431,7 @@ def tune(
     """
     import optuna
 
-    from tunesmith.search import make_pruner, pruning_callback, read_search, suggest, summarize
+    from tunesmith.search import make_pruner, pruning_callback, read_search, suggest, summarize, tracked_trial
 
     search = read_search(config, overrides or [], storage, study)
     out_dir = Path(search.base["output"]["dir"])
@@ -450,6 +455,7 @@ def tune(
                 trial.set_user_attr("run_dir", str(max(out_dir.glob(f"{name}-*"))))
 
         cfg = _as_config(search.base, [*suggest(trial, search.space), f"output.name={name}"], {})
+        cfg = tracked_trial(cfg, search.study, trial.number)
         result = train(cfg, callbacks=[remember_run, pruning_callback(trial, search.metric)])
         trial.set_user_attr("steps", result.metrics["train"]["steps"])
         held_out = result.metrics.get("validation") or {}

@@ -29,6 +29,7 @@ __all__ = [
     "EarlyStoppingConfig",
     "EvalConfig",
     "MethodSection",
+    "MlflowConfig",
     "ModelConfig",
     "OutputConfig",
     "QualityThresholds",
@@ -36,6 +37,7 @@ __all__ = [
     "RetentionConfig",
     "RunConfig",
     "Section",
+    "TensorBoardConfig",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
@@ -246,8 +248,41 @@ class DistributedConfig(Section):
     zero_stage: Literal[1, 2, 3] = Field(2, description="deepspeed: ZeRO stage.")
 
 
+class TensorBoardConfig(Section):
+    """TensorBoard event files of a run (when `train.report_to` lists tensorboard)."""
+
+    log_dir: str | None = Field(
+        None,
+        description="Directory of the event files (default: `<run dir>/tensorboard`, so `tensorboard --logdir runs` "
+        "shows every run).",
+    )
+
+
+class MlflowConfig(Section):
+    """The run as an MLflow run (when `train.report_to` lists mlflow)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="Tracking server URL or database (default: `sqlite:///<output.dir>/mlflow.db`); a local SQLite "
+        "store keeps the artifacts in `mlartifacts/` beside its file.",
+    )
+    experiment: str | None = Field(
+        None,
+        description="Experiment name (default: output.name, else `<task>-<method>`; a tune trial: the study's name).",
+    )
+    run_name: str | None = Field(None, description="Run name (default: the run directory's name).")
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags set on the run (tune adds study and trial).")
+    artifacts: bool = Field(True, description="Log the run directory as the run's artifacts when it ends.")
+    max_artifact_mb: float | None = Field(
+        100.0,
+        gt=0,
+        description="Files above this size stay out of the artifacts, e.g. full-model weights (null: no limit); "
+        "`checkpoints/` is never logged.",
+    )
+
+
 class TrainConfig(Section):
-    """Optimisation and the loop's schedule."""
+    """Optimisation, the loop's schedule, and where its metrics are reported."""
 
     epochs: float = Field(3, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
@@ -278,6 +313,16 @@ class TrainConfig(Section):
     distributed: DistributedConfig | None = Field(
         None, description="Multi-process runs: the strategy (default ddp); the process count is --nproc."
     )
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers that also receive every logged metric and the config."
+    )
+    tensorboard: TensorBoardConfig = Field(default_factory=TensorBoardConfig, description="TensorBoard settings.")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="MLflow settings.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # `report_to: mlflow` is a list of one
 
 
 class RetentionConfig(Section):

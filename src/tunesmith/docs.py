@@ -25,6 +25,8 @@ CORE: list[tuple[str, type[BaseModel]]] = [
     ("train", c.TrainConfig),
     ("train.early_stopping", c.EarlyStoppingConfig),
     ("train.distributed", c.DistributedConfig),
+    ("train.tensorboard", c.TensorBoardConfig),
+    ("train.mlflow", c.MlflowConfig),
     ("eval", c.EvalConfig),
     ("eval.retention", c.RetentionConfig),
     ("output", c.OutputConfig),
@@ -57,6 +59,8 @@ def config_reference() -> str:
 def _type(annotation: Any) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         text = " | ".join(repr(a) for a in typing.get_args(annotation))
+    elif typing.get_origin(annotation) is list and typing.get_origin(typing.get_args(annotation)[0]) is typing.Literal:
+        return f"list[{_type(typing.get_args(annotation)[0])}]"  # a list of choices: list['a' \| 'b']
     else:
         text = str(annotation).replace("typing.", "").replace("tunesmith.config.", "")
         text = text.replace("<class '", "").replace("'>", "")

@@ -12,7 +12,9 @@ metric at every evaluation, so a trial that is behind the median of earlier tria
 stops there (Optuna's MedianPruner; `pruner: hyperband` or `none`). The study lives in SQLite beside
 the runs by default, or any database URL (`--storage`) that several machines share to run trials in
 parallel. `tunesmith tune CONFIG --report` writes the study's HTML report: the best trial, every
-trial, parameter importances, and the optimization history and parallel-coordinate plots.
+trial, parameter importances, and the optimization history and parallel-coordinate plots. With
+`train.report_to`, each trial is tracked like any run: in MLflow as a run of the study's experiment,
+tagged with `study` and `trial`.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tunesmith.config import apply_overrides, read_yaml_config
+from tunesmith.config import RunConfig, apply_overrides, config_from_dict, read_yaml_config
 from tunesmith.errors import ConfigError
 from tunesmith.runs import atomic_write_text
 
-__all__ = ["Search", "TuneResult", "read_search", "write_report"]
+__all__ = ["Search", "TuneResult", "read_search", "tracked_trial", "write_report"]
 
 MINIMIZED = ("loss", "perplexity", "wer", "cer", "kl")
 
@@ -117,6 +119,19 @@ def suggest(trial: Any, space: dict[str, Any]) -> list[str]:
             value = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
         overrides.append(f"{key}={value}")
     return overrides
+
+
+def tracked_trial(cfg: RunConfig, study: str, number: int) -> RunConfig:
+    """A trial's config as MLflow should see it (when `train.report_to` lists mlflow): a run of the
+    study's experiment (unless the config names one), tagged with the study and the trial number.
+    TensorBoard needs nothing: each trial's run directory has its own event files."""
+    if "mlflow" not in cfg.train.report_to:
+        return cfg
+    data = cfg.to_dict()
+    mlflow = data["train"]["mlflow"]
+    mlflow["experiment"] = mlflow["experiment"] or study
+    mlflow["tags"] = {**mlflow["tags"], "study": study, "trial": str(number)}
+    return config_from_dict(data)
 
 
 def pruning_callback(trial: Any, metric: str) -> Callable[[int, dict[str, Any]], None]:

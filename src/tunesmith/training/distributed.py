@@ -15,6 +15,7 @@ with `grad_accum × N` micro-batches. Only rank 0 writes the run directory and e
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -170,6 +171,9 @@ def launch(args: Sequence[str], options: LaunchOptions) -> int:
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The processes print their own errors (one line each); the agent's report of them is noise.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
 
     if options.nproc < 1 or options.nnodes < 1:
         raise ConfigError("--nproc and --nnodes must be at least 1")
