@@ -53,7 +53,7 @@ from tunesmith.runs import (
 from tunesmith.runtime import Runtime, make_runtime
 from tunesmith.search import TuneResult
 from tunesmith.trackers import Trackers, build_trackers
-from tunesmith.training.checkpoint import save_trainable
+from tunesmith.training.checkpoint import save_tensors
 from tunesmith.training.distributed import Processes, start_processes
 from tunesmith.training.loop import StepCallback, train_loop
 from tunesmith.training.plan import report_dropped, run_plan, train_summary
@@ -183,20 +183,23 @@ def train(
             callbacks=[trackers.log, *(callbacks or [])],  # trackers first: a step that stops the run is kept
             retention=retention,
         )
-        if not main:
+        if not processes.evaluates:  # DDP: rank 0 alone finishes; FSDP: every process runs the passes
             return RunResult(run.dir, {}, main=False)
         refuse_noop(method, model)
         model.eval()
-        save_trainable(model, names, run.final / "trainable.safetensors")
+        weights = processes.weights(model, names)
+        metrics = held_out_metrics(task, objective, model, splits, runtime, limit)
+        if retention is not None:
+            metrics["retention"] = retention.summary(model, runtime, outcome.retention)
+        if weights is None:
+            return RunResult(run.dir, {}, main=False)
+        save_tensors(weights, run.final / "trainable.safetensors")
         if objective.tokenizer is not None:
             objective.tokenizer.save_pretrained(run.final / "tokenizer")
         if splits.labels:
             write_json(run.final / "labels.json", splits.labels)
-        metrics = held_out_metrics(task, objective, model, splits, runtime, limit)
         if baseline is not None:
             metrics["baseline"] = baseline
-        if retention is not None:
-            metrics["retention"] = retention.summary(model, runtime, outcome.retention)
         metrics["train"] = train_summary(outcome, model, names, runtime.precision, time.perf_counter() - started)
         write_json(run.dir / "eval.json", metrics)
         write_report(run.dir)

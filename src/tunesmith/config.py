@@ -235,17 +235,18 @@ class EarlyStoppingConfig(Section):
 class DistributedConfig(Section):
     """How the processes of a multi-process run (`tunesmith train --nproc N`) share the work."""
 
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+    strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
-        description="ddp: every process holds the model, gradients are averaged; fsdp / deepspeed: "
-        "parameters, gradients and optimizer state sharded over the processes (GPUs).",
+        description="ddp: every process holds the whole model, gradients are averaged; fsdp: weights, "
+        "gradients and optimizer state sharded over the processes (for a model that does not fit one device).",
     )
     find_unused_parameters: bool = Field(
         False, description="ddp: allow trainable parameters that a forward pass does not use (slower)."
     )
-    reshard_after_forward: bool = Field(True, description="fsdp: free gathered parameters after forward (ZeRO-3).")
-    cpu_offload: bool = Field(False, description="fsdp: keep sharded parameters in CPU memory between uses.")
-    zero_stage: Literal[1, 2, 3] = Field(2, description="deepspeed: ZeRO stage.")
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free a block's gathered weights after its forward pass (ZeRO-3; false: ZeRO-2)."
+    )
+    cpu_offload: bool = Field(False, description="fsdp on GPUs: keep the shards in CPU memory between uses.")
 
 
 class TensorBoardConfig(Section):

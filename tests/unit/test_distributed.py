@@ -1,5 +1,6 @@
-"""One run in two processes (`tunesmith train --nproc 2`, gloo on the CPU) against one process with
-the same global batch: the same weights, one run directory, an exact resume with the same N."""
+"""One run in two processes (`tunesmith train --nproc 2`, gloo on the CPU), data parallel (DDP) and
+sharded (FSDP), against one process with the same global batch: the same weights, one run
+directory, an exact resume with the same N."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def bert_without_dropout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _config(tmp_path: Path, bert: Path, method: str, grad_accum: int, **train: object) -> dict:
+def _config(tmp_path: Path, bert: Path, method: str, grad_accum: int, strategy: str = "ddp", **train: object) -> dict:
     write_jsonl(tmp_path / "train.jsonl", sentiment_rows(40))
     write_jsonl(tmp_path / "val.jsonl", sentiment_rows(12, seed=1))
     return {
@@ -50,7 +51,15 @@ def _config(tmp_path: Path, bert: Path, method: str, grad_accum: int, **train: o
         "model": {"name": str(bert), "head_dropout": 0.0},
         "method": {"name": method, **({"dropout": 0.0} if method == "lora" else {})},
         "data": {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "val.jsonl"), "max_length": 32},
-        "train": {"epochs": 1, "batch_size": 4, "grad_accum": grad_accum, "lr": 1e-3, "precision": "fp32", **train},
+        "train": {
+            "epochs": 1,
+            "batch_size": 4,
+            "grad_accum": grad_accum,
+            "lr": 1e-3,
+            "precision": "fp32",
+            "distributed": {"strategy": strategy},
+            **train,
+        },
         "output": {"dir": str(tmp_path / "runs"), "name": f"{method}-{grad_accum}"},
     }
 
@@ -65,13 +74,15 @@ def _train_in_two(tmp_path: Path, config: dict, *extra: str) -> Path:
     return runs[0]
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(
-    tmp_path: Path, bert_without_dropout: Path, method: str
+    tmp_path: Path, bert_without_dropout: Path, method: str, strategy: str
 ) -> None:
     # 4 rows x 2 micro-batches in one process == 4 rows x 1 micro-batch in each of 2 processes
     one = tunesmith.train(_config(tmp_path, bert_without_dropout, method, grad_accum=2, log_every=1))
-    two = _train_in_two(tmp_path, _config(tmp_path, bert_without_dropout, method, grad_accum=1, log_every=1))
+    config = _config(tmp_path, bert_without_dropout, method, grad_accum=1, strategy=strategy, log_every=1)
+    two = _train_in_two(tmp_path, config)
 
     a, b = final_weights(one.run_dir), final_weights(two)
     assert a.keys() == b.keys()
@@ -86,9 +97,11 @@ def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(
     assert train["samples"] == 40  # counted over both processes
 
 
-def test_two_processes_resume_exactly_and_refuse_another_count(tmp_path: Path, tiny_bert: Path) -> None:
-    # With dropout on, an exact resume needs each process's own RNG state back.
-    config = _config(tmp_path, tiny_bert, "full", grad_accum=1, save_every=2)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_resume_exactly_and_refuse_another_count(tmp_path: Path, tiny_bert: Path, strategy: str) -> None:
+    # With dropout on, an exact resume needs each process's own RNG state back (and, sharded, the
+    # optimizer state gathered and split again).
+    config = _config(tmp_path, tiny_bert, "full", grad_accum=1, strategy=strategy, save_every=2)
     config["model"]["head_dropout"] = 0.1
     whole = _train_in_two(tmp_path, config)
     expected = final_weights(whole)
@@ -103,9 +116,10 @@ def test_two_processes_resume_exactly_and_refuse_another_count(tmp_path: Path, t
     assert len(state["rng_per_process"]) == 2
     assert not torch.equal(state["rng_per_process"][0]["torch"], state["rng_per_process"][1]["torch"])
 
-    refused = run_tunesmith("train", whole / "config.yaml", "--resume", whole)
-    assert refused.returncode == 2
-    assert "trained in 2 process(es), not 1" in refused.stderr and "--nproc 2" in refused.stderr
+    if strategy == "ddp":  # (the check does not depend on the strategy)
+        refused = run_tunesmith("train", whole / "config.yaml", "--resume", whole)
+        assert refused.returncode == 2
+        assert "trained in 2 process(es), not 1" in refused.stderr and "--nproc 2" in refused.stderr
 
     resumed = run_tunesmith("train", whole / "config.yaml", "--nproc", "2", "--resume", whole)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

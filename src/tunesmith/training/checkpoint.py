@@ -24,9 +24,11 @@ from tunesmith.runs import read_json, write_json
 __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
+    "load_tensors",
     "load_trainable",
     "rng_state",
     "save_checkpoint",
+    "save_tensors",
     "save_trainable",
     "set_rng_state",
     "trainable_state",
@@ -49,9 +51,14 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_trainable(model: nn.Module, names: list[str], path: Path) -> None:
+    save_tensors(trainable_state(model, names), path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write tensors to a safetensors file atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(trainable_state(model, names), str(tmp))
+    save_file(tensors, str(tmp))
     tmp.replace(path)
 
 
@@ -59,12 +66,16 @@ def load_trainable(model: nn.Module, names: list[str], path: Path) -> None:
     """Load saved trainable weights; any missing or unexpected key is an error, never a no-op."""
     if not path.is_file():
         raise ConfigError(f"{path}: trained weights not found (was the run finished? try --resume)")
-    state = load_file(str(path))
+    load_tensors(model, names, load_file(str(path)), str(path))
+
+
+def load_tensors(model: nn.Module, names: list[str], state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into the model's tensors `names`, which it must hold exactly, shape for shape."""
     missing = sorted(set(names) - set(state))
     unexpected = sorted(set(state) - set(names))
     if missing or unexpected:
         raise ConfigError(
-            f"{path}: weights do not fit the model built from the run's config "
+            f"{source}: weights do not fit the model built from the run's config "
             f"(missing: {_few(missing)}; unexpected: {_few(unexpected)}). "
             "Was the file written by another method or model?"
         )
@@ -72,9 +83,8 @@ def load_trainable(model: nn.Module, names: list[str], path: Path) -> None:
     with torch.no_grad():
         for name in names:
             if params[name].shape != state[name].shape:
-                raise ConfigError(
-                    f"{path}: {name} has shape {tuple(state[name].shape)}, the model wants {tuple(params[name].shape)}"
-                )
+                wanted = tuple(params[name].shape)
+                raise ConfigError(f"{source}: {name} has shape {tuple(state[name].shape)}, the model wants {wanted}")
             params[name].copy_(state[name])
 
 
@@ -96,9 +106,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     folder: Path,
     step: int,
-    model: nn.Module,
-    names: list[str],
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     state: dict[str, Any],
     rngs: list[dict[str, Any]] | None = None,
@@ -110,10 +119,10 @@ def save_checkpoint(
     final = folder / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
     try:
-        save_trainable(model, names, tmp / "trainable.safetensors")
+        save_tensors(weights, tmp / "trainable.safetensors")
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": rngs[0] if rngs else rng_state(),
                 "rng_per_process": rngs or [rng_state()],
@@ -141,15 +150,15 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, names: list[str], optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0
-) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and process `rank`'s RNG from `path`; return its state.json."""
-    load_trainable(model, names, path / "trainable.safetensors")
+    path: Path, scheduler: Any, rank: int = 0
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Restore the scheduler and process `rank`'s RNG from `path`; return the checkpoint's weights,
+    its optimizer state and its state.json (the caller puts them into the model and optimizer)."""
+    weights = load_file(str(path / "trainable.safetensors"))
     blob = torch.load(path / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob.get("rng_per_process", [blob["rng"]])[rank])
-    return read_json(path / "state.json")  # type: ignore[no-any-return]
+    return weights, blob["optimizer"], read_json(path / "state.json")
 
 
 def _few(names: list[str]) -> str:

@@ -10,7 +10,11 @@ How the work is split: the micro-batches of one optimizer step are dealt out rou
 ranks (`rank_share`), so no row is seen twice; every rank runs the same number of micro-batches
 (a rank left short runs a zero-weighted copy, so the collectives line up); DDP averages the
 gradients, and each loss is scaled by N so that the average is the sum a single process computes
-with `grad_accum × N` micro-batches. Only rank 0 writes the run directory and evaluates.
+with `grad_accum × N` micro-batches. Only rank 0 writes the run directory.
+
+`train.distributed.strategy: fsdp` shards the weights, gradients and optimizer state over the
+processes instead (torch's fully_shard), for a model that does not fit one device; the weights are
+gathered for checkpoints and at the end.
 """
 
 from __future__ import annotations
@@ -19,16 +23,19 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
+from torch import nn
 
 from tunesmith.config import DistributedConfig
 from tunesmith.errors import ConfigError
+from tunesmith.training.checkpoint import load_tensors, trainable_state
 
-__all__ = ["LaunchOptions", "Processes", "launch", "rank_share", "start_processes"]
+__all__ = ["FsdpOptions", "LaunchOptions", "Processes", "launch", "rank_share", "start_processes"]
 
 # Evaluation runs on rank 0 while the other ranks wait in a collective; a long evaluation must not
 # look like a dead peer (torch's default is 10 minutes for NCCL).
@@ -36,19 +43,92 @@ TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
+class FsdpOptions:
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+
+
+@dataclass(frozen=True)
 class Processes:
-    """The processes of one run: this one's rank, how many there are, and the accelerate object
-    that prepares the model for them. A single process is `world == 1`, where every method here
-    is a no-op."""
+    """The processes of one run: this one's rank, how many there are, and how they share the model.
+    A single process is `world == 1`, where every method here does what one process would.
+
+    With DDP (and one process) rank 0 alone evaluates and finishes the run; with FSDP the model's
+    weights live in shards, so every process runs every forward pass (evaluation too) and rank 0
+    alone writes."""
 
     accelerator: Any  # accelerate.Accelerator
     rank: int
     world: int
+    shards: FsdpOptions | None = None  # train.distributed.strategy fsdp
+
+    @property
+    def sharded(self) -> bool:
+        return self.shards is not None
 
     @property
     def main(self) -> bool:
         """Whether this process writes the run directory (rank 0)."""
         return self.rank == 0
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this process runs evaluations and the end of the run."""
+        return self.main or self.sharded
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module that trains: DDP's wrapper, the model sharded in place (FSDP), or the model."""
+        if self.shards is not None:
+            return _shard(model, self.shards)
+        return self.accelerator.prepare_model(model)  # type: ignore[no-any-return]
+
+    def sync(self, net: nn.Module, last: bool) -> AbstractContextManager[Any]:
+        """Around one micro-batch's backward pass: gradients are reduced over the processes only
+        after the last micro-batch of a step."""
+        if self.sharded:
+            net.set_requires_gradient_sync(last)  # type: ignore[operator]
+            return nullcontext()
+        return nullcontext() if last else self.accelerator.no_sync(net)
+
+    def weights(self, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor] | None:
+        """The trainable weights in full on rank 0 (None elsewhere); with FSDP every process must
+        call this, since the shards are gathered."""
+        if not self.sharded:
+            return trainable_state(model, names) if self.main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full: dict[str, Any] = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return {n: full[n].contiguous() for n in names} if self.main else None
+
+    def load_weights(self, model: nn.Module, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        """Put full trainable weights (every process has them) into the model, or its shards."""
+        if not self.sharded:
+            load_tensors(model, names, tensors, "checkpoint")
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full: dict[str, Any] = dict(tensors)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """The optimizer's state in full on rank 0 (None elsewhere; with FSDP a collective)."""
+        if not self.sharded:
+            return optimizer.state_dict() if self.main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_optimizer_state_dict(model, optimizer, options=options)
+        return full if self.main else None
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's `value`, on every rank (a picklable object)."""
@@ -78,10 +158,6 @@ class Processes:
         """True where `flag` holds on every rank."""
         return self.sum([float(flag)])[0] == self.world
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
 
 def start_processes(cpu: bool, distributed: DistributedConfig | None) -> Processes:
     """Join the run's process group where torchrun started this process (else a single process).
@@ -93,48 +169,35 @@ def start_processes(cpu: bool, distributed: DistributedConfig | None) -> Process
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    handlers: list[Any] = [InitProcessGroupKwargs(timeout=TIMEOUT)]
     strategy = distributed.strategy if distributed else "ddp"
-    plugin: dict[str, Any] = {}
-    if world > 1 and strategy == "ddp":
-        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=distributed_unused(distributed)))
-    elif world > 1:
-        plugin = _sharding_plugin(strategy, distributed, cpu)
-    accelerator = Accelerator(cpu=cpu, kwargs_handlers=handlers, **plugin)
-    return Processes(accelerator, accelerator.process_index, accelerator.num_processes)
+    handlers: list[Any] = [InitProcessGroupKwargs(timeout=TIMEOUT)]
+    if world > 1:
+        unused = bool(distributed and distributed.find_unused_parameters)
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=unused))
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=handlers)
+    shards = FsdpOptions(distributed.reshard_after_forward, distributed.cpu_offload) if distributed else None
+    sharded = world > 1 and strategy == "fsdp"
+    return Processes(accelerator, accelerator.process_index, accelerator.num_processes, shards if sharded else None)
 
 
-def distributed_unused(distributed: DistributedConfig | None) -> bool:
-    return bool(distributed and distributed.find_unused_parameters)
+def _shard(model: nn.Module, options: FsdpOptions) -> nn.Module:
+    """FSDP (torch's fully_shard, "FSDP2"): each transformer block its own unit, then the rest.
 
+    The blocks are the classes a Hugging Face model names in `_no_split_modules` (BertLayer,
+    LlamaDecoderLayer, ...); a model without them is sharded as one unit. Parameters, gradients and
+    optimizer state are split over the processes, gathered a block at a time for each pass.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-def _sharding_plugin(strategy: str, distributed: DistributedConfig | None, cpu: bool) -> dict[str, Any]:
-    """accelerate's plugin for `train.distributed.strategy` fsdp or deepspeed."""
-    assert distributed is not None
-    if strategy == "fsdp":
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        return {
-            "fsdp_plugin": FullyShardedDataParallelPlugin(
-                fsdp_version=2,
-                reshard_after_forward=distributed.reshard_after_forward,
-                cpu_offload=distributed.cpu_offload,
-                auto_wrap_policy="transformer_based_wrap",
-                state_dict_type="FULL_STATE_DICT",
-            )
-        }
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            "train.distributed.strategy=deepspeed: DeepSpeed is not installed; `pip install deepspeed`, "
-            "or use strategy: ddp or fsdp"
-        ) from None
-    if cpu:
-        raise ConfigError("train.distributed.strategy=deepspeed: needs GPUs; use strategy: ddp on CPUs")
-    from accelerate.utils import DeepSpeedPlugin
-
-    return {"deepspeed_plugin": DeepSpeedPlugin(zero_stage=distributed.zero_stage)}
+    kwargs: dict[str, Any] = {"reshard_after_forward": options.reshard_after_forward}
+    if options.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
 
 
 def rank_share(group: Sequence[list[int]], rank: int, world: int) -> list[tuple[list[int], bool]]:

@@ -14,12 +14,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from tunesmith.config import EvalConfig, TrainConfig
@@ -29,8 +29,7 @@ from tunesmith.eval.metrics import higher_is_better
 from tunesmith.runs import Run, read_json
 from tunesmith.runtime import Runtime
 from tunesmith.training.batching import epoch_batches, total_steps
-from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, rng_state, save_checkpoint
-from tunesmith.training.checkpoint import save_trainable as save_weights
+from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_tensors
 from tunesmith.training.distributed import Processes, rank_share
 from tunesmith.training.dropout import use_fast_dropout
 
@@ -113,16 +112,17 @@ def train_loop(
     if method.frozen_backbone or method.frozen_blocks > 0:
         spill = run.dir / "cache" if main else Path(tempfile.mkdtemp(prefix="tunesmith-cache-"))
         train_items, val_items = _cache(model, method, objective, train_items, val_items, cfg, runtime, spill)
-    if runtime.precision == "bf16":
+    if runtime.precision == "bf16" and not processes.sharded:  # (FSDP shards hold one dtype)
         # After caching: the cache checks its split against an fp32 forward, which needs fp32 weights.
         frozen_matmuls_to_bf16(model, set(names))
 
     accum = cfg.grad_accum * world  # micro-batches of one optimizer step, over all processes
     steps = total_steps(len(train_items), cfg.batch_size, accum, cfg.epochs, cfg.max_steps)
+    # `net` is what trains: DDP's wrapper where there are several processes, else the model itself
+    # (sharded in place under FSDP, before the optimizer sees its parameters); `model` is what
+    # evaluation and checkpoints read.
+    net = processes.wrap(model)
     optimizer, scheduler = _optimizer(model, method, cfg, steps, get_scheduler)
-    # `net` is what trains (wrapped for data parallelism where there are several processes);
-    # `model` stays the plain module that evaluation and checkpoints read.
-    net, optimizer = processes.accelerator.prepare(model, optimizer)
 
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "processes": world, **fingerprint}
     if resume:
@@ -131,8 +131,8 @@ def train_loop(
         torch.manual_seed(cfg.seed + 7919 * processes.rank)  # each process its own dropout masks
     step = int(state.get("step", 0))
     result = LoopResult(steps=step, train_seconds=0.0, samples=0, tokens=0, best=state["best"])
-    if retention is not None and main:
-        _retention_baseline(retention, state, model, runtime, run, result)
+    if retention is not None and processes.evaluates:
+        _retention_baseline(retention, state, model, runtime, log, result)
     watch = (cfg.early_stopping.metric if cfg.early_stopping else None) or eval_cfg.metric or objective.default_metric
     bar = tqdm(
         total=steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not main
@@ -154,8 +154,7 @@ def train_loop(
             for k, (ids, counts) in enumerate(share):
                 batch = {k: v.to(device) for k, v in objective.collate([train_items[i] for i in ids]).items()}
                 # Gradients are averaged over the processes once, after this process's last micro-batch.
-                sync = processes.accelerator.no_sync(net) if k < len(share) - 1 else nullcontext()
-                with sync:
+                with processes.sync(net, last=k == len(share) - 1):
                     with autocast():
                         logits = net(**objective.model_inputs(batch))
                         # x world: data parallelism averages gradients, a single process sums them.
@@ -168,10 +167,10 @@ def train_loop(
                         running.append(float(loss.detach()) * len(group) / world)
                     else:
                         loss = loss * 0.0  # a stand-in that keeps the processes in step
-                    processes.accelerator.backward(loss)
+                    loss.backward()
             if processes.all(finite):
                 if cfg.max_grad_norm is not None:
-                    processes.accelerator.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
             else:
                 result.skipped_steps += 1
@@ -197,19 +196,29 @@ def train_loop(
             if due_eval:
                 assert val_items is not None
                 metrics = None
-                if main:  # rank 0 evaluates; the others wait for its verdict
+                if processes.evaluates:  # rank 0 (with FSDP: every process; rank 0 judges)
                     metrics = _evaluate(model, objective, val_items, runtime, retention, eval_cfg)
-                    _judge(metrics, record["epoch"], watch, step, state, cfg, run, model, names, result)
+                if main:
+                    assert metrics is not None
+                    _judge(metrics, record["epoch"], watch, step, state, cfg, run, result)
                 agreed = processes.broadcast((state["best"], state["bad_evals"], result.stopped_early))
                 state["best"], state["bad_evals"], result.stopped_early = agreed
+                if state["best"] is not None and state["best"]["step"] == step:  # a new best: keep it
+                    best = processes.weights(model, names)
+                    if best is not None:
+                        save_tensors(best, run.checkpoints / "best.safetensors")
+                if not main:
+                    metrics = None
                 if metrics is not None:
                     record["eval"] = metrics  # callbacks see each evaluation (e.g. a search prunes on it)
                     postfix[watch] = f"{metrics.get(watch, float('nan')):.4f}"
             due_save = step % cfg.save_every == 0 if cfg.save_every else (due_eval or epoch_end)
             if due_save and step < steps:
                 rngs = processes.gather(rng_state())  # every process's RNG, for an exact resume
-                if main:
-                    save_checkpoint(run.checkpoints, step, model, names, optimizer, scheduler, state, rngs)
+                weights = processes.weights(model, names)
+                moments = processes.optimizer_state(model, optimizer)
+                if weights is not None and moments is not None:
+                    save_checkpoint(run.checkpoints, step, weights, moments, scheduler, state, rngs)
             paused += time.perf_counter() - t0
             if "loss" in record:
                 postfix["loss"] = f"{record['loss']:.4f}"
@@ -229,8 +238,8 @@ def train_loop(
     result.samples, result.tokens = int(samples), int(tokens)
     result.best = state["best"]
     bounded = retention is not None and retention.max_drop is not None
-    if (cfg.early_stopping or bounded) and state["best"] is not None and main:
-        load_trainable(model, names, run.checkpoints / "best.safetensors")
+    if (cfg.early_stopping or bounded) and state["best"] is not None and processes.evaluates:
+        processes.load_weights(model, names, load_file(str(run.checkpoints / "best.safetensors")))
     return result
 
 
@@ -257,12 +266,12 @@ def _evaluate(model, objective, val_items, runtime, retention, eval_cfg) -> dict
     return metrics
 
 
-def _judge(metrics, epoch, watch, step, state, cfg, run, model, names, result) -> None:
+def _judge(metrics, epoch, watch, step, state, cfg, run, result) -> None:
     """Log an evaluation, keep the best weights so far, and decide whether to stop (rank 0)."""
     kept = metrics.pop("_retention", None)
     samples = metrics.pop("_samples", None)
     within = kept is None or kept["within_bound"]
-    _track_best(metrics, watch, step, state, cfg, run, model, names, result, within)
+    _track_best(metrics, watch, step, state, cfg, run, result, within)
     if kept is not None:
         run.log({"kind": "retention", "step": step, **kept})
         result.retention.append({"step": step, **kept})
@@ -298,7 +307,7 @@ def _optimizer(model: Any, method: Any, cfg: TrainConfig, steps: int, get_schedu
     return optimizer, scheduler
 
 
-def _retention_baseline(retention, state, model, runtime, run, result) -> None:
+def _retention_baseline(retention, state, model, runtime, log, result) -> None:
     """What the base model knew: measured before the first step (kept in the checkpoint state, so a
     resumed run compares against the same baseline)."""
     if state.get("retention_baseline") is not None:
@@ -306,12 +315,13 @@ def _retention_baseline(retention, state, model, runtime, run, result) -> None:
         return
     kept = retention.measure(model, runtime)
     state["retention_baseline"] = retention.baseline
-    run.log({"kind": "retention", "step": 0, **kept})
+    log({"kind": "retention", "step": 0, **kept})
     result.retention.append({"step": 0, **kept})
 
 
-def _track_best(metrics, watch, step, state, cfg, run, model, names, result, within_bound: bool = True) -> None:
-    """Keep the best checkpoint so far (only among evaluations whose forgetting is within bounds)."""
+def _track_best(metrics, watch, step, state, cfg, run, result, within_bound: bool = True) -> None:
+    """Note the best evaluation so far (only among those whose forgetting is within bounds); the
+    loop keeps its weights."""
     if watch not in metrics:
         raise ConfigError(f"early_stopping.metric={watch}: not reported; choose one of {sorted(metrics)}")
     value = float(metrics[watch])
@@ -324,7 +334,6 @@ def _track_best(metrics, watch, step, state, cfg, run, model, names, result, wit
     if better:
         state["best"] = {"step": step, "metric": watch, "value": value}
         state["bad_evals"] = 0
-        save_weights(model, names, run.checkpoints / "best.safetensors")
     else:
         state["bad_evals"] += 1
         if cfg.early_stopping and state["bad_evals"] >= cfg.early_stopping.patience:
@@ -350,4 +359,7 @@ def _restore(run: Run, model, names, optimizer, scheduler, fingerprint: dict[str
             f"--resume {run.dir}: the run was trained in {before} process(es), not {processes.world}; "
             f"resume with --nproc {before} (the data order and RNG states are per process)"
         )
-    return load_checkpoint(latest, model, names, optimizer, scheduler, processes.rank)
+    weights, moments, state = load_checkpoint(latest, scheduler, processes.rank)
+    processes.load_weights(model, names, weights)
+    processes.load_optimizer_state(model, optimizer, moments)
+    return state
