@@ -10,7 +10,7 @@ TORCH_CPU := torch==2.13.0
 # installed without their dependencies.
 CARRIERS := carriers.txt
 
-.PHONY: setup demo demo-sft demo-vision demo-rlhf demo-speech test test-unit bench bench-sft bench-vision bench-speech bench-export bench-service lint clean
+.PHONY: setup demo demo-sft demo-vision demo-rlhf demo-speech test test-unit bench bench-sft bench-vision bench-speech bench-export bench-service bench-distributed lint clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,9 @@ bench-speech: setup
 
 bench-export: setup
 	$(BIN)/python bench/export.py
+
+bench-distributed: setup
+	$(BIN)/python bench/distributed.py
 
 bench-service: setup
 	$(BIN)/python bench/service_load.py
