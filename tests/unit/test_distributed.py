@@ -74,8 +74,7 @@ def _train_in_two(tmp_path: Path, config: dict, *extra: str) -> Path:
     return runs[0]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize(("method", "strategy"), [("full", "ddp"), ("lora", "ddp"), ("full", "fsdp")])
 def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(
     tmp_path: Path, bert_without_dropout: Path, method: str, strategy: str
 ) -> None:
@@ -125,3 +124,24 @@ def test_two_processes_resume_exactly_and_refuse_another_count(tmp_path: Path, t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for name, tensor in final_weights(whole).items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_causal_lm_sharded_over_two_processes_trains_the_weights_of_one(tmp_path: Path, tiny_llama: Path) -> None:
+    # The chunked LM loss reads the output layer's weight after the forward pass: under FSDP that
+    # weight must still be gathered then.
+    rows = [{"prompt": f"colour of {w} {i}?", "completion": w} for i, w in enumerate(["red", "blue", "gold"] * 8)]
+    config = {
+        "model": str(tiny_llama),
+        "task": "sft",
+        "method": {"name": "lora", "dropout": 0.0},
+        "data": {"train": str(write_jsonl(tmp_path / "qa.jsonl", rows)), "max_length": 48},
+        "train": {"epochs": 1, "batch_size": 4, "grad_accum": 2, "lr": 1e-2, "precision": "fp32"},
+        "output": {"dir": str(tmp_path / "runs"), "name": "one"},
+    }
+    one = tunesmith.train(config)
+    config["train"] |= {"grad_accum": 1, "distributed": {"strategy": "fsdp"}}
+    config["output"]["name"] = "two"
+    two = _train_in_two(tmp_path, config)
+    a, b = final_weights(one.run_dir), final_weights(two)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)

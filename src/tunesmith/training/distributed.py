@@ -196,7 +196,9 @@ def _shard(model: nn.Module, options: FsdpOptions) -> nn.Module:
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, **kwargs)
-    fully_shard(model, **kwargs)
+    # The rest (embeddings, the output layer) stays gathered from forward to backward: objectives use
+    # the output layer's weight after the forward pass (the chunked LM loss), and backward needs it next.
+    fully_shard(model, **(kwargs | {"reshard_after_forward": False}))
     return model
 
 
