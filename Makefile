@@ -41,7 +41,7 @@ demo-speech: setup
 TEST_WORKERS ?= 2
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests/unit

@@ -34,6 +34,7 @@ __all__ = [
     "create_run",
     "file_sha256",
     "list_runs",
+    "memory_now",
     "open_or_create",
     "open_run",
     "peak_rss_mb",
@@ -181,6 +182,16 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def memory_now() -> dict[str, float]:
+    """This process's resident memory now and its peak so far, in MB (what metrics.jsonl records at
+    each logged step and evaluation: where the peak rose between two records, that phase raised it)."""
+    import psutil
+
+    now = psutil.Process().memory_info().rss / 2**20
+    # The kernel's high-water mark (ru_maxrss) is updated lazily and can lag the resident size.
+    return {"rss_mb": round(now, 1), "peak_rss_mb": round(max(now, peak_rss_mb()), 1)}
 
 
 def config_hash(config: dict[str, Any], ignore: Iterable[str] = ("output",)) -> str:

@@ -20,6 +20,7 @@ from conftest import sentiment_rows, write_jsonl
 from tunesmith.config import config_from_dict
 from tunesmith.errors import ConfigError
 from tunesmith.eval.report import write_report
+from tunesmith.runs import open_run
 
 ODD_LABEL = "<b>&"  # must come out escaped, never as markup
 VOID = {"meta", "img", "br", "hr", "input", "link"}
@@ -88,8 +89,9 @@ def test_classification_report(base_config: dict, tmp_path: Path) -> None:
     assert path == run_dir / "report.html"
     assert not list(run_dir.glob(".report.html.*"))  # the atomic write left no temp file
     text, doc = read_document(path)
-    assert len(doc.images) == 2  # loss (+ LR) curve, validation metrics
-    assert {"settings", "training", "validation", "confusion", "final", "data", "plan", "manifest"} == anchors(text)
+    assert len(doc.images) == 3  # loss (+ LR) curve, validation metrics, memory
+    sections = {"settings", "training", "validation", "memory", "confusion", "final", "data", "plan", "manifest"}
+    assert sections == anchors(text)
     assert "task classification · model" in text and "method lora" in text and ">finished<" in text
     assert html.escape(ODD_LABEL) in text and ODD_LABEL not in text
 
@@ -108,6 +110,12 @@ def test_classification_report(base_config: dict, tmp_path: Path) -> None:
     assert f"{plan['trainable_parameters']:,} of {plan['total_parameters']:,}" in section(text, "plan")
     data_hash = next(iter(json.loads((run_dir / "manifest.json").read_text())["data"].values()))
     assert data_hash[:12] in section(text, "manifest")
+
+    # Memory at every logged step and evaluation: resident now, and the peak so far (never falling).
+    logged = [r for r in open_run(run_dir).metrics() if r["kind"] in ("train", "eval")]
+    assert logged and all(r["rss_mb"] > 50 and r["peak_rss_mb"] >= r["rss_mb"] for r in logged)
+    peaks = [r["peak_rss_mb"] for r in logged]
+    assert peaks == sorted(peaks) and peaks[-1] <= evals["train"]["peak_rss_mb"] + 1
 
     # A bare list-of-lists matrix takes its label names from final/labels.json.
     evals["validation"]["confusion"] = confusion["matrix"]
@@ -134,7 +142,7 @@ def test_sft_report_shows_the_latest_samples(tiny_llama: Path, tmp_path: Path) -
     samples = [r for r in logged if r["kind"] == "samples"][-1]
 
     text, doc = read_document(write_report(run_dir))
-    assert len(doc.images) == 2
+    assert len(doc.images) == 3  # loss, validation metrics, memory
     assert "confusion" not in anchors(text) and {"samples", "final", "plan"} <= anchors(text)
     shown = section(text, "samples")
     assert f"step {samples['step']}" in shown and shown.count("<tr>") == 1 + len(samples["samples"])

@@ -69,7 +69,7 @@ def write_report(run_dir: str | Path) -> Path:
         ConfigError: `run_dir` has no config.yaml, or one of its JSON files cannot be read.
     """
     files = read_run_files(Path(run_dir))
-    sections = (_header, _settings, _training, _validation, _confusion, _retention, _samples, _final_metrics)
+    sections = (_header, _settings, _training, _validation, _memory, _confusion, _retention, _samples, _final_metrics)
     body = "".join(section(files) for section in (*sections, _data_report, _plan, _manifest))
     path = files.dir / "report.html"
     atomic_write_text(path, page(f"tunesmith run {files.dir.name}", body))
@@ -175,6 +175,34 @@ def _training(files: RunFiles) -> str:
         twin.plot(*zip(*lrs, strict=True), color="C1", linestyle=":", label="learning rate")
         twin.set_ylabel("learning rate", color="C1")
     return h2("training", "Training loss") + png(fig, "training loss and learning rate by step")
+
+
+def _memory(files: RunFiles) -> str:
+    """Resident memory at each logged step and evaluation, and the peak so far: a rise of the peak
+    between two points says which phase (training steps or an evaluation) raised it."""
+    points = sorted(
+        (
+            (r["step"], r["kind"], r["rss_mb"], r["peak_rss_mb"])
+            for r in (*files.kind("train"), *files.kind("eval"))
+            if is_number(r.get("rss_mb")) and is_number(r.get("peak_rss_mb"))
+        ),
+        key=lambda p: p[0],
+    )
+    if not points:
+        return ""
+    fig = figure(7.5, 3.0)
+    ax = fig.add_subplot()
+    steps = [p[0] for p in points]
+    ax.plot(steps, [p[3] / 1024 for p in points], color="C3", label="peak so far")
+    ax.plot(steps, [p[2] / 1024 for p in points], color="C0", alpha=0.7, label="resident now")
+    evals = [p for p in points if p[1] == "eval"]
+    if evals:
+        ax.plot([p[0] for p in evals], [p[2] / 1024 for p in evals], "s", color="C2", label="after an evaluation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("GB")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return h2("memory", "Memory") + png(fig, "resident memory by step")
 
 
 def _validation(files: RunFiles) -> str:

@@ -26,7 +26,7 @@ from tunesmith.config import EvalConfig, TrainConfig
 from tunesmith.errors import ConfigError
 from tunesmith.eval.evaluate import evaluate_items
 from tunesmith.eval.metrics import higher_is_better
-from tunesmith.runs import Run, read_json
+from tunesmith.runs import Run, memory_now, read_json
 from tunesmith.runtime import Runtime
 from tunesmith.training.batching import epoch_batches, total_steps
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_tensors
@@ -186,7 +186,7 @@ def train_loop(
                 stats = _mean_stats(processes, objective.step_stats())  # e.g. rl: mean reward, KL
                 running.clear()
                 if count:
-                    record.update(loss=total / count, lr=scheduler.get_last_lr()[0], **stats)
+                    record.update(loss=total / count, lr=scheduler.get_last_lr()[0], **stats, **memory_now())
                     log({"kind": "train", **record})
             epoch_end = b >= len(batches)
             due_eval = val_items is not None and (
@@ -278,7 +278,7 @@ def _judge(metrics, epoch, watch, step, state, cfg, run, result) -> None:
         if not within:
             result.stopped_early = True
             run.log({"kind": "retention_stop", "step": step, "best": state["best"]})
-    run.log({"kind": "eval", "step": step, "epoch": epoch, "metrics": metrics})
+    run.log({"kind": "eval", "step": step, "epoch": epoch, "metrics": metrics, **memory_now()})
     if samples:
         run.log({"kind": "samples", "step": step, "samples": samples})
     result.evals.append({"step": step, **metrics})
