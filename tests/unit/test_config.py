@@ -6,14 +6,22 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.config import RunConfig, load_config
+from tunesmith.config import RunConfig, load_config, read_yaml_config
 from tunesmith.errors import ConfigError
+from tunesmith.search import read_search
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path: Path) -> None:
+    if "search" in read_yaml_config(path):  # a `tunesmith tune` config: a run config plus its search
+        search = read_search(path, [], storage="sqlite://", study=None)
+        assert isinstance(load_config(search.base), RunConfig)
+        for key, spec in search.space.items():  # every key names a setting, every end of it is valid
+            for value in spec if isinstance(spec, list) else (spec["low"], spec["high"]):
+                assert isinstance(load_config(search.base, [f"{key}={value}"]), RunConfig)
+        return
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
 
