@@ -40,7 +40,7 @@ from tunesmith.plugins import Method
 from tunesmith.runs import open_or_create, peak_rss_mb
 from tunesmith.runtime import Runtime, matmul_gflops
 from tunesmith.training.batching import epoch_batches
-from tunesmith.training.estimate import MB, RowCosts, levers, memory_estimate, peft_sized, row_costs
+from tunesmith.training.estimate import MB, MemoryEstimate, RowCosts, levers, memory_estimate, peft_sized, row_costs
 from tunesmith.training.loop import train_loop
 from tunesmith.training.shapes import probe_row
 
@@ -126,50 +126,81 @@ def check_run(
     data = _Data(items[0], items[1], items[2], lengths, val_lengths, _first_steps(lengths, cfg, DRY_RUN_STEPS))
     with tempfile.TemporaryDirectory(prefix="tunesmith-plan-") as tmp:
         costs, cached = _row_costs(cfg, method, objective, model, names, runtime, data, Path(tmp))
-        rows, length = _peak_batch(data, cfg, costs)
-        memory = memory_estimate(model, names, runtime.precision, costs, rows, length)
-        rate = matmul_gflops(runtime) * 1e9
-        held = _rss() - start.model  # the interpreter, libraries and data: the process besides training
-        estimate = {
-            "memory_mb": memory.as_mb() | {"process_peak": round((held + memory.total) / MB, 1)},
-            "batch": {"rows": rows, "length": length},
-            "matmul_gflops": round(rate / 1e9, 1),
-            "step_seconds": round(_steps_flops(costs, data, data.steps[1:]) / rate, 4),
-            "frozen_work_cached": cached,
-        }
-        limit = int(memory_limit_gb * 2**30) if memory_limit_gb is not None else start.available
+        est = _estimate(cfg, model, names, runtime, data, costs, cached, start)
         measured = None
-        if dry_run and held + memory.total <= start.available:  # else it might not survive
+        if dry_run and est.process_peak <= start.available:  # else the dry run might not survive
             measured = _dry_run(cfg, method, objective, model, names, runtime, data, start, Path(tmp))
+    steps = plan["total_steps"]
     report = {
         "parameters": {"total": plan["total_parameters"], "trainable": plan["trainable_parameters"]},
-        "steps": plan["total_steps"],
+        "steps": steps,
         "precision": runtime.precision,
-        "estimate": estimate,
+        "estimate": est.report,
         "measured": measured,
-        "error": _errors(estimate, measured, costs, data, cfg.train.gradient_checkpointing),
-        "projected": _projection(cfg, plan["total_steps"], data, estimate, measured, costs, rate),
-        "memory": {"besides_training_mb": round(held / MB, 1), "available_mb": round(start.available / MB, 1)},
+        "error": _errors(est.report, measured, costs, data, cfg.train.gradient_checkpointing),
+        "projected": _projection(cfg, steps, data, est.report, measured, costs, est.rate),
     }
-    needed = max(held + memory.total, (measured or {}).get("peak_rss_mb", 0) * MB)
-    report["memory"] |= {"limit_mb": round(limit / MB, 1), "needed_mb": round(needed / MB, 1), "fits": needed <= limit}
+    limit = int(memory_limit_gb * 2**30) if memory_limit_gb is not None else start.available
+    needed = max(est.process_peak, int((measured or {}).get("peak_rss_mb", 0) * MB))
+    report["memory"] = {
+        "besides_training_mb": round(est.held / MB, 1),
+        "available_mb": round(start.available / MB, 1),
+        "limit_mb": round(limit / MB, 1),
+        "needed_mb": round(needed / MB, 1),
+        "fits": needed <= limit,
+    }
     if needed > limit:
-        found = levers(
-            memory,
-            costs,
-            rows=rows,
-            length=length,
-            batch_size=cfg.train.batch_size,
-            grad_accum=cfg.train.grad_accum,
-            checkpointing=cfg.train.gradient_checkpointing,
-            checkpointing_refused=method.checkpointing_refusal is not None,
-            trainable=plan["trainable_parameters"],
-            peft_trainable=peft_sized(model),
-        )
-        report["levers"] = [asdict(lever) for lever in found]
+        report["levers"] = _levers(cfg, method, model, plan, est, costs)
     if dry_run and measured is None:
         report["dry_run_skipped"] = "the estimated peak is more than this machine has available"
     return report
+
+
+@dataclass(frozen=True)
+class _Estimated:
+    memory: MemoryEstimate
+    rows: int  # of the micro-batch with the most activations
+    length: int  # of its longest row
+    rate: float  # matmul FLOP/s
+    held: int  # bytes the process holds besides training (interpreter, libraries, data)
+    report: dict[str, Any]
+
+    @property
+    def process_peak(self) -> int:
+        return self.held + self.memory.total
+
+
+def _estimate(cfg, model, names, runtime: Runtime, data: _Data, costs: RowCosts, cached: bool, start) -> _Estimated:
+    """The estimate of peak memory (at the micro-batch with the most activations) and step time (of
+    the dry run's steps after the first, at the matmul rate measured now)."""
+    rows, length = _peak_batch(data, cfg, costs)
+    memory = memory_estimate(model, names, runtime.precision, costs, rows, length)
+    rate = matmul_gflops(runtime) * 1e9
+    held = _rss() - start.model
+    report = {
+        "memory_mb": memory.as_mb() | {"process_peak": round((held + memory.total) / MB, 1)},
+        "batch": {"rows": rows, "length": length},
+        "matmul_gflops": round(rate / 1e9, 1),
+        "step_seconds": round(_steps_flops(costs, data, data.steps[1:]) / rate, 4),
+        "frozen_work_cached": cached,
+    }
+    return _Estimated(memory, rows, length, rate, held, report)
+
+
+def _levers(cfg: RunConfig, method: Method, model, plan: dict, est: _Estimated, costs: RowCosts) -> list[dict]:
+    found = levers(
+        est.memory,
+        costs,
+        rows=est.rows,
+        length=est.length,
+        batch_size=cfg.train.batch_size,
+        grad_accum=cfg.train.grad_accum,
+        checkpointing=cfg.train.gradient_checkpointing,
+        checkpointing_refused=method.checkpointing_refusal is not None,
+        trainable=plan["trainable_parameters"],
+        peft_trainable=peft_sized(model),
+    )
+    return [asdict(lever) for lever in found]
 
 
 def _first_steps(lengths: list[int], cfg: RunConfig, n: int) -> list[list[list[int]]]:
