@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 import tunesmith.api as api
 from conftest import build_run_model, run_cli, sentiment_rows, write_jsonl
+from tunesmith import preflight, runs
 from tunesmith.config import load_config
 from tunesmith.training.estimate import kept, row_costs
 from tunesmith.training.shapes import probe_row
@@ -24,10 +26,6 @@ def write_config(tmp_path: Path, config: dict) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def leftover_plans() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("tunesmith-plan-*"))
 
 
 def test_counts_are_the_models_own(base_config: dict) -> None:
@@ -40,11 +38,25 @@ def test_counts_are_the_models_own(base_config: dict) -> None:
         assert report["measured"] is None and report["error"] is None
 
 
-def test_the_dry_run_measures_three_steps_and_leaves_no_run(base_config: dict, tmp_path: Path) -> None:
-    before = leftover_plans()
+def test_the_dry_run_measures_three_steps_and_leaves_no_run(
+    base_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the temporary run goes
+    opened: list[Path] = []
+
+    def open_and_note(*args: Any) -> Any:
+        run = runs.open_or_create(*args)
+        opened.append(run.dir)
+        return run
+
+    monkeypatch.setattr(preflight, "open_or_create", open_and_note)
     report = api.plan(base_config)
+    (dry_run,) = opened
+    assert dry_run.is_relative_to(scratch) and not dry_run.exists()
     assert not Path(base_config["output"]).exists()  # output.dir got no run
-    assert leftover_plans() == before  # and the temporary run is gone
+    assert list(scratch.iterdir()) == []  # and the temporary run is gone
     measured = report["measured"]
     assert len(measured["steps_seconds"]) == 3 and measured["step_seconds"] > 0
     assert measured["eval_batch_seconds"] > 0 and measured["peak_rss_mb"] > measured["training_mb"] > 0
