@@ -39,7 +39,7 @@ from tunesmith.inference import (
 from tunesmith.inference import generate as generate_with
 from tunesmith.inference.adapters import Adapters, RunsArg, load_adapters
 from tunesmith.models.generate import Sampling
-from tunesmith.plugins import Task, build_method, build_task
+from tunesmith.plugins import Method, Task, build_method, build_task
 from tunesmith.runs import (
     Run,
     config_hash,
@@ -76,6 +76,7 @@ __all__ = [
     "load_adapters",
     "load_config",
     "load_trained",
+    "plan",
     "predict",
     "preference_pairs",
     "run_summaries",
@@ -126,27 +127,18 @@ def train(
     main = processes.main
     # a tracker that is not installed stops the run here, before any work; only rank 0 reports
     trackers = build_trackers(cfg) if main else Trackers([])
-    task, method = build_task(cfg), build_method(cfg.method)
-    torch.manual_seed(cfg.train.seed)
-    splits = load_splits(cfg.data, cfg.train.seed, lambda s: task.read_examples(s, cfg.data), task.labelled)
-    tokenizer = task.load_tokenizer()
-    quality = _quality_gate(cfg, task, tokenizer)
-    splits = without_unreadable(splits, quality.unreadable if quality else ())
-    objective = task.objective(tokenizer, splits.labels)
-    model, names = build_model(cfg, task, method, len(splits.labels))
-    runtime = _shared_runtime(make_runtime(cfg.train, cfg.eval, model), processes)
-    model.to(runtime.device)
+    data = _read_data(cfg)
+    task, method, splits, quality, objective = data.task, data.method, data.splits, data.quality, data.objective
+    model, names, runtime = _build_run_model(cfg, data, processes)
     name = cfg.output.name or f"{cfg.task}-{cfg.method.name}"
     made = open_or_create(cfg.output.dir, name, cfg.to_dict(), resume).dir if main or resume else None
     run = Run(processes.broadcast(made))  # rank 0 makes the directory; the others learn its name
     fingerprint = {"config_hash": config_hash(cfg.to_dict()), "data_hash": config_hash(splits.hashes, ())}
-    train_items = objective.encode(splits.train, "train", pack_rows=True)
-    val_items = objective.encode(splits.validation, "validation") if splits.validation else None
-    train_items, val_items = task.prepare(objective, model, runtime, splits, train_items, val_items)
+    train_items, val_items = _encode(data, model, runtime)
     if main:
         n = len(train_items)
-        plan = run_plan(cfg.train, method.default_lr, runtime.precision, model, names, n, processes.world)
-        write_json(run.dir / "plan.json", _describe_data(splits, objective) | plan | task.plan(objective))
+        planned = run_plan(cfg.train, method.default_lr, runtime.precision, model, names, n, processes.world)
+        write_json(run.dir / "plan.json", _describe_data(splits, objective) | planned | task.plan(objective))
     if resume is None and main:
         extra = task.run_record(objective)
         write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name), extra or None)
@@ -205,6 +197,48 @@ def train(
         write_report(run.dir)
         trackers.finish(run.dir, metrics)
     return RunResult(run.dir, metrics)
+
+
+def plan(
+    config: RunConfig | dict[str, Any] | str | Path | None = None,
+    /,
+    *,
+    overrides: list[str] | None = None,
+    memory_limit_gb: float | None = None,
+    dry_run: bool = True,
+    **sections: Any,
+) -> dict[str, Any]:
+    """Check a run before it trains: parameter counts, an estimate of its peak memory and step time
+    from the model's shapes, a measured dry run (three optimizer steps and one evaluation batch, in a
+    temporary directory: `output.dir` gets no run), the two compared, the whole run's projected
+    time, and whether it fits in memory.
+
+    Args:
+        config, overrides, sections: as for `train`.
+        memory_limit_gb: the memory the run may use (default: what the machine has available).
+        dry_run: False for the estimate alone.
+
+    Returns:
+        The plan as plain data (what `tunesmith plan --json` prints); `memory.fits` is False, and
+        `levers` lists config changes by the memory they save, when the peak exceeds the limit.
+
+    Raises:
+        ConfigError: the config, its data or its method does not fit (as `train` would say).
+    """
+    from tunesmith.preflight import baseline, check_run, with_model
+
+    cfg = _as_config(config, overrides, sections)
+    data = _read_data(cfg)
+    start = baseline()
+    model, names, runtime = _build_run_model(cfg, data)
+    start = with_model(start, model)
+    train_items, val_items = _encode(data, model, runtime)
+    counts = run_plan(cfg.train, data.method.default_lr, runtime.precision, model, names, len(train_items))
+    items = (train_items, val_items, len(data.splits.test or []))
+    report = check_run(
+        cfg, data.method, data.objective, model, names, runtime, items, counts, start, memory_limit_gb, dry_run
+    )
+    return {"model": cfg.model.name, "task": cfg.task, "method": cfg.method.name} | report
 
 
 def _shared_runtime(runtime: Runtime, processes: Processes) -> Runtime:
@@ -502,6 +536,49 @@ def preference_pairs(
 
 
 # --- the steps of a run ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RunData:
+    """A run's plug-ins and data, read before any model is built."""
+
+    task: Task
+    method: Method
+    splits: Splits
+    quality: QualityReport | None
+    objective: Any
+
+
+def _read_data(cfg: RunConfig) -> _RunData:
+    """The task and method of `cfg`, its splits (through the data quality gate) and its objective."""
+    task, method = build_task(cfg), build_method(cfg.method)
+    torch.manual_seed(cfg.train.seed)
+    splits = load_splits(cfg.data, cfg.train.seed, lambda s: task.read_examples(s, cfg.data), task.labelled)
+    tokenizer = task.load_tokenizer()
+    quality = _quality_gate(cfg, task, tokenizer)
+    splits = without_unreadable(splits, quality.unreadable if quality else ())
+    return _RunData(task, method, splits, quality, task.objective(tokenizer, splits.labels))
+
+
+def _build_run_model(
+    cfg: RunConfig, data: _RunData, processes: Processes | None = None
+) -> tuple[torch.nn.Module, list[str], Runtime]:
+    """The model with its method applied, the names of what trains, and the runtime (shared by the
+    `processes` of a multi-process run), on its device."""
+    model, names = build_model(cfg, data.task, data.method, len(data.splits.labels))
+    runtime = make_runtime(cfg.train, cfg.eval, model)
+    if processes is not None:
+        runtime = _shared_runtime(runtime, processes)
+    model.to(runtime.device)
+    return model, names, runtime
+
+
+def _encode(data: _RunData, model: torch.nn.Module, runtime: Runtime) -> tuple[list[Any], list[Any] | None]:
+    """Training and validation items, encoded and prepared by the task (e.g. DPO's reference)."""
+    objective, splits = data.objective, data.splits
+    train_items = objective.encode(splits.train, "train", pack_rows=True)
+    val_items = objective.encode(splits.validation, "validation") if splits.validation else None
+    return data.task.prepare(objective, model, runtime, splits, train_items, val_items)
 
 
 def _quality_gate(cfg: RunConfig, task: Task, tokenizer: Any) -> QualityReport | None:

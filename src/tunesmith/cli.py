@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tunesmith.cli_data import data_app
+from tunesmith.cli_plan import plan
 from tunesmith.cli_service import keys_app, serve, worker
 from tunesmith.errors import TunesmithError
 
@@ -27,6 +28,7 @@ runs_app = typer.Typer(no_args_is_help=True, help="List and inspect run director
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
 app.add_typer(keys_app, name="keys")
+app.command()(plan)
 app.command()(serve)
 app.command()(worker)
 console = Console()

@@ -33,7 +33,7 @@ from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, rn
 from tunesmith.training.distributed import Processes, rank_share
 from tunesmith.training.dropout import use_fast_dropout
 
-__all__ = ["LoopResult", "StepCallback", "frozen_matmuls_to_bf16", "train_loop"]
+__all__ = ["LoopResult", "StepCallback", "frozen_linears", "frozen_matmuls_to_bf16", "train_loop"]
 
 StepCallback = Callable[[int, dict[str, Any]], None]
 
@@ -60,23 +60,29 @@ def frozen_matmuls_to_bf16(model: torch.nn.Module, trained: set[str]) -> int:
     would have used. Weights shared with an embedding (tied output layers) stay fp32, since the
     embedding lookup feeds the fp32 residual stream, and so do norms and biases (small, cast as before).
     """
-    embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    trained_ids = {id(p) for name, p in model.named_parameters() if name in trained}
-    cast = 0
-    for module in model.modules():
-        if not isinstance(module, torch.nn.Linear) or id(module.weight) in embedded:
-            continue
-        params = list(module.parameters(recurse=False))
-        if any(id(p) in trained_ids or p.requires_grad for p in params):
-            continue
-        module.weight.data = module.weight.data.to(torch.bfloat16)
-        cast += 1
+    frozen = frozen_linears(model, trained)
+    for linear in frozen:
+        linear.weight.data = linear.weight.data.to(torch.bfloat16)
     for module in model.modules():
         # peft casts a LoRA layer's input to its fp32 weights' dtype, and autocast casts it back for
         # the matmul: two copies of the activations per adapted layer, for nothing.
         if hasattr(module, "cast_input_dtype_enabled"):
             setattr(module, "cast_input_dtype_enabled", False)  # noqa: B010 (an attribute of peft's layers)
-    return cast
+    return len(frozen)
+
+
+def frozen_linears(model: torch.nn.Module, trained: set[str]) -> list[torch.nn.Linear]:
+    """The linear layers whose weights never train and are not shared with an embedding: those
+    `frozen_matmuls_to_bf16` stores in bf16."""
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    trained_ids = {id(p) for name, p in model.named_parameters() if name in trained}
+    return [
+        module
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear)
+        and id(module.weight) not in embedded
+        and not any(id(p) in trained_ids or p.requires_grad for p in module.parameters(recurse=False))
+    ]
 
 
 def train_loop(
