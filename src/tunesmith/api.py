@@ -125,8 +125,10 @@ def train(
     train_items = objective.encode(splits.train, "train", pack_rows=True)
     val_items = objective.encode(splits.validation, "validation") if splits.validation else None
     train_items, val_items = task.prepare(objective, model, runtime, splits, train_items, val_items)
-    plan = run_plan(cfg.train, method.default_lr, runtime.precision, model, names, len(train_items))
-    write_json(run.dir / "plan.json", _describe_data(splits, objective) | plan | task.plan(objective))
+    plan = run_plan(cfg.train, runtime.precision, model, names, len(train_items))
+    # A resumed run keeps the record of its range test (train.lr: auto): the loop reuses its choice.
+    kept = {k: v for k, v in run.plan().items() if k == "lr_finder"} if resume is not None else {}
+    write_json(run.dir / "plan.json", _describe_data(splits, objective) | plan | task.plan(objective) | kept)
     if resume is None:
         extra = task.run_record(objective)
         write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name), extra or None)

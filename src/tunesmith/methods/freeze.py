@@ -76,6 +76,7 @@ class PartialMethod(BaseMethod):
     name = "partial"
     config = PartialConfig
     default_lr = 5e-5
+    tunes_pretrained = True
 
     def __init__(self, cfg: PartialConfig) -> None:
         super().__init__(cfg)

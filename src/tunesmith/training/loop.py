@@ -9,6 +9,7 @@ method through their protocols (tunesmith.plugins), and what it needs of them is
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,8 @@ from tunesmith.training.batching import epoch_batches, total_steps
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint
 from tunesmith.training.checkpoint import save_trainable as save_weights
 from tunesmith.training.dropout import use_fast_dropout
+from tunesmith.training.lr_find import choose_lr, range_test, step_batches
+from tunesmith.training.rates import Rates, head_lr_for, resolve_rates
 
 __all__ = ["LoopResult", "StepCallback", "frozen_matmuls_to_bf16", "train_loop"]
 
@@ -96,7 +99,7 @@ def train_loop(
     from transformers import get_scheduler  # imported before the clock starts (~2 s the first time)
 
     accelerator = Accelerator(cpu=runtime.device.type == "cpu")
-    device, autocast = runtime.device, runtime.autocast
+    device = runtime.device
     model.to(device)
     if device.type == "cpu":
         use_fast_dropout(model)  # torch's per-element Bernoulli draw was a third of a CPU LoRA step
@@ -111,7 +114,8 @@ def train_loop(
         frozen_matmuls_to_bf16(model, set(names))
 
     steps = total_steps(len(train_items), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
-    optimizer, scheduler = _optimizer(model, method, cfg, steps, get_scheduler)
+    rates = _rates(model, method, objective, train_items, lengths, cfg, runtime, run, names, resume)
+    optimizer, scheduler = _optimizer(model, method, cfg, rates, steps, get_scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "bad_evals": 0, **fingerprint}
@@ -137,10 +141,7 @@ def train_loop(
             group = batches[b : b + cfg.grad_accum]  # micro-batches of one optimizer step
             finite = True
             for ids in group:
-                batch = {k: v.to(device) for k, v in objective.collate([train_items[i] for i in ids]).items()}
-                with autocast():
-                    logits = model(**objective.model_inputs(batch))
-                    loss = objective.loss(logits, batch) / len(group)
+                loss = _batch_loss(model, objective, train_items, ids, runtime, len(group))
                 result.samples += len(ids)
                 result.tokens += sum(lengths[i] for i in ids)
                 if not bool(torch.isfinite(loss)):
@@ -228,12 +229,70 @@ def _cache(model, method, objective, train_items, val_items, cfg, runtime, run):
     return cache(train_items, "train"), (None if val_items is None else cache(val_items, "validation"))
 
 
-def _optimizer(model: Any, method: Any, cfg: TrainConfig, steps: int, get_scheduler: Any):
-    lr = cfg.lr if cfg.lr is not None else method.default_lr
-    groups = method.param_groups(model, lr, cfg.head_lr or lr, cfg.weight_decay)
+def _batch_loss(model, objective, items, ids: list[int], runtime: Runtime, parts: int) -> torch.Tensor:
+    """The loss of one micro-batch (a share `1 / parts` of its optimizer step's)."""
+    batch = {k: v.to(runtime.device) for k, v in objective.collate([items[i] for i in ids]).items()}
+    with runtime.autocast():
+        return objective.loss(model(**objective.model_inputs(batch)), batch) / parts  # type: ignore[no-any-return]
+
+
+def _rates(model, method, objective, items, lengths, cfg: TrainConfig, runtime, run: Run, names, resume) -> Rates:
+    """The learning rates (training/rates.py), after a range test for `lr: auto` (recorded in plan.json;
+    a resumed run reuses the recorded choice), and written to plan.json with the rule that gave them."""
+    found = None
+    if cfg.lr == "auto" and resume:
+        found = _recorded_choice(run)
+    elif cfg.lr == "auto":
+        found = _find_lr(model, method, objective, items, lengths, cfg, runtime, run, names)
+    family, pretrained = model.pretrained_lr_scale, method.tunes_pretrained
+    rates = resolve_rates(cfg.lr, cfg.head_lr, method.default_lr, pretrained, family, found, cfg.lr_multiplier)
+    run.update_plan({"lr": rates.lr, "head_lr": rates.head_lr, "lr_rule": rates.rule})
+    return rates
+
+
+def _find_lr(model, method, objective, items, lengths, cfg: TrainConfig, runtime, run: Run, names) -> float | None:
+    """Run the range test on the run's own steps; record its curve and choice in plan.json."""
+    method.on_epoch_start(model, 0)  # what trains in the first epoch (gradual unfreezing)
+    # Every group's rate relative to lr; the head's is 0 when it trains at a fixed, configured rate.
+    head = 0.0 if cfg.head_lr is not None else head_lr_for(1.0, None, method.tunes_pretrained)[0]
+    groups = method.param_groups(model, 1.0, head, cfg.weight_decay)
+
+    def step_loss(optimizer: torch.optim.Optimizer, micro_batches: list[list[int]]) -> float:
+        total = 0.0
+        for ids in micro_batches:
+            loss = _batch_loss(model, objective, items, ids, runtime, len(micro_batches))
+            if not bool(torch.isfinite(loss)):
+                return math.nan
+            loss.backward()
+            total += float(loss.detach())
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    model.train()
+    batches = step_batches(lengths, cfg.batch_size, cfg.grad_accum, cfg.seed)
+    curve = range_test(model, names, groups, cfg.head_lr, step_loss, batches, cfg.lr_find_steps)
+    chosen = choose_lr(curve.lrs, curve.losses)
+    run.update_plan({"lr_finder": curve.record(chosen)})
+    run.log({"kind": "lr_finder", "step": 0, "chosen": chosen, "stop": curve.stop, "seconds": curve.seconds})
+    return chosen
+
+
+def _recorded_choice(run: Run) -> float | None:
+    """The range test's choice recorded in plan.json by the run being resumed."""
+    finder = run.plan().get("lr_finder")
+    if not isinstance(finder, dict) or "chosen" not in finder:
+        raise ConfigError(f"--resume {run.dir}: plan.json has no lr_finder record for train.lr: auto; start a new run")
+    return None if finder["chosen"] is None else float(finder["chosen"])
+
+
+def _optimizer(model: Any, method: Any, cfg: TrainConfig, rates: Rates, steps: int, get_scheduler: Any):
+    groups = method.param_groups(model, rates.lr, rates.head_lr, cfg.weight_decay)
     if not groups:
         raise ConfigError(f"method.name={method.name}: no parameter is trainable")
-    optimizer = torch.optim.AdamW(groups, lr=lr)
+    optimizer = torch.optim.AdamW(groups, lr=rates.lr)
     warmup = round(cfg.warmup_ratio * steps)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     return optimizer, scheduler
