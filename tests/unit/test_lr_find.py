@@ -246,7 +246,7 @@ def test_lr_auto_trains_exactly_as_the_rate_it_chose(base_config: dict, tmp_path
     report = (auto.run_dir / "report.html").read_text()
     start = report.index("<h2 id='lr_finder'>Learning-rate range test</h2>")
     shown = report[start : report.index("<h2 id='training'>")]
-    assert shown.count("<img src=\"data:image/png;base64,") == 1 and "min/10" in shown and f"{chosen:.4g}" in shown
+    assert shown.count('<img src="data:image/png;base64,') == 1 and "min/10" in shown and f"{chosen:.4g}" in shown
     logged = [json.loads(line) for line in (auto.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["chosen"] for r in logged if r["kind"] == "lr_finder"] == [chosen]
 
