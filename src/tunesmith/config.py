@@ -250,7 +250,7 @@ class TrainConfig(Section):
     )
     head_lr: float | None = Field(
         None,
-        description="LR of the new head (default: 10 x lr where the method trains pre-trained weights, "
+        description="LR of the new head (default: max(lr, 2e-3) where the method trains pre-trained weights, "
         "else lr; with lr: auto, the same rule on the rate the range test picks).",
     )
     lr_multiplier: float = Field(
@@ -292,7 +292,7 @@ class TrainConfig(Section):
         if value == "auto" and info.field_name == "head_lr":
             raise ValueError(
                 "auto is for train.lr; leave head_lr unset and the head follows lr by the default rule "
-                "(10 x lr where the method trains pre-trained weights, else lr)"
+                "(max(lr, 2e-3) where the method trains pre-trained weights, else lr)"
             )
         if value is None or value == "auto":
             return value

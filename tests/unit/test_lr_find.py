@@ -30,17 +30,24 @@ from tunesmith.training.lr_find import (
     steepest_lr,
     step_batches,
 )
-from tunesmith.training.rates import HEAD_LR_FACTOR, resolve_rates
+from tunesmith.training.rates import HEAD_LR, head_lr_for, resolve_rates
 
 # --- the default rule -------------------------------------------------------------------------
 
 
 def test_a_conv_family_scales_the_rate_of_methods_that_tune_pretrained_weights() -> None:
     conv = resolve_rates(None, None, 5e-5, tunes_pretrained=True, family_scale=20.0)
-    assert conv.lr == pytest.approx(1e-3) and conv.head_lr == pytest.approx(1e-2)
-    assert "pretrained_lr_scale 20" in conv.rule and "head 10 x lr" in conv.rule
+    assert conv.lr == pytest.approx(1e-3) and conv.head_lr == HEAD_LR == 2e-3
+    assert "pretrained_lr_scale 20" in conv.rule and "head at max(lr, 0.002)" in conv.rule
     transformer = resolve_rates(None, None, 5e-5, tunes_pretrained=True, family_scale=1.0)
-    assert transformer.lr == 5e-5 and transformer.head_lr == pytest.approx(HEAD_LR_FACTOR * 5e-5)
+    assert transformer.lr == 5e-5 and transformer.head_lr == HEAD_LR  # 40x: the head is not starved
+
+
+def test_the_head_trains_at_least_at_the_rate_it_trains_at_alone() -> None:
+    assert head_lr_for(1e-5, None, tunes_pretrained=True)[0] == HEAD_LR
+    assert head_lr_for(5e-3, None, tunes_pretrained=True)[0] == 5e-3  # never below lr
+    assert head_lr_for(1e-5, None, tunes_pretrained=False)[0] == 1e-5  # the head is as new as the rest
+    assert head_lr_for(1e-5, 4e-4, tunes_pretrained=True)[0] == 4e-4  # configured
 
 
 def test_methods_that_train_only_new_weights_keep_their_rate_on_any_family() -> None:
@@ -51,11 +58,11 @@ def test_methods_that_train_only_new_weights_keep_their_rate_on_any_family() -> 
 
 def test_configured_rates_win_and_the_multiplier_scales_both() -> None:
     given = resolve_rates(3e-4, None, 5e-5, tunes_pretrained=True, family_scale=20.0)
-    assert given.lr == 3e-4 and given.head_lr == pytest.approx(3e-3)  # the head still follows lr
+    assert given.lr == 3e-4 and given.head_lr == HEAD_LR  # the head still follows the rule
     both = resolve_rates(3e-4, 7e-3, 5e-5, tunes_pretrained=True, family_scale=20.0, multiplier=2.0)
     assert both.lr == pytest.approx(6e-4) and both.head_lr == pytest.approx(1.4e-2)
-    found = resolve_rates("auto", None, 5e-5, tunes_pretrained=True, family_scale=20.0, found=2e-4)
-    assert found.lr == 2e-4 and found.head_lr == pytest.approx(2e-3)
+    found = resolve_rates("auto", None, 5e-5, tunes_pretrained=True, family_scale=20.0, found=4e-3)
+    assert found.lr == 4e-3 and found.head_lr == 4e-3
     none_found = resolve_rates("auto", None, 5e-5, tunes_pretrained=True, family_scale=20.0, found=None)
     assert none_found.lr == pytest.approx(1e-3) and "never clearly fell" in none_found.rule
 
@@ -76,7 +83,7 @@ def test_model_families_declare_their_scale(tmp_path: Path, tiny_bert: Path) -> 
     assert conv.pretrained_lr_scale == 20.0 and text.pretrained_lr_scale == 1.0
     assert method.tunes_pretrained
     rates = resolve_rates(None, None, method.default_lr, method.tunes_pretrained, conv.pretrained_lr_scale)
-    assert (rates.lr, rates.head_lr) == pytest.approx((1e-3, 1e-2))
+    assert (rates.lr, rates.head_lr) == pytest.approx((1e-3, 2e-3))
 
 
 # --- the selection rule on hand-built curves ----------------------------------------------------
@@ -182,8 +189,9 @@ def test_the_range_test_restores_weights_buffers_modes_and_rng() -> None:
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    groups = param_groups(model, 1.0, 10.0, 0.01)  # type: ignore[arg-type]
-    curve = range_test(model, names, groups, None, step_loss, step_batches([1] * 64, 8, 1, 0), 60)
+    groups = param_groups(model, 1.0, 0.0, 0.01)  # type: ignore[arg-type]  # the head's group apart, at 0
+    head_at = lambda lr: max(lr, HEAD_LR)  # noqa: E731
+    curve = range_test(model, names, groups, head_at, step_loss, step_batches([1] * 64, 8, 1, 0), 60)
 
     assert 0 < len(curve.lrs) <= 60 and curve.lrs == sorted(curve.lrs)
     assert curve.lrs[0] >= START_LR and curve.lrs[-1] <= END_LR
@@ -199,7 +207,7 @@ def test_the_range_test_restores_weights_buffers_modes_and_rng() -> None:
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected_rng
 
 
-def test_a_fixed_head_rate_holds_through_the_sweep() -> None:
+def test_the_head_follows_its_rule_through_the_sweep() -> None:
     model = _Tiny()
     names = [n for n, _ in model.named_parameters()]
     seen: list[tuple[float, float]] = []
@@ -211,9 +219,9 @@ def test_a_fixed_head_rate_holds_through_the_sweep() -> None:
         return 1.0
 
     groups = param_groups(model, 1.0, 0.0, 0.01)  # type: ignore[arg-type]  # the head's group at 0
-    range_test(model, names, groups, 0.003, step_loss, step_batches([1] * 16, 8, 1, 0), 20)
-    assert {head for head, _ in seen} == {0.003}
+    range_test(model, names, groups, lambda lr: max(lr, HEAD_LR), step_loss, step_batches([1] * 16, 8, 1, 0), 20)
     assert [body for _, body in seen] == pytest.approx(exponential_lrs(20))
+    assert [head for head, _ in seen] == pytest.approx([max(lr, HEAD_LR) for lr in exponential_lrs(20)])
 
 
 # --- lr: auto in a run ---------------------------------------------------------------------------
@@ -235,7 +243,7 @@ def test_lr_auto_trains_exactly_as_the_rate_it_chose(base_config: dict, tmp_path
     chosen = finder["chosen"]
     assert chosen is not None and START_LR <= chosen <= END_LR
     assert chosen == pytest.approx(choose_lr(finder["lrs"], finder["losses"]))
-    assert plan["lr"] == chosen and plan["head_lr"] == pytest.approx(HEAD_LR_FACTOR * chosen)
+    assert plan["lr"] == chosen and plan["head_lr"] == max(chosen, HEAD_LR)
     assert "range test" in plan["lr_rule"]
 
     fixed = tunesmith.train(**{**cfg, "train": {**cfg["train"], "lr": chosen}, "output": str(tmp_path / "fixed")})

@@ -253,9 +253,10 @@ def _rates(model, method, objective, items, lengths, cfg: TrainConfig, runtime, 
 def _find_lr(model, method, objective, items, lengths, cfg: TrainConfig, runtime, run: Run, names) -> float | None:
     """Run the range test on the run's own steps; record its curve and choice in plan.json."""
     method.on_epoch_start(model, 0)  # what trains in the first epoch (gradual unfreezing)
-    # Every group's rate relative to lr; the head's is 0 when it trains at a fixed, configured rate.
-    head = 0.0 if cfg.head_lr is not None else head_lr_for(1.0, None, method.tunes_pretrained)[0]
-    groups = method.param_groups(model, 1.0, head, cfg.weight_decay)
+    groups = method.param_groups(model, 1.0, 0.0, cfg.weight_decay)  # rates relative to lr; the head's apart
+
+    def head_at(lr: float) -> float:
+        return head_lr_for(lr, cfg.head_lr, method.tunes_pretrained)[0]
 
     def step_loss(optimizer: torch.optim.Optimizer, micro_batches: list[list[int]]) -> float:
         total = 0.0
@@ -273,7 +274,7 @@ def _find_lr(model, method, objective, items, lengths, cfg: TrainConfig, runtime
 
     model.train()
     batches = step_batches(lengths, cfg.batch_size, cfg.grad_accum, cfg.seed)
-    curve = range_test(model, names, groups, cfg.head_lr, step_loss, batches, cfg.lr_find_steps)
+    curve = range_test(model, names, groups, head_at, step_loss, batches, cfg.lr_find_steps)
     chosen = choose_lr(curve.lrs, curve.losses)
     run.update_plan({"lr_finder": curve.record(chosen)})
     run.log({"kind": "lr_finder", "step": 0, "chosen": chosen, "stop": curve.stop, "seconds": curve.seconds})

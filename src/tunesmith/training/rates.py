@@ -4,10 +4,13 @@
   the method moves pre-trained weights themselves (full, partial). Methods that train only weights
   they add (LoRA, adapters, prompts, IA3) or the head alone keep their own rate: it was chosen for
   those new weights, whatever the network under them.
-- `train.head_lr`: HEAD_LR_FACTOR x lr where the method moves pre-trained weights and the model has
-  a new head. The head starts from random weights and has everything to learn, while the weights
-  below it should move only a little (the "10x for the new layer" of fine-tuning practice, e.g.
-  Yosinski et al. 2014); elsewhere the head trains at lr, as every weight that trains is new.
+- `train.head_lr`: where the method moves pre-trained weights, the new head trains at
+  max(lr, HEAD_LR), HEAD_LR being the rate a new head trains at alone on frozen features (feature
+  extraction's default). The head starts from random weights and its job is the same whatever
+  trains below it, so it needs its own rate, not the small one that suits pre-trained weights
+  (5e-5 for a transformer: the head barely moves in a short run). Measured against a fixed 10x lr:
+  as good or better on both packaged sets, and 10x made EfficientNet-Lite0 worse (README). Where
+  only new weights train, the head trains at lr, as they all do.
 - `train.lr: auto`: a range test (training/lr_find.py) picks lr; the head follows the same rule.
 
 A number in the config always wins.
@@ -17,9 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["HEAD_LR_FACTOR", "Rates", "default_lr", "head_lr_for", "resolve_rates"]
+__all__ = ["HEAD_LR", "Rates", "default_lr", "head_lr_for", "resolve_rates"]
 
-HEAD_LR_FACTOR = 10.0
+HEAD_LR = 2e-3  # a new linear head on frozen features: feature extraction's default rate
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ def head_lr_for(lr: float, head_lr: float | None, tunes_pretrained: bool) -> tup
     if head_lr is not None:
         return head_lr, "head_lr as configured"
     if tunes_pretrained:
-        return HEAD_LR_FACTOR * lr, f"head {HEAD_LR_FACTOR:g} x lr (a new head over pre-trained weights)"
+        return max(lr, HEAD_LR), f"head at max(lr, {HEAD_LR:g}), the rate a new head trains at alone"
     return lr, "head at lr (every weight that trains is new)"
 
 
