@@ -137,8 +137,11 @@ def train(
     train_items, val_items = _encode(data, model, runtime)
     if main:
         n = len(train_items)
-        planned = run_plan(cfg.train, method.default_lr, runtime.precision, model, names, n, processes.world)
-        write_json(run.dir / "plan.json", _describe_data(splits, objective) | planned | task.plan(objective))
+        planned = run_plan(cfg.train, runtime.precision, model, names, n, processes.world)
+        # A resumed run keeps the record of its range test (train.lr: auto): the loop reuses its choice.
+        kept = {k: v for k, v in run.plan().items() if k == "lr_finder"} if resume is not None else {}
+        described = _describe_data(splits, objective) | planned | task.plan(objective) | kept
+        write_json(run.dir / "plan.json", described)
     if resume is None and main:
         extra = task.run_record(objective)
         write_manifest(run, cfg.train.seed, splits.hashes, model_source_path(cfg.model.name), extra or None)
@@ -233,7 +236,7 @@ def plan(
     model, names, runtime = _build_run_model(cfg, data)
     start = with_model(start, model)
     train_items, val_items = _encode(data, model, runtime)
-    counts = run_plan(cfg.train, data.method.default_lr, runtime.precision, model, names, len(train_items))
+    counts = run_plan(cfg.train, runtime.precision, model, names, len(train_items))
     items = (train_items, val_items, len(data.splits.test or []))
     report = check_run(
         cfg, data.method, data.objective, model, names, runtime, items, counts, start, memory_limit_gb, dry_run

@@ -2,9 +2,9 @@
 
 Each variant is a normal run (its own run directory) started in its own process, so its peak
 memory is its own. `--methods` gives each method its own default learning rate (`train.lr` reset)
-unless an override sets one; `--shots K1,K2 --seeds N` trains on K rows per label with seeds
-0..N-1 and reports the mean and spread over seeds, since a few-shot result depends on which K
-rows were drawn.
+unless an override sets one (`train.lr=auto`: each method's range test picks its rate);
+`--shots K1,K2 --seeds N` trains on K rows per label with seeds 0..N-1 and reports the mean and
+spread over seeds, since a few-shot result depends on which K rows were drawn.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Outcome:
     run_dir: Path | None
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    plan: dict[str, Any] = field(default_factory=dict)  # plan.json: the rates it trained at
 
 
 def plan_variants(methods: list[str] | None, shots: list[int] | None, seeds: int) -> list[Variant]:
@@ -77,7 +78,7 @@ def compare(
     outcomes = []
     for variant in variants:
         print(f"compare: {variant.label} ...", file=sys.stderr, flush=True)
-        outcomes.append(_run(config, variant, [*(overrides or []), *variant.overrides], out))
+        outcomes.append(_run(config, variant, _variant_overrides(variant, overrides or []), out))
     rows = summarize(outcomes, cfg.task)
     markdown = to_markdown(rows, cfg.task, Path(config).name)
     path = out / "compare.md"
@@ -85,6 +86,14 @@ def compare(
     atomic_write_text(out / "compare.html", to_html(markdown))
     atomic_write_text(out / "compare.json", json.dumps(rows, indent=2, default=str))
     return rows, path
+
+
+def _variant_overrides(variant: Variant, overrides: list[str]) -> list[str]:
+    """The command line's overrides, then the variant's; a key the command line sets keeps its value
+    where the variant would only reset it (`train.lr=null`)."""
+    given = {o.partition("=")[0].strip() for o in overrides}
+    resets = [o for o in variant.overrides if o.endswith("=null") and o.partition("=")[0] in given]
+    return [*overrides, *(o for o in variant.overrides if o not in resets)]
 
 
 def _run(config: str | Path, variant: Variant, overrides: list[str], out: Path) -> Outcome:
@@ -97,12 +106,14 @@ def _run(config: str | Path, variant: Variant, overrides: list[str], out: Path) 
     if done.returncode != 0 or not runs or not (runs[-1] / "eval.json").is_file():
         lines = (done.stderr or done.stdout).strip().splitlines()
         return Outcome(variant, runs[-1] if runs else None, error=lines[-1] if lines else "failed")
-    return Outcome(variant, runs[-1], json.loads((runs[-1] / "eval.json").read_text(encoding="utf-8")))
+    plan = runs[-1] / "plan.json"
+    planned = json.loads(plan.read_text(encoding="utf-8")) if plan.is_file() else {}
+    return Outcome(variant, runs[-1], json.loads((runs[-1] / "eval.json").read_text(encoding="utf-8")), plan=planned)
 
 
 def summarize(outcomes: list[Outcome], task: str) -> list[dict[str, Any]]:
-    """One row per group: headline metrics (mean and spread over seeds), trainable parameters,
-    wall time, peak memory, forgetting (retention change) and the run directories."""
+    """One row per group: headline metrics and held-out loss (mean and spread over seeds), learning
+    rates, trainable parameters, wall time, peak memory, forgetting (retention change), run directories."""
     groups: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
         groups.setdefault(outcome.variant.group, []).append(outcome)
@@ -115,11 +126,15 @@ def summarize(outcomes: list[Outcome], task: str) -> list[dict[str, Any]]:
             rows.append(row)
             continue
         held = [m.metrics.get("test") or m.metrics.get("validation") or {} for m in ok]
-        for key in headline(task):
+        for key in _columns(task):
             values = [float(h[key]) for h in held if key in h]
             if values:
                 row[key] = statistics.mean(values)
                 row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        for key in ("lr", "head_lr"):
+            rates = [float(m.plan[key]) for m in ok if isinstance(m.plan.get(key), int | float)]
+            if rates:
+                row[key] = statistics.geometric_mean(rates)  # one rate per seed where lr: auto chose it
         train = [m.metrics["train"] for m in ok]
         row["trainable_parameters"] = train[0]["trainable_parameters"]
         row["wall_seconds"] = statistics.mean(t["wall_seconds"] for t in train)
@@ -132,9 +147,15 @@ def summarize(outcomes: list[Outcome], task: str) -> list[dict[str, Any]]:
     return rows
 
 
-def to_markdown(rows: list[dict[str, Any]], task: str, title: str) -> str:
+def _columns(task: str) -> tuple[str, ...]:
+    """The task's headline metrics, then the held-out loss where the headline leaves it out."""
     keys = headline(task)
-    header = ["variant", *keys, "trainable params", "wall time", "peak memory", "forgetting"]
+    return keys if "loss" in keys else (*keys, "loss")
+
+
+def to_markdown(rows: list[dict[str, Any]], task: str, title: str) -> str:
+    keys = tuple(k for k in _columns(task) if k in headline(task) or any(k in row for row in rows))
+    header = ["variant", *keys, "lr (head)", "trainable params", "wall time", "peak memory", "forgetting"]
     lines = [f"# compare: {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if "error" in row:
@@ -144,6 +165,7 @@ def to_markdown(rows: list[dict[str, Any]], task: str, title: str) -> str:
         for key in keys:
             spread = f" ± {row[f'{key}_std']:.4f}" if row["runs"] > 1 else ""
             cells.append(f"{row[key]:.4f}{spread}" if key in row else "-")
+        cells.append(_rates(row))
         cells += [f"{row['trainable_parameters']:,}", f"{row['wall_seconds']:.0f} s", f"{row['peak_rss_mb']:.0f} MB"]
         change = row.get("retention_change")
         cells.append("-" if change is None or math.isnan(change) else f"{100 * change:+.1f}%")
@@ -151,6 +173,14 @@ def to_markdown(rows: list[dict[str, Any]], task: str, title: str) -> str:
     note = "Mean ± standard deviation over seeds where a variant ran more than once; forgetting is the "
     note += "relative change of the retention metric from the base model (eval.retention)."
     return "\n".join([*lines, "", note, ""])
+
+
+def _rates(row: dict[str, Any]) -> str:
+    """`1e-03 (1e-02)`: the rate, and the new head's where it differs; "-" for runs without a record."""
+    if "lr" not in row:
+        return "-"
+    head = row.get("head_lr")
+    return f"{row['lr']:.2g}" + (f" ({head:.2g})" if head is not None and not math.isclose(head, row["lr"]) else "")
 
 
 def to_html(markdown: str) -> str:

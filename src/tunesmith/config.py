@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from tunesmith import registry
 from tunesmith.errors import ConfigError
@@ -287,8 +296,24 @@ class TrainConfig(Section):
 
     epochs: float = Field(3, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    lr: float | None = Field(None, gt=0, description="Peak learning rate (default: the method's own).")
-    head_lr: float | None = Field(None, gt=0, description="LR of the new head (default: lr).")
+    lr: float | Literal["auto"] | None = Field(
+        None,
+        description="Peak learning rate; auto: a range test picks it before training (default: the method's "
+        "own, scaled by the model family's pretrained_lr_scale where the method trains pre-trained weights).",
+    )
+    head_lr: float | None = Field(
+        None,
+        description="LR of the new head (default: max(lr, 2e-3) where the method trains pre-trained weights, "
+        "else lr; with lr: auto, the same rule on the rate the range test picks).",
+    )
+    lr_multiplier: float = Field(
+        1.0,
+        gt=0,
+        description="Multiplies lr and head_lr, however they were chosen (the service's learning_rate_multiplier).",
+    )
+    lr_find_steps: int = Field(
+        100, ge=10, le=1000, description="Steps of the learning-rate range test that `auto` runs (1e-7 to 1)."
+    )
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not on biases and norms).")
     batch_size: int = Field(32, gt=0, description="Rows per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
@@ -324,6 +349,38 @@ class TrainConfig(Section):
     @classmethod
     def _one_tracker(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v  # `report_to: mlflow` is a list of one
+
+    @field_validator("lr", "head_lr", mode="before")
+    @classmethod
+    def _rate(cls, value: Any, info: ValidationInfo) -> Any:
+        """A positive number, `auto` (lr only) or null. YAML reads `5e-5` (no dot) as a string: it is
+        taken as the number it spells."""
+        if value == "auto" and info.field_name == "head_lr":
+            raise ValueError(
+                "auto is for train.lr; leave head_lr unset and the head follows lr by the default rule "
+                "(max(lr, 2e-3) where the method trains pre-trained weights, else lr)"
+            )
+        if value is None or value == "auto":
+            return value
+        auto = ", or auto (a short range test picks it before training)" if info.field_name == "lr" else ""
+        number = _as_number(value)
+        if number is None:
+            raise ValueError(f"{value!r} is not a learning rate; give a number (e.g. 5.0e-5){auto}")
+        if not 0 < number < float("inf"):
+            raise ValueError(f"must be greater than 0 and finite (got {value}){auto}")
+        return number
+
+
+def _as_number(value: Any) -> float | None:
+    """A float from a number or a string spelling one; None for anything else (booleans included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 class RetentionConfig(Section):

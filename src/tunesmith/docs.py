@@ -5,6 +5,7 @@ Regenerate with `python -m tunesmith.docs` and paste between the README's refere
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any
 
@@ -57,14 +58,23 @@ def config_reference() -> str:
 
 
 def _type(annotation: Any) -> str:
+    return _plain(annotation).replace("|", "\\|")
+
+
+def _plain(annotation: Any) -> str:
+    """`float | 'auto' | None`: a union that holds a Literal is spelled out choice by choice (its own
+    repr would be `Union[float, Literal['auto'], NoneType]`)."""
+    args = typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Literal:
-        text = " | ".join(repr(a) for a in typing.get_args(annotation))
-    elif typing.get_origin(annotation) is list and typing.get_origin(typing.get_args(annotation)[0]) is typing.Literal:
-        return f"list[{_type(typing.get_args(annotation)[0])}]"  # a list of choices: list['a' \| 'b']
-    else:
-        text = str(annotation).replace("typing.", "").replace("tunesmith.config.", "")
-        text = text.replace("<class '", "").replace("'>", "")
-    return text.replace("|", "\\|")
+        return " | ".join(repr(a) for a in args)
+    if typing.get_origin(annotation) is list and typing.get_origin(args[0]) is typing.Literal:
+        return f"list[{_plain(args[0])}]"  # a list of choices: list['a' | 'b']
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and any(
+        typing.get_origin(a) is typing.Literal for a in args
+    ):
+        return " | ".join("None" if a is type(None) else _plain(a) for a in args)
+    text = str(annotation).replace("typing.", "").replace("tunesmith.config.", "")
+    return text.replace("<class '", "").replace("'>", "")
 
 
 def _default(field: Any) -> str:

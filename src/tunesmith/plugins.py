@@ -24,7 +24,7 @@ from tunesmith.data.load import Splits
 from tunesmith.data.quality import QualityReport
 from tunesmith.runtime import Runtime
 
-__all__ = ["Item", "Method", "Metrics", "Objective", "Output", "Task", "build_method", "build_task"]
+__all__ = ["Item", "Method", "Metrics", "Objective", "Output", "Task", "TaskModel", "build_method", "build_task"]
 
 Item = dict[str, Any]  # one encoded example, as its objective's `collate` reads it
 Output = Literal["label", "score", "text", "transcript"]
@@ -35,7 +35,11 @@ class Method(Protocol):
 
     name: str
     config: type[MethodSection]  # its config section, told apart from the others by `name`
-    default_lr: float
+    default_lr: float  # for a transformer; see tunes_pretrained
+    # Whether it moves pre-trained weights themselves (full, partial), not only weights it adds or the
+    # head: then the model family's `pretrained_lr_scale` multiplies its default rate, and a new head
+    # defaults to a higher rate than the rest (training/rates.py).
+    tunes_pretrained: bool
     # True when nothing before the head trains: the loop may cache pooled backbone features.
     frozen_backbone: bool
     # Blocks 0..frozen_blocks-1 and the embeddings never train and run without dropout: the loop may
@@ -71,6 +75,18 @@ class Method(Protocol):
         Raises:
             ConfigError: what it added cannot become part of one network (virtual tokens).
         """
+
+
+class TaskModel(Protocol):
+    """What the core reads of the model a task builds (`Task.build_model`), beyond its forward pass:
+    a `backbone` that methods wrap or freeze, a `head` (empty where the task adds none) and the
+    model family's learning-rate scale."""
+
+    backbone: nn.Module
+    head: nn.Module
+    # How many times a transformer's default rate this family's pre-trained weights fine-tune at, with
+    # AdamW (1 for transformers; a conv net with batch norm declares more). Measured, see the README.
+    pretrained_lr_scale: float
 
 
 class Metrics(Protocol):
@@ -161,7 +177,8 @@ class Task(Protocol):
         """Raise ConfigError saying why `method` does not fit this task (return when it fits)."""
 
     def build_model(self, num_labels: int) -> nn.Module:
-        """The base model with what the task adds (a new head, or none), before any method."""
+        """The base model with what the task adds (a new head, or none), before any method; a
+        `TaskModel`."""
 
     # --- a run --------------------------------------------------------------------------------
     def objective(self, tokenizer: Any | None, labels: Sequence[str]) -> Objective:

@@ -69,6 +69,15 @@ class Run:
             fh.write(line + "\n")
             fh.flush()
 
+    def plan(self) -> dict[str, Any]:
+        """plan.json ({} before it is written)."""
+        path = self.dir / "plan.json"
+        return dict(read_json(path)) if path.is_file() else {}
+
+    def update_plan(self, fields: dict[str, Any]) -> None:
+        """Add `fields` to plan.json (atomically), e.g. what the loop decided once training began."""
+        write_json(self.dir / "plan.json", self.plan() | fields)
+
     def metrics(self) -> list[dict[str, Any]]:
         path = self.dir / "metrics.jsonl"
         if not path.exists():

@@ -73,3 +73,18 @@ def test_the_stage_split_gives_the_full_forward() -> None:
         for k in range(1, 8):
             split = model.encode_suffix(model.encode_prefix(pixels, k), k)
             torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-5)
+
+
+def test_the_pretrained_net_fine_tunes_with_batch_norms_that_keep_up() -> None:
+    """The weights came with momentum 0.01 (made for ImageNet's long runs); a fine-tuning run of ~100
+    steps gets 0.1, so the statistics follow the weights that train. The weights themselves are ImageNet's."""
+    from tunesmith.config import ModelConfig
+    from tunesmith.models.efficientnet import load_efficientnet_lite0
+    from tunesmith.models.image import build_image_classifier
+
+    model = build_image_classifier(ModelConfig(name="efficientnet-lite0"), 10, seed=0)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) > 40 and {m.momentum for m in norms} == {0.1}
+    imagenet = load_efficientnet_lite0().state_dict()
+    assert all(torch.equal(v, imagenet[k]) for k, v in model.backbone.state_dict().items())
+    assert model.pretrained_lr_scale == 20.0

@@ -45,6 +45,29 @@ def test_summary_reports_mean_and_spread_over_seeds() -> None:
     assert "0.7000 ± 0.1414" in table and "+5.0%" in table
 
 
+def test_an_override_of_the_rate_holds_for_every_method() -> None:
+    from tunesmith.compare import _variant_overrides
+
+    (full,) = plan_variants(["full"], None, 1)
+    assert _variant_overrides(full, ["data.limit=10"])[-1] == "train.lr=null"  # each method at its default
+    kept = _variant_overrides(full, ["train.lr=auto"])
+    assert "train.lr=auto" in kept and "train.lr=null" not in kept and "method.name=full" in kept
+
+
+def test_the_table_shows_held_out_loss_and_the_rates() -> None:
+    auto = _outcome("full", 0.9)
+    auto.metrics["validation"]["loss"] = 0.25
+    auto.plan = {"lr": 1e-3, "head_lr": 1e-2}
+    same = _outcome("lora", 0.8)
+    same.plan = {"lr": 5e-4, "head_lr": 5e-4}
+    rows = summarize([auto, same], "classification")
+    assert rows[0]["loss"] == 0.25 and "loss" not in rows[1]
+    table = to_markdown(rows, "classification", "x.yaml")
+    assert "| variant | accuracy | macro_f1 | loss | lr (head) |" in table
+    assert "| full | 0.9000 | 0.8000 | 0.2500 | 0.001 (0.01) |" in table
+    assert "| lora | 0.8000 | 0.7000 | - | 0.0005 |" in table
+
+
 def test_compare_methods_through_the_cli(base_config: dict, tmp_path: Path, monkeypatch, capsys) -> None:
     base_config["train"]["max_steps"] = 2
     config = tmp_path / "run.yaml"

@@ -69,8 +69,8 @@ def write_report(run_dir: str | Path) -> Path:
         ConfigError: `run_dir` has no config.yaml, or one of its JSON files cannot be read.
     """
     files = read_run_files(Path(run_dir))
-    sections = (_header, _settings, _training, _validation, _memory, _confusion, _retention, _samples, _final_metrics)
-    body = "".join(section(files) for section in (*sections, _data_report, _plan, _manifest))
+    sections = (_header, _settings, _lr_finder, _training, _validation, _memory, _confusion, _retention, _samples)
+    body = "".join(section(files) for section in (*sections, _final_metrics, _data_report, _plan, _manifest))
     path = files.dir / "report.html"
     atomic_write_text(path, page(f"tunesmith run {files.dir.name}", body))
     return path
@@ -153,6 +153,34 @@ def _settings(files: RunFiles) -> str:
     rows |= {f"eval.{k}": v for k, v in pick(evals, "metric", "baseline", "retention").items()}
     full = f"<details><summary>config.yaml</summary><pre>{esc(files.config_text)}</pre></details>"
     return h2("settings", "Settings") + table(None, rows.items()) + full
+
+
+def _lr_finder(files: RunFiles) -> str:
+    """The learning-rate range test of `train.lr: auto`: loss against rate, and the rate it chose."""
+    finder = (files.plan or {}).get("lr_finder")
+    if not isinstance(finder, dict):
+        return ""
+    lrs = finder.get("lrs") or []
+    points = [(x, y) for x, y in zip(lrs, finder.get("losses") or [], strict=False) if is_number(y)]
+    raw = [(x, y) for x, y in zip(lrs, finder.get("raw_losses") or [], strict=False) if is_number(y)]
+    facts = {k: finder.get(k) for k in ("chosen", "rule", "steepest", "stop", "seconds")}
+    facts["steps"] = len(points)
+    if not points:
+        return h2("lr_finder", "Learning-rate range test") + table(None, facts.items())
+    fig = figure(7.5, 3.2)
+    ax = fig.add_subplot()
+    if raw:
+        ax.plot(*zip(*raw, strict=True), color="C0", alpha=0.3, linewidth=1, label="loss per step")
+    ax.plot(*zip(*points, strict=True), color="C0", label="smoothed loss")
+    if is_number(finder.get("chosen")):
+        ax.axvline(finder["chosen"], color="C3", linestyle="--", label=f"chosen lr {finder['chosen']:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    image = png(fig, "training loss against learning rate in the range test, and the rate chosen")
+    return h2("lr_finder", "Learning-rate range test") + image + table(None, facts.items())
 
 
 def _training(files: RunFiles) -> str:
@@ -331,7 +359,7 @@ def _plan(files: RunFiles) -> str:
     plan = files.plan
     if not isinstance(plan, dict):
         return ""
-    rows = pick(plan, "rows", "total_steps", "lr", "precision", "template")
+    rows = pick(plan, "rows", "total_steps", "lr", "head_lr", "lr_rule", "precision", "template")
     trainable, total = plan.get("trainable_parameters"), plan.get("total_parameters")
     if isinstance(trainable, int) and isinstance(total, int) and total:
         rows["trainable parameters"] = f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"

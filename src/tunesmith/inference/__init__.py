@@ -225,4 +225,3 @@ class TextStream:
         if answer[len(self.shown) :]:
             self.on_text(answer[len(self.shown) :])
         self.shown = answer
-

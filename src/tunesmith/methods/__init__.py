@@ -22,6 +22,7 @@ class BaseMethod:
 
     name = "base"
     default_lr = 1e-4
+    tunes_pretrained = False
     frozen_backbone = False
     frozen_blocks = 0
     extra_positions = 0

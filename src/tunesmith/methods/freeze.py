@@ -17,6 +17,7 @@ from tunesmith.methods.full import layer_decay_scale
 from tunesmith.models.anatomy import block_index, find_blocks, is_input_stage, is_output_stage
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.registry import register_method
+from tunesmith.training.rates import HEAD_LR
 
 
 class FeatureExtractionConfig(MethodSection):
@@ -58,7 +59,7 @@ class FeatureExtractionMethod(BaseMethod):
 
     name = "feature-extraction"
     config = FeatureExtractionConfig
-    default_lr = 2e-3
+    default_lr = HEAD_LR  # the rate a new head trains at alone (also its floor under full and partial)
     frozen_backbone = True
 
     def __init__(self, cfg: FeatureExtractionConfig) -> None:
@@ -76,6 +77,7 @@ class PartialMethod(BaseMethod):
     name = "partial"
     config = PartialConfig
     default_lr = 5e-5
+    tunes_pretrained = True
 
     def __init__(self, cfg: PartialConfig) -> None:
         super().__init__(cfg)

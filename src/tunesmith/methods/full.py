@@ -44,6 +44,7 @@ class FullMethod(BaseMethod):
     name = "full"
     config = FullConfig
     default_lr = 5e-5
+    tunes_pretrained = True
 
     def __init__(self, cfg: FullConfig) -> None:
         super().__init__(cfg)

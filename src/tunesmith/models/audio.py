@@ -106,6 +106,8 @@ class AudioInputs:
 class AudioClassifier(nn.Module):
     """Speech encoder + masked mean pooling + a new head."""
 
+    pretrained_lr_scale = 1.0  # a transformer: the methods' default rates are for it (plugins.TaskModel)
+
     def __init__(self, backbone: nn.Module, feature_dim: int, num_labels: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.backbone = backbone
@@ -262,6 +264,8 @@ class SpeechToText(nn.Module):
     token embeddings), `head` empty (transcription adds no new head). `forward` gives logits over the
     vocabulary; `transcribe` decodes greedily through transformers' own Whisper generation, which
     shares these very modules (a LoRA or adapter injected into the backbone is used as it trains)."""
+
+    pretrained_lr_scale = 1.0  # a transformer: the methods' default rates are for it (plugins.TaskModel)
 
     def __init__(self, whisper: nn.Module) -> None:
         super().__init__()

@@ -22,6 +22,8 @@ class LMOutput(NamedTuple):
 
 
 class CausalLM(nn.Module):
+    pretrained_lr_scale = 1.0  # a transformer: the methods' default rates are for it (plugins.TaskModel)
+
     def __init__(self, backbone: nn.Module, lm_head: nn.Linear, eos_ids: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.backbone = backbone

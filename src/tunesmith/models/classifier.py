@@ -22,6 +22,8 @@ __all__ = ["TextClassifier"]
 
 
 class TextClassifier(nn.Module):
+    pretrained_lr_scale = 1.0  # a transformer: the methods' default rates are for it (plugins.TaskModel)
+
     def __init__(
         self,
         backbone: nn.Module,

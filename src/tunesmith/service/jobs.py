@@ -4,8 +4,9 @@ resolve, which models a key may name, and what the `tunesmith` extension may set
 The `"auto"` rule (recorded in the job's `hyperparameters` and in the run's `plan.json`):
 - `n_epochs`: enough passes to see about 3,000 rows, between 1 and 10: `clamp(ceil(3000 / rows), 1, 10)`.
 - `batch_size`: rows / 100 rounded to a power of two, between 4 and 32.
-- `learning_rate_multiplier`: 1.0, i.e. the method's own default learning rate (tunesmith's defaults
-  depend on the method: LoRA 5e-4, full 5e-5, ...).
+- `learning_rate_multiplier`: 1.0, i.e. the default learning rate (tunesmith's defaults depend on the
+  method and the model family: LoRA 5e-4, full 5e-5 for a transformer, ...); a number multiplies
+  whatever rate the run chooses (`train.lr_multiplier`).
 - `beta` (DPO): 0.1 (`OPENAI_METHODS` in openai_schema.py).
 
 Requests never name server paths: a model is a packaged name, a directory under the server's

@@ -24,16 +24,14 @@ def run_job(job_dir: Path) -> dict[str, Any]:
     """Train (or continue) the job in `job_dir`; returns what result.json holds."""
     from tunesmith import api
     from tunesmith.config import load_config
-    from tunesmith.plugins import build_method, build_task
+    from tunesmith.plugins import build_task
     from tunesmith.training.checkpoint import latest_checkpoint
 
     spec = read_json(job_dir / "job.json")
     cfg = load_config(spec["config"])
     multiplier = float(spec.get("learning_rate_multiplier", 1.0))
-    overrides = []
-    if multiplier != 1.0:
-        base = cfg.train.lr if cfg.train.lr is not None else build_method(cfg.method).default_lr
-        overrides.append(f"train.lr={base * multiplier}")
+    # On whatever rate the run would choose (the method's default for the model, or lr: auto's).
+    overrides = [f"train.lr_multiplier={multiplier}"] if multiplier != 1.0 else []
     runs = list_runs(job_dir / "runs")
     resume = runs[-1].dir if runs and latest_checkpoint(runs[-1].checkpoints) is not None else None
     recorded: list[bool] = []

@@ -10,6 +10,7 @@ method through their protocols (tunesmith.plugins), and what it needs of them is
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
@@ -32,6 +33,8 @@ from tunesmith.training.batching import epoch_batches, total_steps
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_tensors
 from tunesmith.training.distributed import Processes, rank_share
 from tunesmith.training.dropout import use_fast_dropout
+from tunesmith.training.lr_find import choose_lr, range_test, step_batches
+from tunesmith.training.rates import Rates, head_lr_for, resolve_rates
 
 __all__ = ["LoopResult", "StepCallback", "frozen_linears", "frozen_matmuls_to_bf16", "train_loop"]
 
@@ -105,7 +108,7 @@ def train_loop(
 ) -> LoopResult:
     from transformers import get_scheduler  # imported before the clock starts (~2 s the first time)
 
-    device, autocast = runtime.device, runtime.autocast
+    device = runtime.device
     world, main = processes.world, processes.main
     log = run.log if main else _discard  # only rank 0 writes the run directory
     model.to(device)
@@ -124,11 +127,12 @@ def train_loop(
 
     accum = cfg.grad_accum * world  # micro-batches of one optimizer step, over all processes
     steps = total_steps(len(train_items), cfg.batch_size, accum, cfg.epochs, cfg.max_steps)
+    rates = _rates(model, method, objective, train_items, lengths, cfg, runtime, run, names, resume, processes)
     # `net` is what trains: DDP's wrapper where there are several processes, else the model itself
     # (sharded in place under FSDP, before the optimizer sees its parameters); `model` is what
     # evaluation and checkpoints read.
     net = processes.wrap(model)
-    optimizer, scheduler = _optimizer(model, method, cfg, steps, get_scheduler)
+    optimizer, scheduler = _optimizer(model, method, cfg, rates, steps, get_scheduler)
 
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "processes": world, **fingerprint}
     if resume:
@@ -157,14 +161,11 @@ def train_loop(
             group = batches[b : b + accum]  # micro-batches of one optimizer step
             share = rank_share(group, processes.rank, world)
             finite = True
-            for k, (ids, counts) in enumerate(share):
-                batch = {k: v.to(device) for k, v in objective.collate([train_items[i] for i in ids]).items()}
+            for j, (ids, counts) in enumerate(share):
                 # Gradients are averaged over the processes once, after this process's last micro-batch.
-                with processes.sync(net, last=k == len(share) - 1):
-                    with autocast():
-                        logits = net(**objective.model_inputs(batch))
-                        # x world: data parallelism averages gradients, a single process sums them.
-                        loss = objective.loss(logits, batch) * (world / len(group))
+                with processes.sync(net, last=j == len(share) - 1):
+                    # x world: data parallelism averages gradients, a single process sums them.
+                    loss = _batch_loss(net, objective, train_items, ids, runtime, len(group) / world)
                     if counts:
                         result.samples += len(ids)
                         result.tokens += sum(lengths[i] for i in ids)
@@ -302,12 +303,80 @@ def _cache(model, method, objective, train_items, val_items, cfg, runtime, spill
     return cache(train_items, "train"), (None if val_items is None else cache(val_items, "validation"))
 
 
-def _optimizer(model: Any, method: Any, cfg: TrainConfig, steps: int, get_scheduler: Any):
-    lr = cfg.lr if cfg.lr is not None else method.default_lr
-    groups = method.param_groups(model, lr, cfg.head_lr or lr, cfg.weight_decay)
+def _batch_loss(model, objective, items, ids: list[int], runtime: Runtime, parts: float) -> torch.Tensor:
+    """The loss of one micro-batch (a share `1 / parts` of its optimizer step's)."""
+    batch = {k: v.to(runtime.device) for k, v in objective.collate([items[i] for i in ids]).items()}
+    with runtime.autocast():
+        return objective.loss(model(**objective.model_inputs(batch)), batch) / parts  # type: ignore[no-any-return]
+
+
+def _rates(
+    model, method, objective, items, lengths, cfg: TrainConfig, runtime, run: Run, names, resume, processes
+) -> Rates:
+    """The learning rates (training/rates.py), after a range test for `lr: auto` (recorded in plan.json;
+    a resumed run reuses the recorded choice), and written to plan.json with the rule that gave them.
+    Every process of a run tests the same rows; rank 0's choice is the one they all use."""
+    found = None
+    if cfg.lr == "auto" and resume:
+        found = _recorded_choice(run)
+    elif cfg.lr == "auto":
+        found = processes.broadcast(
+            _find_lr(model, method, objective, items, lengths, cfg, runtime, run, names, processes.main)
+        )
+    family, pretrained = model.pretrained_lr_scale, method.tunes_pretrained
+    rates = resolve_rates(cfg.lr, cfg.head_lr, method.default_lr, pretrained, family, found, cfg.lr_multiplier)
+    if processes.main:
+        run.update_plan({"lr": rates.lr, "head_lr": rates.head_lr, "lr_rule": rates.rule})
+    return rates
+
+
+def _find_lr(
+    model, method, objective, items, lengths, cfg: TrainConfig, runtime, run: Run, names, main: bool
+) -> float | None:
+    """Run the range test on the run's own steps; record its curve and choice in plan.json."""
+    method.on_epoch_start(model, 0)  # what trains in the first epoch (gradual unfreezing)
+    groups = method.param_groups(model, 1.0, 0.0, cfg.weight_decay)  # rates relative to lr; the head's apart
+
+    def head_at(lr: float) -> float:
+        return head_lr_for(lr, cfg.head_lr, method.tunes_pretrained)[0]
+
+    def step_loss(optimizer: torch.optim.Optimizer, micro_batches: list[list[int]]) -> float:
+        total = 0.0
+        for ids in micro_batches:
+            loss = _batch_loss(model, objective, items, ids, runtime, len(micro_batches))
+            if not bool(torch.isfinite(loss)):
+                return math.nan
+            loss.backward()
+            total += float(loss.detach())
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    model.train()
+    batches = step_batches(lengths, cfg.batch_size, cfg.grad_accum, cfg.seed)
+    curve = range_test(model, names, groups, head_at, step_loss, batches, cfg.lr_find_steps)
+    chosen = choose_lr(curve.lrs, curve.losses)
+    if main:
+        run.update_plan({"lr_finder": curve.record(chosen)})
+        run.log({"kind": "lr_finder", "step": 0, "chosen": chosen, "stop": curve.stop, "seconds": curve.seconds})
+    return chosen
+
+
+def _recorded_choice(run: Run) -> float | None:
+    """The range test's choice recorded in plan.json by the run being resumed."""
+    finder = run.plan().get("lr_finder")
+    if not isinstance(finder, dict) or "chosen" not in finder:
+        raise ConfigError(f"--resume {run.dir}: plan.json has no lr_finder record for train.lr: auto; start a new run")
+    return None if finder["chosen"] is None else float(finder["chosen"])
+
+
+def _optimizer(model: Any, method: Any, cfg: TrainConfig, rates: Rates, steps: int, get_scheduler: Any):
+    groups = method.param_groups(model, rates.lr, rates.head_lr, cfg.weight_decay)
     if not groups:
         raise ConfigError(f"method.name={method.name}: no parameter is trainable")
-    optimizer = torch.optim.AdamW(groups, lr=lr)
+    optimizer = torch.optim.AdamW(groups, lr=rates.lr)
     warmup = round(cfg.warmup_ratio * steps)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     return optimizer, scheduler

@@ -1,6 +1,6 @@
-"""What a run records about its training: the plan before the first step (plan.json: steps, learning
-rate, precision, exact trainable-parameter count) and the summary after the last (eval.json's
-`train`: steps, time, throughput, memory)."""
+"""What a run records about its training: the plan before the first step (plan.json: steps,
+precision, exact trainable-parameter count; the loop adds the learning rates) and the summary after
+the last (eval.json's `train`: steps, time, throughput, memory)."""
 
 from __future__ import annotations
 
@@ -20,16 +20,11 @@ __all__ = ["report_dropped", "run_plan", "train_summary"]
 
 
 def run_plan(
-    cfg: TrainConfig,
-    default_lr: float,
-    precision: str,
-    model: nn.Module,
-    names: list[str],
-    n_items: int,
-    processes: int = 1,
+    cfg: TrainConfig, precision: str, model: nn.Module, names: list[str], n_items: int, processes: int = 1
 ) -> dict[str, Any]:
-    """Steps, learning rate, precision and parameter counts (with the names of what trains); an
-    optimizer step takes `grad_accum` micro-batches in each of `processes` processes."""
+    """Steps, precision and parameter counts (with the names of what trains); an optimizer step takes
+    `grad_accum` micro-batches in each of `processes` processes. The loop adds the learning rates
+    once it has chosen them (`lr`, `head_lr`, `lr_rule`, and `lr_finder` for `lr: auto`)."""
     params = dict(model.named_parameters())
     measured = {}
     if cfg.precision == "auto" and not torch.cuda.is_available():
@@ -38,7 +33,6 @@ def run_plan(
         "total_steps": total_steps(n_items, cfg.batch_size, cfg.grad_accum * processes, cfg.epochs, cfg.max_steps),
         "processes": processes,
         "global_batch": cfg.batch_size * cfg.grad_accum * processes,
-        "lr": cfg.lr if cfg.lr is not None else default_lr,
         "precision": precision,
         **measured,
         "trainable_parameters": sum(params[n].numel() for n in names if n in params),
