@@ -121,7 +121,7 @@ def range_test(
     batches: Iterator[list[list[int]]],
     steps: int,
 ) -> Curve:
-    """Run the range test, then put the model and every RNG back as they were.
+    """Run the range test (the model in train mode), then put the model and every RNG back as they were.
 
     Args:
         names: what trains (parameters, and buffers that training changes): restored afterwards.
@@ -136,11 +136,12 @@ def range_test(
     optimizer = torch.optim.AdamW(groups, lr=1.0)
     started = time.perf_counter()
     try:
+        model.train()
         lrs, raw, stop = _sweep(optimizer, relative, head_at, step_loss, batches, steps)
     finally:
         _restore(model, saved)
         optimizer.zero_grad(set_to_none=True)
-    per_decade = (len(exponential_lrs(steps)) - 1) / math.log10(END_LR / START_LR)
+    per_decade = (steps - 1) / math.log10(END_LR / START_LR)
     losses = smooth(raw, max(1, round(SMOOTH_DECADES * per_decade)))
     return Curve(lrs, raw, losses, stop, round(time.perf_counter() - started, 3))
 
@@ -181,10 +182,14 @@ def step_batches(lengths: Sequence[int], batch_size: int, grad_accum: int, seed:
 
 
 def _snapshot(model: torch.nn.Module, names: Sequence[str]) -> dict[str, Any]:
-    tensors: dict[str, torch.Tensor] = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    """Copies of what trains and of every buffer (cheap, and a forward pass in train mode may change
+    one: a batch norm's statistics), the modules' modes and every RNG state."""
+    buffers = dict(model.named_buffers())
+    tensors: dict[str, torch.Tensor] = {**dict(model.named_parameters()), **buffers}
+    kept = dict.fromkeys([*names, *buffers])
     return {
-        "tensors": {name: tensors[name].detach().clone() for name in names},
-        "live": {name: tensors[name] for name in names},
+        "tensors": {name: tensors[name].detach().clone() for name in kept},
+        "live": {name: tensors[name] for name in kept},
         "modes": {name: m.training for name, m in model.named_modules()},
         "modules": dict(model.named_modules()),
         "rng": rng_state(),
