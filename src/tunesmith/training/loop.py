@@ -354,7 +354,6 @@ def _find_lr(
         optimizer.zero_grad(set_to_none=True)
         return total
 
-    model.train()
     batches = step_batches(lengths, cfg.batch_size, cfg.grad_accum, cfg.seed)
     curve = range_test(model, names, groups, head_at, step_loss, batches, cfg.lr_find_steps)
     chosen = choose_lr(curve.lrs, curve.losses)
