@@ -26,7 +26,7 @@ from tunesmith.models.efficientnet import INPUT_MEAN, INPUT_STD, EfficientNetLit
 __all__ = ["ImageClassifier", "build_image_classifier", "image_preprocessing"]
 
 PACKAGED = "efficientnet-lite0"
-FINE_TUNE_BN_MOMENTUM = 0.1
+SHORT_RUN_BN_MOMENTUM = 0.1  # batch norms that follow a run of hundreds of steps (torch's default)
 
 
 class ImageClassifier(nn.Module):
@@ -185,7 +185,7 @@ def _fine_tunable(net: EfficientNetLite0) -> EfficientNetLite0:
     """
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
-            module.momentum = FINE_TUNE_BN_MOMENTUM
+            module.momentum = SHORT_RUN_BN_MOMENTUM
     return net
 
 
@@ -203,7 +203,7 @@ def _random_lite0() -> EfficientNetLite0:
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-            module.momentum = FINE_TUNE_BN_MOMENTUM
+            module.momentum = SHORT_RUN_BN_MOMENTUM
     return net
 
 
