@@ -13,6 +13,7 @@ from tunesmith.methods import BaseMethod, merge_peft
 from tunesmith.methods.targets import lora_targets
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.registry import register_method
+from tunesmith.training.dropout import DroppedLinear
 
 
 class LoraConfig(MethodSection):
@@ -55,6 +56,7 @@ class LoraMethod(BaseMethod):
             use_rslora=self.cfg.use_rslora,
         )
         model.backbone = peft.get_peft_model(model.backbone, peft_cfg)
+        recompute_lora_dropout(model.backbone)
         for param in model.head.parameters():
             param.requires_grad_(True)
 
@@ -66,3 +68,30 @@ class LoraMethod(BaseMethod):
 
     def merge(self, model: TextClassifier) -> None:
         merge_peft(model)
+
+
+def recompute_lora_dropout(backbone: torch.nn.Module) -> int:
+    """Fold each plain LoRA linear's input dropout into its A matrix (`DroppedLinear`), so the
+    backward pass keeps the shared input once and draws the mask again, instead of a dropped copy
+    per adapter; the parameters and their names are unchanged. DoRA and LoRA on convolutions keep
+    peft's own path. Returns how many adapters were folded."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    folded = 0
+    for module in backbone.modules():
+        if not isinstance(module, LoraLinear):
+            continue
+        for adapter, dropout in list(module.lora_dropout.items()):
+            a = module.lora_A[adapter]
+            if (
+                isinstance(dropout, torch.nn.Dropout)
+                and dropout.p > 0
+                and adapter not in module.lora_variant
+                and type(a) is torch.nn.Linear
+                and a.bias is None
+            ):
+                a.__class__ = DroppedLinear
+                a.p = dropout.p
+                module.lora_dropout[adapter] = torch.nn.Identity()
+                folded += 1
+    return folded
