@@ -138,8 +138,8 @@ def train(
     if main:
         n = len(train_items)
         planned = run_plan(cfg.train, runtime.precision, model, names, n, processes.world)
-        # A resumed run keeps the record of its range test (train.lr: auto): the loop reuses its choice.
-        kept = {k: v for k, v in run.plan().items() if k == "lr_finder"} if resume is not None else {}
+        # A resumed run keeps its range test (train.lr: auto) and kernel choices: the loop reuses them.
+        kept = {k: v for k, v in run.plan().items() if k in ("lr_finder", "kernels")} if resume is not None else {}
         described = _describe_data(splits, objective) | planned | task.plan(objective) | kept
         write_json(run.dir / "plan.json", described)
     if resume is None and main:

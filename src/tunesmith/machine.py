@@ -3,11 +3,14 @@ once per machine (converted models, measured kernel choices)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["cache_root", "cpu_name"]
+__all__ = ["cache_root", "cpu_name", "machine_key", "remembered"]
 
 
 def cache_root() -> Path:
@@ -28,3 +31,42 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def machine_key(device: str = "cpu") -> str:
+    """What a measured choice depends on besides its shape: the processor (the GPU's name on a GPU),
+    the torch version and, on a CPU, the thread count."""
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}|torch {torch.__version__}"
+    return f"{cpu_name()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+
+
+def remembered(key: str, measure: Callable[[], dict[str, Any]], file: str = "machine.json") -> dict[str, Any]:
+    """The entry measured for `key` on this machine: read from `cache_root()/file` where an earlier
+    command measured it, else measured now and kept there (written atomically; a read-only cache
+    only means measuring again next time). The entry comes back with `cached` set."""
+    path = cache_root() / file
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    entry = known.get(key)
+    if isinstance(entry, dict):
+        return {**entry, "cached": True}
+    entry = measure()
+    try:  # re-read: another command may have added its own entries meanwhile
+        current = json.loads(path.read_text(encoding="utf-8"))
+        known = current if isinstance(current, dict) else known
+    except (OSError, ValueError):
+        pass
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(f".{path.name}.{os.getpid()}")
+        scratch.write_text(json.dumps(known | {key: entry}, indent=2) + "\n", encoding="utf-8")
+        os.replace(scratch, path)
+    except OSError:
+        pass
+    return {**entry, "cached": False}

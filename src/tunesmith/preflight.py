@@ -42,6 +42,7 @@ from tunesmith.runtime import Runtime, matmul_gflops
 from tunesmith.training.batching import epoch_batches
 from tunesmith.training.distributed import start_processes
 from tunesmith.training.estimate import MB, MemoryEstimate, RowCosts, levers, memory_estimate, peft_sized, row_costs
+from tunesmith.training.kernels import choose_kernels
 from tunesmith.training.loop import train_loop
 from tunesmith.training.shapes import probe_row
 
@@ -125,6 +126,8 @@ def check_run(
     lengths = [objective.length(it) for it in items[0]]
     val_lengths = [objective.length(it) for it in items[1] or []]
     data = _Data(items[0], items[1], items[2], lengths, val_lengths, _first_steps(lengths, cfg, DRY_RUN_STEPS))
+    # the kernels training will use (measured on this machine, or recalled), before anything is traced
+    kernels = choose_kernels(model, lengths, cfg.train.batch_size, runtime)
     with tempfile.TemporaryDirectory(prefix="tunesmith-plan-") as tmp:
         costs, cached = _row_costs(cfg, method, objective, model, names, runtime, data, Path(tmp))
         est = _estimate(cfg, model, names, runtime, data, costs, cached, start)
@@ -136,6 +139,7 @@ def check_run(
         "parameters": {"total": plan["total_parameters"], "trainable": plan["trainable_parameters"]},
         "steps": steps,
         "precision": runtime.precision,
+        "kernels": {name: entry["choice"] for name, entry in kernels.items()},
         "estimate": est.report,
         "measured": measured,
         "error": _errors(est.report, measured, costs, data, cfg.train.gradient_checkpointing),

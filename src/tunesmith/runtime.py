@@ -7,8 +7,6 @@ applies.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from tunesmith.config import EvalConfig, TrainConfig
-from tunesmith.machine import cache_root, cpu_name
+from tunesmith.machine import machine_key, remembered
 
 __all__ = ["Runtime", "bf16_probe", "make_runtime", "matmul_gflops", "resolve_precision", "trains_convolutions"]
 
@@ -84,30 +82,16 @@ def bf16_probe() -> dict[str, Any]:
     version and thread count) and kept in `cache_root()/machine.json`: a 1024 x 1024 matmul, 3
     warm-ups then the median of 7, in each dtype; about 0.2 s. bf16 must win by 10% to be chosen
     (its autocast adds casts a bare matmul does not show)."""
-    key = f"{cpu_name()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
-    path = cache_root() / "machine.json"
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        known = {}
-    entry = known.get(key) if isinstance(known, dict) else None
-    if isinstance(entry, dict) and "bf16_faster" in entry:
-        return entry
-    rates = {name: _matmul_gflops(dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    entry = {
-        "fp32_gflops": round(rates["fp32"], 1),
-        "bf16_gflops": round(rates["bf16"], 1),
-        "bf16_faster": rates["bf16"] > 1.1 * rates["fp32"],
-    }
-    known = (known if isinstance(known, dict) else {}) | {key: entry}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_name(f".{path.name}.{os.getpid()}")
-        scratch.write_text(json.dumps(known, indent=2) + "\n", encoding="utf-8")
-        os.replace(scratch, path)
-    except OSError:
-        pass  # a read-only cache: measure again next time
-    return entry
+
+    def measure() -> dict[str, Any]:
+        rates = {name: _matmul_gflops(dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        return {
+            "fp32_gflops": round(rates["fp32"], 1),
+            "bf16_gflops": round(rates["bf16"], 1),
+            "bf16_faster": rates["bf16"] > 1.1 * rates["fp32"],
+        }
+
+    return remembered(f"precision|{machine_key()}", measure)
 
 
 def matmul_gflops(runtime: Runtime) -> float:

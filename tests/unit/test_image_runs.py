@@ -114,7 +114,9 @@ def test_every_method_trains_on_conv_nets_and_frozen_batch_norms_keep_their_stat
 
 
 def test_pretrained_features_beat_chance_after_training(tiny_vit: Path, tmp_path: Path) -> None:
-    data = write_halves_npz(tmp_path / "big.npz", n=96)
+    # 160 images: with 96, one seed of one of the two dropout kernels (the probe picks per machine)
+    # scored 18 of 24; with 160, 1.0 for seeds 42, 1 and 2 under either kernel
+    data = write_halves_npz(tmp_path / "big.npz", n=160)
     result = image_run(tiny_vit, data, tmp_path / "runs", "full", epochs=6, lr=3e-3)
     assert result.metrics["validation"]["accuracy"] >= 0.8  # brighter half: an easy task
 

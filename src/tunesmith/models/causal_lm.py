@@ -30,6 +30,7 @@ class CausalLM(nn.Module):
         self.lm_head = lm_head
         self.eos_ids = eos_ids  # end-of-sequence ids from the model's generation config
         self.head = nn.ModuleDict()  # no new head: what `head` trains for a classifier is nothing here
+        self.attention_request = "sdpa"  # model.attention as configured; auto is measured in training
 
     def forward(
         self,

@@ -85,17 +85,16 @@ def build_causal_lm(cfg: ModelConfig, max_length: int) -> CausalLM:
     head.weight.requires_grad_(False)
     eos = getattr(model.generation_config, "eos_token_id", None)
     lm = CausalLM(decoder, head, tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    lm.attention_request = cfg.attention  # auto: training measures which kernel to use
     lm.train()
     return lm
 
 
 def attention_kernel(cfg: ModelConfig, max_length: int) -> str:
-    """`model.attention`, with auto resolved: on CPU, plain matmul-softmax attention ("eager") beat
-    torch's fused kernel ("sdpa") by ~19% in a SmolLM2 LoRA step at ~100 tokens; the fused kernel
-    keeps memory linear in length, which matters past a few hundred tokens and on GPUs."""
-    if cfg.attention != "auto":
-        return cfg.attention
-    return "eager" if not torch.cuda.is_available() and max_length <= 512 else "sdpa"
+    """`model.attention` as the model loads: auto loads with torch's fused kernel ("sdpa"), and
+    training replaces it with whichever kernel a probe measured faster on this machine at the run's
+    shapes (training/kernels.py)."""
+    return "sdpa" if cfg.attention == "auto" else cfg.attention
 
 
 def _resolve(cfg: ModelConfig) -> str:

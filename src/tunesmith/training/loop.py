@@ -32,7 +32,7 @@ from tunesmith.runtime import Runtime
 from tunesmith.training.batching import epoch_batches, total_steps
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_tensors
 from tunesmith.training.distributed import Processes, rank_share
-from tunesmith.training.dropout import use_fast_dropout
+from tunesmith.training.kernels import choose_kernels
 from tunesmith.training.lr_find import choose_lr, range_test, step_batches
 from tunesmith.training.rates import Rates, head_lr_for, resolve_rates
 
@@ -112,10 +112,15 @@ def train_loop(
     world, main = processes.world, processes.main
     log = run.log if main else _discard  # only rank 0 writes the run directory
     model.to(device)
-    if device.type == "cpu":
-        use_fast_dropout(model)  # torch's per-element Bernoulli draw was a third of a CPU LoRA step
-    started = time.perf_counter()
     lengths = [objective.length(it) for it in train_items]
+    # Attention and dropout kernels measured on this machine at this run's shapes (or, resuming, as recorded).
+    recorded = run.plan().get("kernels") if resume and main else None
+    kernels = choose_kernels(
+        model, lengths, cfg.batch_size, runtime, processes.broadcast(recorded), processes.broadcast
+    )
+    if main:
+        run.update_plan({"kernels": kernels})
+    started = time.perf_counter()
 
     # Frozen work done once: what runs before the first trainable weight is computed a single time.
     if method.frozen_backbone or method.frozen_blocks > 0:

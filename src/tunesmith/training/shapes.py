@@ -169,7 +169,9 @@ class _OperatorWatch(TorchDispatchMode):
         watch = self.tracker.operator
         if "scaled_dot_product" in packet:
             q, k = args[0], args[1]
-            watch("op-attention", packet, tensors[:3], out, 0, 4 * q.numel() * k.shape[-2])
+            # the kernel keeps q, k, v, the mask and every output (the attention and its logsumexp)
+            extra = [t for t in (out if isinstance(out, tuple) else ())[1:] if isinstance(t, torch.Tensor)]
+            watch("op-attention", packet, tensors + extra, out, 0, 4 * q.numel() * k.shape[-2])
         elif func._overloadpacket in flop_registry:
             flops = int(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
             watch("op-matmul", packet, tensors, out, 0, flops)

@@ -1,0 +1,195 @@
+"""Kernel choices measured where they run: which attention kernel a causal LM trains with, and which
+dropout kernel every model trains with, decided by a short probe on this machine at the run's shape
+class, kept per machine (`cache_root()/kernels.json`) and recorded in plan.json (`kernels`).
+
+No rule measured on one machine decides: on a 2-core AMD EPYC with AVX-512 BF16, matmul-softmax
+attention ("eager") beat torch's fused kernel ("sdpa") in SmolLM2 LoRA steps up to ~512 tokens; on
+a 2-core Xeon without fast bf16 the fused kernel was faster and leaner at every length from 64 to
+512 tokens (8 x 512: 129 vs 320 ms and 44 vs 99 MB saved per layer). Likewise the dropout that
+draws 15-bit lanes from 64-bit words (training/dropout.py) beat torch's per-element Bernoulli draw
+by ~10x on CPUs, which a GPU need not repeat.
+
+Each probe times a forward and backward pass (one warm-up, then the median of 3) of the kernel
+alone on random inputs of the run's shape class, and counts the bytes autograd saves for the
+backward pass. The faster kernel is chosen, unless the other saves less memory and is at most 10%
+slower. A probe costs well under a second at 8 x 256 tokens and about 2 s at 8 x 512 on a 2-core
+CPU; only the first run of a shape class on a machine pays it.
+
+Shape classes: attention by batch size, heads, key-value heads, head size and the longest training
+row rounded up to a power of two (where memory peaks); dropout by the elements of one batch's
+hidden states, rounded up to a power of two.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.machine import machine_key, remembered
+from tunesmith.runtime import Runtime
+from tunesmith.training.dropout import fast_dropout, use_fast_dropout
+
+__all__ = ["choose_kernels", "measure_kernels", "pick", "saved_bytes"]
+
+SLOWER_BUT_LEANER = 1.10  # the leaner kernel wins if it is at most this much slower
+_FILE = "kernels.json"
+
+
+def choose_kernels(
+    model: nn.Module,
+    lengths: Sequence[int],
+    batch_size: int,
+    runtime: Runtime,
+    recorded: dict[str, Any] | None = None,
+    agree: Callable[[Any], Any] = lambda x: x,
+) -> dict[str, Any]:
+    """Measure (or recall) the kernels for this run's shapes and apply them to `model` in place.
+
+    `recorded` is the plan.json record of a run being resumed: its choices are applied again
+    unmeasured, so a resumed run computes as it began. `agree` makes every process use the same
+    choice (the rank-0 broadcast of a multi-process run). Returns the record for plan.json.
+    """
+    chosen = recorded if recorded is not None else agree(measure_kernels(model, lengths, batch_size, runtime))
+    if chosen.get("dropout", {}).get("choice") == "fast":
+        use_fast_dropout(model)
+    attention = chosen.get("attention", {}).get("choice")
+    if attention is not None:
+        _set_attention(model, attention)
+    return chosen
+
+
+def measure_kernels(model: nn.Module, lengths: Sequence[int], batch_size: int, runtime: Runtime) -> dict[str, Any]:
+    """The probes that apply to `model` (attention: a causal LM whose `model.attention` is auto;
+    dropout: any model with a dropout that trains), each with its timings and choice."""
+    record: dict[str, Any] = {}
+    longest = max(lengths, default=1)
+    config = _hf_config(model)
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or 512)
+    if any(type(m) is nn.Dropout and m.p > 0 for m in model.modules()):
+        numel = _bucket(batch_size * longest * hidden)
+        key = f"dropout|{numel} elements|{runtime.precision}|{machine_key(runtime.device.type)}"
+        record["dropout"] = remembered(key, lambda: _probe_dropout(numel, runtime), _FILE)
+    if getattr(model, "attention_request", None) == "auto" and config is not None:
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        shape = (batch_size, heads, kv_heads, _bucket(longest), head_dim)
+        key = (
+            "attention|b{} h{} kv{} t{} d{}".format(*shape) + f"|{runtime.precision}|{machine_key(runtime.device.type)}"
+        )
+        record["attention"] = remembered(key, lambda: _probe_attention(shape, runtime), _FILE)
+    return record
+
+
+def pick(timings: dict[str, dict[str, float]]) -> str:
+    """The kernel to use from {name: {"ms": time, "saved_mb": memory}}: the fastest, unless another
+    saves less memory and is at most `SLOWER_BUT_LEANER` times slower."""
+    fastest = min(timings, key=lambda k: timings[k]["ms"])
+    leaner = [
+        k
+        for k in timings
+        if timings[k]["saved_mb"] < timings[fastest]["saved_mb"]
+        and timings[k]["ms"] <= SLOWER_BUT_LEANER * timings[fastest]["ms"]
+    ]
+    return min(leaner, key=lambda k: timings[k]["saved_mb"]) if leaner else fastest
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """`fn()` and the bytes autograd saved for its backward pass (each storage counted once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def _probe(kernels: dict[str, Callable[[], torch.Tensor]], runtime: Runtime) -> dict[str, Any]:
+    """Forward + backward of each kernel: median ms of 3 after a warm-up, and MB saved."""
+    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
+    started = time.perf_counter()
+    timings: dict[str, dict[str, float]] = {}
+    with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
+        # the global RNG is left as it was: a run draws the same numbers whether or not this probe ran
+        for name, kernel in kernels.items():
+            timings[name] = _time(kernel, runtime, sync)
+    return {"choice": pick(timings), "measured": timings, "probe_seconds": round(time.perf_counter() - started, 3)}
+
+
+def _time(kernel: Callable[[], torch.Tensor], runtime: Runtime, sync: Callable[[], None]) -> dict[str, float]:
+    times, saved = [], 0
+    for _ in range(4):
+        sync()
+        start = time.perf_counter()
+        with runtime.autocast():
+            out, saved = saved_bytes(kernel)
+        out.float().sum().backward()
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"ms": round(statistics.median(times[1:]) * 1e3, 2), "saved_mb": round(saved / 2**20, 2)}
+
+
+def _probe_attention(shape: tuple[int, int, int, int, int], runtime: Runtime) -> dict[str, Any]:
+    """eager (as transformers' eager attention: scores, additive mask, fp32 softmax, weighted sum)
+    against sdpa (torch's fused kernel with a boolean mask), on a causal mask, key-value heads
+    repeated to the query heads as both of transformers' paths do."""
+    batch, heads, kv_heads, length, head_dim = shape
+    device = runtime.device
+    generator = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, heads, length, head_dim, device=device, generator=generator).requires_grad_()
+    k, v = (
+        torch.randn(batch, kv_heads, length, head_dim, device=device, generator=generator).requires_grad_()
+        for _ in range(2)
+    )
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None].expand(batch, 1, -1, -1)
+    additive = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    groups = heads // kv_heads
+
+    def eager() -> torch.Tensor:
+        keys, values = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        scores = q @ keys.transpose(-1, -2) * head_dim**-0.5 + additive
+        return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ values
+
+    def sdpa() -> torch.Tensor:
+        keys, values = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+
+    return _probe({"eager": eager, "sdpa": sdpa}, runtime)
+
+
+def _probe_dropout(numel: int, runtime: Runtime) -> dict[str, Any]:
+    """torch's dropout against the 15-bit-lane one (training/dropout.py) at p = 0.1."""
+    x = torch.randn(numel // 1024, 1024, device=runtime.device).requires_grad_()
+    return _probe({"torch": lambda: F.dropout(x, 0.1, True), "fast": lambda: fast_dropout(x, 0.1)}, runtime)
+
+
+def _hf_config(model: nn.Module) -> Any:
+    backbone = getattr(model, "backbone", model)
+    get_base = getattr(backbone, "get_base_model", None)
+    base = get_base() if callable(get_base) else backbone
+    return getattr(base, "config", None)
+
+
+def _set_attention(model: nn.Module, kernel: str) -> None:
+    backbone = getattr(model, "backbone", model)
+    get_base = getattr(backbone, "get_base_model", None)
+    base = get_base() if callable(get_base) else backbone
+    setter = getattr(base, "set_attn_implementation", None)
+    if callable(setter) and getattr(base.config, "_attn_implementation", kernel) != kernel:
+        setter(kernel)
+
+
+def _bucket(n: int) -> int:
+    """n rounded up to a power of two (at least 16)."""
+    return 1 << max(4, math.ceil(math.log2(max(n, 1))))

@@ -1,0 +1,266 @@
+"""Kernel choices measured on the machine: the attention and dropout probes, their per-machine cache,
+what a run records in plan.json, and the LoRA dropout folded into the adapter's first matrix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import tunesmith
+from conftest import write_jsonl
+from tunesmith.machine import remembered
+from tunesmith.methods.lora import recompute_lora_dropout
+from tunesmith.runtime import Runtime
+from tunesmith.training import kernels
+from tunesmith.training.dropout import DroppedLinear, _drop_mask, _DroppedLinear, dropped_linear
+
+CPU = Runtime(torch.device("cpu"), "fp32", 8)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_the_faster_kernel_wins_unless_another_is_leaner_and_nearly_as_fast() -> None:
+    assert kernels.pick({"a": {"ms": 10, "saved_mb": 5}, "b": {"ms": 20, "saved_mb": 1}}) == "a"
+    assert kernels.pick({"a": {"ms": 10, "saved_mb": 5}, "b": {"ms": 10.9, "saved_mb": 1}}) == "b"
+    assert kernels.pick({"a": {"ms": 10, "saved_mb": 1}, "b": {"ms": 9.5, "saved_mb": 5}}) == "a"
+
+
+def test_a_measurement_is_kept_per_machine_and_reused(_own_cache: Path) -> None:
+    calls = []
+
+    def measure() -> dict:
+        calls.append(1)
+        return {"choice": "x"}
+
+    assert remembered("k", measure, "probe.json") == {"choice": "x", "cached": False}
+    assert remembered("k", measure, "probe.json") == {"choice": "x", "cached": True}
+    assert len(calls) == 1
+    assert json.loads((_own_cache / "probe.json").read_text()) == {"k": {"choice": "x"}}
+
+
+def test_the_probes_time_and_weigh_both_kernels_and_leave_the_global_rng_alone() -> None:
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    result = kernels._probe_attention((2, 4, 2, 64, 8), CPU)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert set(result["measured"]) == {"eager", "sdpa"} and result["choice"] in ("eager", "sdpa")
+    eager, sdpa = result["measured"]["eager"], result["measured"]["sdpa"]
+    # eager keeps the (B, H, T, T) attention weights for backward; the fused kernel does not
+    assert eager["saved_mb"] > sdpa["saved_mb"] > 0 and eager["ms"] > 0 and sdpa["ms"] > 0
+    dropout = kernels._probe_dropout(1 << 16, CPU)
+    assert set(dropout["measured"]) == {"torch", "fast"} and dropout["choice"] in ("torch", "fast")
+
+
+def test_saved_bytes_counts_what_backward_keeps() -> None:
+    x = torch.randn(100, 10, requires_grad=True)
+    _, saved = kernels.saved_bytes(lambda: x.exp())  # exp keeps its output: 100 x 10 floats
+    assert saved == 100 * 10 * 4
+
+
+def _qa(n: int) -> list[dict]:
+    return [{"prompt": f"colour of {w} {i}?", "completion": w} for i, w in enumerate(["red", "blue"] * (n // 2))]
+
+
+def test_a_run_measures_applies_and_records_its_kernels_and_a_resume_reuses_them(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chosen: list[str] = []
+    real = kernels._set_attention
+    monkeypatch.setattr(kernels, "_set_attention", lambda model, k: (chosen.append(k), real(model, k)))
+    config = {
+        "model": str(tiny_llama),
+        "task": "sft",
+        "method": {"name": "lora", "dropout": 0.1},
+        "data": {"train": str(write_jsonl(tmp_path / "qa.jsonl", _qa(16))), "validation": None, "max_length": 40},
+        "train": {"epochs": 1, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "save_every": 2},
+        "eval": {"samples": 0},
+        "output": str(tmp_path / "runs"),
+    }
+    result = tunesmith.train(config)
+    plan = json.loads((result.run_dir / "plan.json").read_text())
+    attention = plan["kernels"]["attention"]
+    assert attention["choice"] in ("eager", "sdpa") and attention["cached"] is False
+    assert set(attention["measured"]) == {"eager", "sdpa"} and attention["probe_seconds"] > 0
+    assert chosen == [attention["choice"]]
+    # the LoRA dropouts are folded into the adapters (no nn.Dropout is left to probe)
+    assert "dropout" not in plan["kernels"]
+
+    # A second run of the same shape class reads the cache; a resumed run applies its record unmeasured.
+    again = tunesmith.train({**config, "output": str(tmp_path / "again")})
+    assert json.loads((again.run_dir / "plan.json").read_text())["kernels"]["attention"]["cached"] is True
+
+    def refuse(*args: object) -> dict:
+        raise AssertionError("a resumed run measured again")
+
+    monkeypatch.setattr(kernels, "measure_kernels", refuse)
+    resumed = tunesmith.train(config, resume=result.run_dir)
+    assert json.loads((resumed.run_dir / "plan.json").read_text())["kernels"] == plan["kernels"]
+
+
+def test_a_fixed_kernel_is_not_probed(tiny_llama: Path, tmp_path: Path) -> None:
+    config = {
+        "model": {"name": str(tiny_llama), "attention": "eager"},
+        "task": "sft",
+        "method": {"name": "lora", "dropout": 0.0},
+        "data": {"train": str(write_jsonl(tmp_path / "qa.jsonl", _qa(8))), "validation": None, "max_length": 40},
+        "train": {"epochs": 1, "batch_size": 4, "precision": "fp32"},
+        "eval": {"samples": 0},
+        "output": str(tmp_path / "runs"),
+    }
+    plan = json.loads((tunesmith.train(config).run_dir / "plan.json").read_text())
+    assert plan["kernels"] == {}
+
+
+def test_a_classifier_probes_its_dropout(tiny_bert: Path, tmp_path: Path) -> None:
+    from conftest import sentiment_rows
+
+    config = {
+        "model": str(tiny_bert),
+        "task": "classification",
+        "method": "full",
+        "data": {
+            "train": str(write_jsonl(tmp_path / "s.jsonl", sentiment_rows(16))),
+            "validation": None,
+            "max_length": 32,
+        },
+        "train": {"epochs": 1, "batch_size": 8, "precision": "fp32"},
+        "output": str(tmp_path / "runs"),
+    }
+    result = tunesmith.train(config)
+    dropout = json.loads((result.run_dir / "plan.json").read_text())["kernels"]["dropout"]
+    assert dropout["choice"] in ("torch", "fast") and set(dropout["measured"]) == {"torch", "fast"}
+
+
+# -- LoRA's dropout folded into its first matrix ---------------------------------------------------
+
+
+def test_dropped_linear_has_the_gradients_of_dropout_then_linear() -> None:
+    x = torch.randn(2, 3, 4, dtype=torch.double, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
+    drop, scale = _drop_mask(x.shape, 0.3, x.device)
+    assert torch.autograd.gradcheck(lambda a, b: _DroppedLinear.apply(a, b, drop, scale), (x, w))
+    out = _DroppedLinear.apply(x, w, drop, scale)
+    assert torch.allclose(out, nn.functional.linear(x.masked_fill(drop, 0) * scale, w))
+
+
+def test_dropped_linear_keeps_the_input_once_for_every_adapter_that_reads_it() -> None:
+    x = torch.randn(64, 32, requires_grad=True)
+    weights = [torch.randn(4, 32, requires_grad=True) for _ in range(3)]
+    _, folded = kernels.saved_bytes(lambda: sum(dropped_linear(x, w, 0.1).sum() for w in weights))
+    _, plain = kernels.saved_bytes(
+        lambda: sum(nn.functional.linear(nn.functional.dropout(x, 0.1), w).sum() for w in weights)
+    )
+    # x once (4 bytes an element) and three 1-byte masks, against three dropped copies and masks
+    assert folded < 8 * x.numel() < 12 * x.numel() < plain
+
+
+def test_the_drop_mask_drops_the_right_share_in_every_lane() -> None:
+    torch.manual_seed(0)
+    drop, scale = _drop_mask(torch.Size([400_000]), 0.1, torch.device("cpu"))
+    for lane in range(4):
+        assert float(drop[lane::4].float().mean()) == pytest.approx(0.1, abs=0.006), lane
+    assert scale == pytest.approx(1 / 0.9, rel=1e-4)
+
+
+def test_lora_dropout_is_folded_into_plain_adapters_only(tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    def build(**options: object) -> nn.Module:
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["q_proj", "v_proj"], **options)
+        return peft.get_peft_model(base, cfg)
+
+    model = build()
+    names = {n for n, _ in model.named_parameters()}
+    for name, param in model.named_parameters():  # B starts at zero: give the adapters something to add
+        if "lora_B" in name:
+            nn.init.normal_(param)
+    ids = torch.randint(0, 100, (2, 7))
+    model.eval()
+    before = model(input_ids=ids).logits
+    assert recompute_lora_dropout(model) == 4  # q and v in each of 2 layers
+    assert {n for n, _ in model.named_parameters()} == names  # same parameters, same names
+    assert sum(isinstance(m, DroppedLinear) for m in model.modules()) == 4
+    assert not any(type(m) is nn.Dropout and m.p > 0 for m in model.modules())
+    assert torch.allclose(model(input_ids=ids).logits, before)  # evaluation is unchanged
+    model.train()
+    torch.manual_seed(1)
+    a = model(input_ids=ids).logits
+    torch.manual_seed(1)
+    b = model(input_ids=ids).logits
+    assert torch.equal(a, b) and not torch.allclose(a, before)  # seeded like nn.Dropout; it drops
+
+    assert recompute_lora_dropout(build(use_dora=True)) == 0  # DoRA keeps peft's path
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def _lm(path: Path):
+    from tunesmith.config import ModelConfig
+    from tunesmith.models.load import build_causal_lm
+
+    return build_causal_lm(ModelConfig(name=str(path)), 64).eval()
+
+
+def test_reordered_weights_decode_what_plain_ones_do(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunesmith.models import packed
+    from tunesmith.models.generate import Sampling, generate_ids
+
+    if not packed._available():
+        pytest.skip("this torch has no oneDNN")
+    lm = _lm(tiny_llama)
+    prompts = [[5, 6, 7, 8], [9, 10], [5, 6, 7, 8]]
+    monkeypatch.setattr(packed, "packing_wins", lambda model, rows: {"choice": "plain"})
+    plain = generate_ids(lm, prompts, [], Sampling(max_new_tokens=6))
+    monkeypatch.setattr(packed, "MIN_WIDTH", 8)  # the tiny model's linears are 32 wide
+    monkeypatch.setattr(packed, "packing_wins", lambda model, rows: {"choice": "packed", "break_even_steps": 1})
+    with torch.no_grad(), packed.packed_linears(lm, 3, steps=6) as used:
+        assert used and isinstance(lm.lm_head.forward, packed._PackedForward)
+        x = torch.randn(3, 32)
+        assert torch.allclose(lm.lm_head(x), torch.nn.functional.linear(x, lm.lm_head.weight), atol=1e-5)
+    assert "forward" not in vars(lm.lm_head)  # put back
+    assert generate_ids(lm, prompts, [], Sampling(max_new_tokens=6)) == plain
+    # a short generation does not pay for the reordering
+    monkeypatch.setattr(packed, "packing_wins", lambda model, rows: {"choice": "packed", "break_even_steps": 10})
+    with packed.packed_linears(lm, 3, steps=6) as used:
+        assert not used
+
+
+def test_a_shared_prompt_is_run_once_and_every_copy_continues_it(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tunesmith.models import generate
+
+    lm = _lm(tiny_llama)
+    prefilled: list[int] = []
+    real = generate._prefill
+    monkeypatch.setattr(
+        generate, "_prefill", lambda b, d, ids, mask: (prefilled.append(len(ids)), real(b, d, ids, mask))[1]
+    )
+    greedy = generate.Sampling(max_new_tokens=5)
+    together = generate.generate_ids(lm, [[5, 6, 7], [9], [5, 6, 7], [9]], [], greedy)
+    assert prefilled == [2]
+    alone = [generate.generate_ids(lm, [p], [], greedy)[0] for p in ([5, 6, 7], [9])]
+    assert together == alone + alone
+
+
+def test_sampling_draws_from_the_distribution_and_never_a_token_of_probability_zero() -> None:
+    from tunesmith.models.generate import Sampling, _choose
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    logits = probs.log().expand(20_000, -1)  # log 0 = -inf: probability exactly zero
+    drawn = _choose(logits, Sampling(temperature=1.0), torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=6).float() / len(drawn)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts, probs, atol=0.015)
