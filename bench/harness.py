@@ -371,6 +371,18 @@ def markdown(
 # --- environment and the record ----------------------------------------------------------------
 
 
+def describe_machine() -> dict[str, Any]:
+    """The CPU's model name (lscpu's "Model name"), whether it has BF16 instructions (the
+    avx512_bf16 or amx_bf16 flag) and its core count: what every benchmark prints with its table."""
+    from tunesmith.machine import cpu_name
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return {"cpu": cpu_name(), "bf16": "avx512_bf16" in flags or "amx_bf16" in flags, "cores": os.cpu_count()}
+
+
 def environment(matmul_gflops: Callable[[str], float], versions: dict[str, str] | None = None) -> dict[str, Any]:
     """The machine and library versions, with the matmul rate `matmul_gflops` measures at fp32 and bf16."""
     import torch

@@ -1,0 +1,113 @@
+"""Benchmark: RL group sampling, tunesmith's generation against transformers' `generate`.
+
+The workload of one RL step: P prompts from the packaged review set, each sampled G times
+(temperature 1, top-p 1), exactly `--new-tokens` new tokens per completion (no early stop, so both
+sides do the same work), on the packaged SmolLM2-135M-Instruct in fp32. tunesmith runs
+`models.generate.generate_ids` as the RL task calls it (prompts repeated G times); the reference
+runs `AutoModelForCausalLM.generate(do_sample=True, num_return_sequences=G)` on the same prompts,
+left-padded, with its default dynamic KV cache. Both in one process, alternating, one warm-up
+each, then the median of `--repeats`.
+
+Run: `python bench/rl_sampling.py [--prompts 1] [--group 16] [--new-tokens 40] [--repeats 5]`;
+prints a Markdown table and writes bench/results/rl-sampling-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from harness import describe_machine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=1)
+    parser.add_argument("--group", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.config import ModelConfig
+    from tunesmith.models.generate import Sampling, generate_ids
+    from tunesmith.models.load import build_causal_lm, resolve_model_path
+    from tunesmith.zoo import packaged_data_rows
+
+    path = resolve_model_path("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = [row for row, _ in packaged_data_rows("rotten-tomatoes")][: args.prompts]
+    texts = [f"Write a short review of the movie {r['movie'].replace('_', ' ')}." for r in rows]
+    rendered = [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+        for t in texts
+    ]
+    prompts = [list(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in rendered]
+    ours = build_causal_lm(ModelConfig(name="smollm2-135m"), 512).eval()
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    g, n = args.group, args.new_tokens
+
+    def run_ours(seed: int) -> int:
+        repeated = [p for p in prompts for _ in range(g)]
+        out = generate_ids(ours, repeated, [], Sampling(n, 1.0, 1.0, seed), pad)
+        return sum(len(o) for o in out)
+
+    def run_reference(seed: int) -> int:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = reference.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                num_return_sequences=g,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=pad,
+            )
+        return int((out.shape[1] - width) * out.shape[0])
+
+    times: dict[str, list[float]] = {"tunesmith": [], "reference": []}
+    tokens: dict[str, int] = {}
+    runners = {"tunesmith": run_ours, "reference": run_reference}
+    for fn in runners.values():  # warm-up
+        fn(0)
+    for repeat in range(args.repeats):
+        order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
+        for name in order:
+            start = time.perf_counter()
+            tokens[name] = runners[name](repeat + 1)
+            times[name].append(time.perf_counter() - start)
+    machine = describe_machine()
+    result = {
+        "machine": machine,
+        "workload": {"prompts": args.prompts, "group": g, "new_tokens": n, "prompt_tokens": [len(p) for p in prompts]},
+        "seconds": times,
+        "tokens": tokens,
+    }
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    rate = {k: tokens[k] / medians[k] for k in medians}
+    print(f"{machine['cpu']} (BF16: {machine['bf16']}), {args.prompts} prompt(s) x {g} samples x {n} new tokens")
+    print("| tool | seconds | tokens/s | vs reference |\n|---|---:|---:|---:|")
+    for k in ("tunesmith", "reference"):
+        print(f"| {k} | {medians[k]:.2f} | {rate[k]:.0f} | {rate[k] / rate['reference']:.2f}x |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"rl-sampling-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

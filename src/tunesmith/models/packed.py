@@ -1,0 +1,128 @@
+"""Decoding with linear weights laid out for the CPU matmul library, where that is measured faster.
+
+A decoding step multiplies a few rows (one token per sequence) by every weight of the model, so it
+is bound by reading the weights, not by arithmetic. oneDNN can reorder a weight once into the
+blocked layout its kernels read best (`mkldnn._reorder_linear_weight`, what torch's compiler uses
+when it freezes a CPU model). On a 2-core Xeon a 16-row matmul through SmolLM2's widest block
+linear then ran ~20% faster with the weights out of cache (1.3-3x with them in cache). Nothing here
+is written by hand but the swap: the reorder and the matmul are torch's own oneDNN ops.
+
+Whether it wins depends on the CPU and the row count, so it is measured: one of the model's own
+weight shapes, plain against reordered, at the decoding batch's row count, kept per machine
+(`cache_root()/kernels.json`), with the cost of reordering it: a generation of few tokens (a chat
+turn's first words, an evaluation's short answers) is not worth reordering for.
+
+The reordered copies live only while `packed_linears` is open and cost one extra copy of the
+weights; gradients never flow through them (training uses the plain weights), and bf16 autocast or
+any other dtype falls back to the plain path.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.machine import machine_key, remembered
+
+__all__ = ["packed_linears", "packing_wins"]
+
+MIN_WIDTH = 64  # narrower linears (LoRA's low-rank matrices) stay as they are: too small to gain
+
+
+def _available() -> bool:
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def packing_wins(model: nn.Module, rows: int) -> dict[str, Any]:
+    """Whether reordered weights beat plain ones for `rows`-row matmuls with the model's widest
+    block linear, measured once per machine and shape (about 0.1 s)."""
+    weights = [m.weight for m in _packable_linears(model)]
+    if not weights or not _available():
+        return {"choice": "plain", "reason": "no fp32 CPU linear or no oneDNN"}
+    weight = max(weights, key=lambda w: w.numel() if w.shape[0] < 8192 else 0)  # a block's, not the output layer's
+    key = f"decode-linear|rows {rows}|{tuple(weight.shape)}|{machine_key('cpu')}"
+    return remembered(key, lambda: _measure(weight.detach(), rows), "kernels.json")
+
+
+def _measure(weight: torch.Tensor, rows: int) -> dict[str, Any]:
+    """Plain against reordered over copies of `weight` that together outgrow the CPU's caches (as a
+    model's weights do: each is read once a step), and the cost of reordering one."""
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    copies = [weight.clone() for _ in range(max(2, min(32, (64 << 20) // (weight.numel() * 4))))]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in copies]
+
+    def median_ms(fn: Any, n: int) -> float:
+        fn(0)
+        times = []
+        for i in range(n):
+            start = time.perf_counter()
+            fn(i % len(copies))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    n = 4 * len(copies)
+    plain = median_ms(lambda i: F.linear(x, copies[i]), n)
+    reordered = median_ms(lambda i: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], ""), n)
+    reorder = median_ms(lambda i: torch.ops.mkldnn._reorder_linear_weight(copies[i], rows), len(copies))
+    return {
+        "choice": "packed" if reordered < 0.9 * plain else "plain",
+        # the reorder pays for itself after this many steps (each weight is reordered once per generation)
+        "break_even_steps": math.ceil(reorder / (plain - reordered)) if reordered < plain else None,
+        "measured": {"plain_ms": round(plain, 4), "packed_ms": round(reordered, 4), "reorder_ms": round(reorder, 4)},
+    }
+
+
+@contextmanager
+def packed_linears(model: nn.Module, rows: int, steps: int) -> Iterator[bool]:
+    """While open, the fp32 CPU linears of `model` (its output layer too) run `rows`-row inputs
+    without gradients through reordered weights, where `packing_wins` says so and up to `steps`
+    decoding steps are enough to repay the reordering twice over; yields whether they do."""
+    if torch.is_autocast_enabled("cpu"):
+        yield False
+        return
+    wins = packing_wins(model, rows)
+    if wins["choice"] != "packed" or steps < 2 * (wins.get("break_even_steps") or 0):
+        yield False
+        return
+    swapped = []
+    try:
+        for module in _packable_linears(model):
+            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows)
+            module.forward = _PackedForward(module, packed, rows)  # type: ignore[method-assign,assignment]
+            swapped.append(module)
+        yield True
+    finally:
+        for module in swapped:
+            del module.forward
+
+
+def _packable_linears(model: nn.Module) -> list[nn.Linear]:
+    return [
+        m
+        for m in model.modules()
+        if type(m) is nn.Linear
+        and m.weight.device.type == "cpu"
+        and m.weight.dtype == torch.float32
+        and min(m.weight.shape) >= MIN_WIDTH
+    ]
+
+
+class _PackedForward:
+    """`nn.Linear.forward` through a reordered weight for `rows`-row inputs without gradients."""
+
+    def __init__(self, module: nn.Linear, packed: torch.Tensor, rows: int) -> None:
+        self.module, self.packed, self.rows = module, packed, rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if x.dtype != torch.float32 or torch.is_grad_enabled() or x.numel() != self.rows * x.shape[-1]:
+            return F.linear(x, m.weight, m.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, m.bias, "none", [], "")  # type: ignore[no-any-return]
