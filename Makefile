@@ -10,7 +10,7 @@ TORCH_CPU := torch==2.13.0
 # installed without their dependencies.
 CARRIERS := carriers.txt
 
-.PHONY: setup demo demo-sft demo-vision demo-rlhf demo-speech test test-unit bench bench-sft bench-vision bench-speech bench-export bench-service bench-distributed lint clean
+.PHONY: setup demo demo-sft demo-vision demo-rlhf demo-speech test test-unit bench bench-classification bench-sft bench-rl-sampling bench-preference bench-vision bench-speech bench-export bench-service bench-distributed lint clean
 
 setup: $(STAMP)
 
@@ -47,7 +47,16 @@ test-unit: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests/unit
 
 bench: setup
+	$(BIN)/python bench/suite.py
+
+bench-classification: setup
 	$(BIN)/python bench/classification.py
+
+bench-rl-sampling: setup
+	$(BIN)/python bench/rl_sampling.py
+
+bench-preference: setup
+	$(BIN)/python bench/preference_memory.py
 
 bench-sft: setup
 	$(BIN)/python bench/sft.py

@@ -337,6 +337,12 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute block activations in the backward pass: less memory, ~30% more compute."
     )
+    trim_memory_every: int = Field(
+        0,
+        ge=0,
+        description="Hand the memory the forward pass frees back to the OS after every N transformer blocks "
+        "(glibc malloc_trim; 0 = never): peak memory 20-30% lower at 8-20% more step time (SmolLM2 LoRA, CPU).",
+    )
     distributed: DistributedConfig | None = Field(
         None, description="Multi-process runs: the strategy (default ddp); the process count is --nproc."
     )

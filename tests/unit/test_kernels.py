@@ -9,6 +9,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import tunesmith
@@ -264,3 +265,47 @@ def test_sampling_draws_from_the_distribution_and_never_a_token_of_probability_z
     counts = torch.bincount(drawn, minlength=6).float() / len(drawn)
     assert counts[[0, 2, 5]].sum() == 0
     assert torch.allclose(counts, probs, atol=0.015)
+
+
+# -- memory handed back between blocks -------------------------------------------------------------
+
+
+def test_trimming_runs_after_every_nth_block_in_training_passes_only(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.training import memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: lambda pad: calls.append(pad) or 1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)  # 2 decoder blocks
+    handles = memory.trim_between_blocks(model, 1)
+    ids = torch.randint(0, 100, (2, 5))
+    model(input_ids=ids).logits.sum().backward()
+    assert calls == [0, 0]
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert calls == [0, 0]  # evaluation: nothing kept, nothing to trim
+    for handle in handles:
+        handle.remove()
+    assert len(memory.trim_between_blocks(model, 2)) == 1 and memory.trim_between_blocks(model, 0) == []
+    assert memory._malloc_trim is not None
+
+
+def test_a_run_with_trimming_trains_as_one_without(tiny_llama: Path, tmp_path: Path) -> None:
+    base = {
+        "model": str(tiny_llama),
+        "task": "sft",
+        "method": {"name": "lora", "dropout": 0.0},
+        "data": {"train": str(write_jsonl(tmp_path / "qa.jsonl", _qa(16))), "validation": None, "max_length": 40},
+        "train": {"epochs": 1, "batch_size": 4, "precision": "fp32"},
+        "eval": {"samples": 0},
+    }
+    plain = tunesmith.train({**base, "output": str(tmp_path / "a")})
+    trimmed = tunesmith.train(
+        {**base, "train": {**base["train"], "trim_memory_every": 1}, "output": str(tmp_path / "b")}
+    )
+    a = load_file(plain.run_dir / "final" / "trainable.safetensors")
+    b = load_file(trimmed.run_dir / "final" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -34,6 +34,7 @@ from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, rn
 from tunesmith.training.distributed import Processes, rank_share
 from tunesmith.training.kernels import choose_kernels
 from tunesmith.training.lr_find import choose_lr, range_test, step_batches
+from tunesmith.training.memory import trim_between_blocks
 from tunesmith.training.rates import Rates, head_lr_for, resolve_rates
 
 __all__ = ["LoopResult", "StepCallback", "frozen_linears", "frozen_matmuls_to_bf16", "train_loop"]
@@ -112,6 +113,7 @@ def train_loop(
     world, main = processes.world, processes.main
     log = run.log if main else _discard  # only rank 0 writes the run directory
     model.to(device)
+    trimming = trim_between_blocks(model, cfg.trim_memory_every)  # hooks, removed when the loop ends
     lengths = [objective.length(it) for it in train_items]
     # Attention and dropout kernels measured on this machine at this run's shapes (or, resuming, as recorded).
     recorded = run.plan().get("kernels") if resume and main else None
@@ -244,6 +246,8 @@ def train_loop(
             state.update(epoch=epoch + 1, batch=0)
 
     bar.close()
+    for handle in trimming:
+        handle.remove()
     result.steps = step
     result.train_seconds = time.perf_counter() - started - paused
     samples, tokens = processes.sum([result.samples, result.tokens])
