@@ -66,8 +66,8 @@ def machine_section(machine: dict, peak: dict[str, float], tables: dict[str, str
         f"<!-- bench:{kind}:start -->",
         f"### {machine['cpu']}, {machine['cores']} cores, BF16 {'yes' if machine['bf16'] else 'no'}",
         "",
-        f"Measured {date} by `make bench`; matmul peak in the same run: {peak['fp32']:.0f} GFLOP/s fp32, "
-        f"{peak['bf16']:.0f} GFLOP/s bf16 (2048², median of 7).",
+        f"Measured {date} by `bench/suite.py` ({len(tables)} of the {len(SUITE)} benchmarks); matmul peak in "
+        f"the same run: {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} GFLOP/s bf16 (2048², median of 7).",
     ]
     for name, table in tables.items():
         lines += ["", f"**{SUITE.get(name, name)}** (`bench/{name}.py`)", "", table or "(no table: the run failed)"]
