@@ -48,20 +48,18 @@ def remembered(key: str, measure: Callable[[], dict[str, Any]], file: str = "mac
     command measured it, else measured now and kept there (written atomically; a read-only cache
     only means measuring again next time). The entry comes back with `cached` set."""
     path = cache_root() / file
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        known = {}
-    known = known if isinstance(known, dict) else {}
-    entry = known.get(key)
+    if (str(path), key) in _SEEN:  # one answer per process, whatever other processes write meanwhile
+        return {**_SEEN[str(path), key], "cached": True}
+    entry = _read(path).get(key)
     if isinstance(entry, dict):
+        _SEEN[str(path), key] = entry
         return {**entry, "cached": True}
     entry = measure()
-    try:  # re-read: another command may have added its own entries meanwhile
-        current = json.loads(path.read_text(encoding="utf-8"))
-        known = current if isinstance(current, dict) else known
-    except (OSError, ValueError):
-        pass
+    known = _read(path)  # re-read: another process may have added entries (or this one) meanwhile
+    if isinstance(known.get(key), dict):  # the first measurement written is the one every process uses
+        _SEEN[str(path), key] = known[key]
+        return {**known[key], "cached": True}
+    _SEEN[str(path), key] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         scratch = path.with_name(f".{path.name}.{os.getpid()}")
@@ -70,3 +68,14 @@ def remembered(key: str, measure: Callable[[], dict[str, Any]], file: str = "mac
     except OSError:
         pass
     return {**entry, "cached": False}
+
+
+_SEEN: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
