@@ -309,3 +309,38 @@ def test_a_run_with_trimming_trains_as_one_without(tiny_llama: Path, tmp_path: P
     a = load_file(plain.run_dir / "final" / "trainable.safetensors")
     b = load_file(trimmed.run_dir / "final" / "trainable.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- the gated MLP's activation recomputed ---------------------------------------------------------
+
+
+def test_silu_gate_has_the_gradients_of_silu_times_up_and_keeps_two_tensors() -> None:
+    from tunesmith.models.gated_mlp import silu_gate
+
+    g = torch.randn(3, 7, dtype=torch.double, requires_grad=True)
+    u = torch.randn(3, 7, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(silu_gate, (g, u))
+    x = torch.randn(64, 32, requires_grad=True)
+    w1, w2 = torch.randn(48, 32), torch.randn(48, 32)
+    _, fused = kernels.saved_bytes(lambda: silu_gate(x @ w1.T, x @ w2.T))
+    _, plain = kernels.saved_bytes(lambda: nn.functional.silu(x @ w1.T) * (x @ w2.T))
+    assert plain - fused == 64 * 48 * 4  # autograd also keeps silu's output; the fused function does not
+
+
+def test_a_causal_lm_recomputes_its_gated_activations_and_computes_as_before(tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    lm = _lm(tiny_llama)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    decoder = reference.get_decoder()
+    assert all("forward" in vars(layer.mlp) for layer in lm.backbone.layers)
+    ids = torch.randint(0, 100, (2, 9))
+    lm.train(), decoder.train()
+    ours = lm(ids, torch.ones_like(ids)).hidden
+    theirs = decoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    ours.pow(2).sum().backward()
+    theirs.pow(2).sum().backward()
+    for (name, a), b in zip(lm.backbone.named_parameters(), decoder.parameters(), strict=True):
+        if a.requires_grad:  # (the tied embedding starts frozen in a causal LM)
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name
