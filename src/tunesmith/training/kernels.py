@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.machine import machine_key, remembered
+from tunesmith.models.causal_lm import base_decoder
 from tunesmith.runtime import Runtime
 from tunesmith.training.dropout import fast_dropout, use_fast_dropout
 
@@ -175,16 +176,11 @@ def _probe_dropout(numel: int, runtime: Runtime) -> dict[str, Any]:
 
 
 def _hf_config(model: nn.Module) -> Any:
-    backbone = getattr(model, "backbone", model)
-    get_base = getattr(backbone, "get_base_model", None)
-    base = get_base() if callable(get_base) else backbone
-    return getattr(base, "config", None)
+    return getattr(base_decoder(getattr(model, "backbone", model)), "config", None)
 
 
 def _set_attention(model: nn.Module, kernel: str) -> None:
-    backbone = getattr(model, "backbone", model)
-    get_base = getattr(backbone, "get_base_model", None)
-    base = get_base() if callable(get_base) else backbone
+    base = base_decoder(getattr(model, "backbone", model))
     setter = getattr(base, "set_attn_implementation", None)
     if callable(setter) and getattr(base.config, "_attn_implementation", kernel) != kernel:
         setter(kernel)
