@@ -67,6 +67,8 @@ def _plain(annotation: Any) -> str:
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Literal:
         return " | ".join(repr(a) for a in args)
+    if typing.get_origin(annotation) is typing.Annotated:  # a constrained type, e.g. an int >= 0: its base
+        return _plain(args[0])
     if typing.get_origin(annotation) is list and typing.get_origin(args[0]) is typing.Literal:
         return f"list[{_plain(args[0])}]"  # a list of choices: list['a' | 'b']
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and any(

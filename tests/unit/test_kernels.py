@@ -4,7 +4,9 @@ what a run records in plan.json, and the LoRA dropout folded into the adapter's 
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
+from typing import Any
 
 import peft
 import pytest
@@ -18,7 +20,7 @@ from tunesmith.machine import remembered
 from tunesmith.methods.lora import recompute_lora_dropout
 from tunesmith.runtime import Runtime
 from tunesmith.training import kernels
-from tunesmith.training.dropout import DroppedLinear, _drop_mask, _DroppedLinear, dropped_linear
+from tunesmith.training.dropout import DropMask, DroppedLinear, _drop_mask, _DroppedLinear, dropped_linear, fast_dropout
 
 CPU = Runtime(torch.device("cpu"), "fp32", 8)
 
@@ -144,13 +146,30 @@ def test_a_classifier_probes_its_dropout(tiny_bert: Path, tmp_path: Path) -> Non
 # -- LoRA's dropout folded into its first matrix ---------------------------------------------------
 
 
+def _seeded_mask(shape: torch.Size) -> DropMask:
+    torch.manual_seed(7)
+    return DropMask(shape, 0.3, torch.device("cpu"))
+
+
 def test_dropped_linear_has_the_gradients_of_dropout_then_linear() -> None:
     x = torch.randn(2, 3, 4, dtype=torch.double, requires_grad=True)
     w = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
+    # the mask is drawn again from its RNG state in the backward pass: gradcheck proves it the same
+    assert torch.autograd.gradcheck(lambda a, b: _DroppedLinear.apply(a, b, _seeded_mask(x.shape)), (x, w))
+    torch.manual_seed(7)
     drop, scale = _drop_mask(x.shape, 0.3, x.device)
-    assert torch.autograd.gradcheck(lambda a, b: _DroppedLinear.apply(a, b, drop, scale), (x, w))
-    out = _DroppedLinear.apply(x, w, drop, scale)
+    out = _DroppedLinear.apply(x, w, _seeded_mask(x.shape))
     assert torch.allclose(out, nn.functional.linear(x.masked_fill(drop, 0) * scale, w))
+
+
+def test_fast_dropout_draws_its_mask_again_for_the_backward_pass_and_keeps_nothing() -> None:
+    x = torch.randn(64, 32, dtype=torch.double, requires_grad=True)
+    torch.manual_seed(3)
+    out, saved = kernels.saved_bytes(lambda: fast_dropout(x, 0.25))
+    assert saved == 0  # neither x nor a mask: the RNG state draws it again
+    out.backward(torch.ones_like(out))
+    assert x.grad is not None and torch.equal(x.grad != 0, out != 0)  # the same elements dropped
+    assert torch.autograd.gradcheck(lambda a: (torch.manual_seed(3), fast_dropout(a, 0.25))[1], (x,))
 
 
 def test_dropped_linear_keeps_the_input_once_for_every_adapter_that_reads_it() -> None:
@@ -160,8 +179,8 @@ def test_dropped_linear_keeps_the_input_once_for_every_adapter_that_reads_it() -
     _, plain = kernels.saved_bytes(
         lambda: sum(nn.functional.linear(nn.functional.dropout(x, 0.1), w).sum() for w in weights)
     )
-    # x once (4 bytes an element) and three 1-byte masks, against three dropped copies and masks
-    assert folded < 8 * x.numel() < 12 * x.numel() < plain
+    # x once (4 bytes an element; the masks are drawn again), against three dropped copies and masks
+    assert folded <= 4 * x.numel() + 3 * 4 * 32 * 4 < 12 * x.numel() < plain
 
 
 def test_the_drop_mask_drops_the_right_share_in_every_lane() -> None:
@@ -293,6 +312,38 @@ def test_trimming_runs_after_every_nth_block_in_training_passes_only(
     assert memory._malloc_trim is not None
 
 
+def test_auto_trims_after_a_block_once_resident_memory_grew_enough(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.training import memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: lambda pad: calls.append(pad) or 1)
+    grown = memory.AUTO_GROWTH + 1
+    # resident bytes read: pass start, after block 1, after block 2, after the trim; then a second pass
+    readings = iter([5, 10, 5 + grown, 7, 100, 110, 120])
+
+    class Process:
+        def memory_info(self) -> Any:
+            return types.SimpleNamespace(rss=next(readings))
+
+    monkeypatch.setattr(memory.psutil, "Process", Process)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)  # 2 decoder blocks
+    handles = memory.trim_between_blocks(model, "auto")
+    ids = torch.randint(0, 100, (2, 5))
+    model(input_ids=ids).logits.sum().backward()
+    assert calls == [0]  # after block 2 only: block 1 had grown by 5 bytes
+    model(input_ids=ids).logits.sum().backward()
+    assert calls == [0]  # 20 bytes of growth: nothing to trim
+    with torch.no_grad():
+        model(input_ids=ids)  # evaluation reads nothing (the readings would run out)
+    for handle in handles:
+        handle.remove()
+    assert memory.trim_between_blocks(model, "auto", torch.device("meta")) == []  # not the host's heap
+
+
 def test_a_run_with_trimming_trains_as_one_without(tiny_llama: Path, tmp_path: Path) -> None:
     base = {
         "model": str(tiny_llama),
@@ -302,7 +353,7 @@ def test_a_run_with_trimming_trains_as_one_without(tiny_llama: Path, tmp_path: P
         "train": {"epochs": 1, "batch_size": 4, "precision": "fp32"},
         "eval": {"samples": 0},
     }
-    plain = tunesmith.train({**base, "output": str(tmp_path / "a")})
+    plain = tunesmith.train({**base, "train": {**base["train"], "trim_memory_every": 0}, "output": str(tmp_path / "a")})
     trimmed = tunesmith.train(
         {**base, "train": {**base["train"], "trim_memory_every": 1}, "output": str(tmp_path / "b")}
     )
@@ -344,3 +395,36 @@ def test_a_causal_lm_recomputes_its_gated_activations_and_computes_as_before(tin
     for (name, a), b in zip(lm.backbone.named_parameters(), decoder.parameters(), strict=True):
         if a.requires_grad:  # (the tied embedding starts frozen in a causal LM)
             assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_lora_adapters_compute_norm_outputs_and_gated_products_again_to_the_bit(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tunesmith.training import dropout
+
+    lm = _lm(tiny_llama)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear")
+    lm.backbone = peft.get_peft_model(lm.backbone, cfg)
+    recompute_lora_dropout(lm.backbone)
+    for name, param in lm.named_parameters():  # B starts at zero: give the adapters something to add
+        if "lora_B" in name:
+            nn.init.normal_(param)
+    lm.train()
+    ids = torch.randint(0, 100, (2, 9))
+
+    def step() -> tuple[int, dict[str, torch.Tensor]]:
+        lm.zero_grad()
+        torch.manual_seed(5)
+        out, saved = kernels.saved_bytes(lambda: lm(ids, torch.ones_like(ids)).hidden.pow(2).sum())
+        out.backward()
+        return saved, {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+
+    recomputed, grads = step()
+    monkeypatch.setattr(dropout, "recipe", lambda t: None)  # keep every adapter input instead
+    kept, kept_grads = step()
+    assert grads.keys() == kept_grads.keys() and len(grads) == 2 * 7 * 2  # A and B of 7 linears, 2 layers
+    for name, grad in grads.items():
+        assert torch.equal(grad, kept_grads[name]), name
+    hidden, inter, tokens = 32, 64, ids.numel()  # tiny_llama's sizes (conftest)
+    # per layer: the input norm's output (q, k, v), the post-attention norm's (gate, up), the product (down)
+    assert kept - recomputed == 2 * tokens * (2 * hidden + inter) * 4

@@ -71,9 +71,10 @@ class LoraMethod(BaseMethod):
 
 
 def recompute_lora_dropout(backbone: torch.nn.Module) -> int:
-    """Fold each plain LoRA linear's input dropout into its A matrix (`DroppedLinear`), so the
-    backward pass keeps the shared input once and draws the mask again, instead of a dropped copy
-    per adapter; the parameters and their names are unchanged. DoRA and LoRA on convolutions keep
+    """Fold each plain LoRA linear's input dropout (none is dropout 0) into its A matrix
+    (`DroppedLinear`), so the backward pass keeps the shared input once (or nothing, where the input
+    is cheap to compute again: models/recompute.py) and draws the mask again, instead of a dropped
+    copy per adapter; the parameters and their names are unchanged. DoRA and LoRA on convolutions keep
     peft's own path. Returns how many adapters were folded."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -84,14 +85,13 @@ def recompute_lora_dropout(backbone: torch.nn.Module) -> int:
         for adapter, dropout in list(module.lora_dropout.items()):
             a = module.lora_A[adapter]
             if (
-                isinstance(dropout, torch.nn.Dropout)
-                and dropout.p > 0
+                type(dropout) in (torch.nn.Dropout, torch.nn.Identity)
                 and adapter not in module.lora_variant
                 and type(a) is torch.nn.Linear
                 and a.bias is None
             ):
                 a.__class__ = DroppedLinear
-                a.p = dropout.p
+                a.p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
                 module.lora_dropout[adapter] = torch.nn.Identity()
                 folded += 1
     return folded

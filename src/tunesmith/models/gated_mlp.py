@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.models.recompute import mark
+
 __all__ = ["recompute_gated_activations", "silu_gate"]
 
 
@@ -40,7 +42,10 @@ def silu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def _gated_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return self.down_proj(silu_gate(gate, up))  # type: ignore[no-any-return]
+        # `gate` and `up` are kept for silu_gate's backward: the product is computed again from them
+        # where the down projection's backward needs it (models/recompute.py)
+        product = mark(silu_gate(gate, up), lambda: F.silu(gate) * up)
+        return self.down_proj(product)  # type: ignore[no-any-return]
     return self.down_proj(self.act_fn(gate) * up)  # type: ignore[no-any-return]
 
 

@@ -13,6 +13,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.models.causal_lm import CausalLM
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.models.gated_mlp import recompute_gated_activations
+from tunesmith.models.recompute import recompute_norm_outputs
 from tunesmith.zoo import PACKAGED_MODELS, model_source_path
 
 __all__ = [
@@ -85,6 +86,7 @@ def build_causal_lm(cfg: ModelConfig, max_length: int) -> CausalLM:
         raise ConfigError(f"model.name={cfg.name}: {type(model).__name__} has no decoder and linear output layer")
     head.weight.requires_grad_(False)
     recompute_gated_activations(decoder)  # a third less of the MLPs' saved activations
+    recompute_norm_outputs(decoder)  # what adapters read from norms is computed again, not kept
     eos = getattr(model.generation_config, "eos_token_id", None)
     lm = CausalLM(decoder, head, tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
     lm.attention_request = cfg.attention  # auto: training measures which kernel to use

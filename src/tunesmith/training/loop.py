@@ -113,7 +113,7 @@ def train_loop(
     world, main = processes.world, processes.main
     log = run.log if main else _discard  # only rank 0 writes the run directory
     model.to(device)
-    trimming = trim_between_blocks(model, cfg.trim_memory_every)  # hooks, removed when the loop ends
+    trimming = trim_between_blocks(model, cfg.trim_memory_every, device)  # hooks, removed when the loop ends
     lengths = [objective.length(it) for it in train_items]
     # Attention and dropout kernels measured on this machine at this run's shapes (or, resuming, as recorded).
     recorded = run.plan().get("kernels") if resume and main else None

@@ -7,7 +7,14 @@ resident for 2.7 GB of saved activations. `malloc_trim(0)` hands the free pages 
 heap's free chunks and madvises the whole pages in them away); called after every few transformer
 blocks it keeps the holes from accumulating: peak memory fell 20-30% there, at 8-20% more step time,
 since the next temporaries fault their pages in again. It is glibc's own call, reached with ctypes
-(no maintained Python package wraps it); elsewhere (macOS, musl) the setting does nothing.
+(no maintained Python package wraps it); elsewhere (macOS, musl) the setting does nothing, and so it
+does when the model trains on an accelerator (its activations are not in the process's heap).
+
+`auto` (the default) trims after a block only when resident memory has grown by `AUTO_GROWTH` since
+the pass began or since the last trim, so short rows (little to hand back) pay nothing and long ones
+trim every few blocks. Measured on a SmolLM2 LoRA epoch (128 rows up to 256 tokens, batch 8, 2-core
+Xeon): peak resident memory 3.2-3.5 GB untrimmed, 2.1 GB trimming after every block, 2.3 GB after
+every 10th, 2.9 GB once at the end of the forward pass; see the README for `auto`'s measured cost.
 """
 
 from __future__ import annotations
@@ -17,27 +24,51 @@ import ctypes.util
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
-__all__ = ["trim_between_blocks"]
+__all__ = ["AUTO_GROWTH", "trim_between_blocks"]
+
+AUTO_GROWTH = 256 * 2**20  # bytes of resident growth in a training forward pass that call for a trim
 
 
-def trim_between_blocks(model: nn.Module, every: int) -> list[Any]:
+def trim_between_blocks(model: nn.Module, every: int | str, device: torch.device | None = None) -> list[Any]:
     """Call `malloc_trim(0)` after the forward pass of every `every`-th transformer block (the classes
-    a Hugging Face model names in `_no_split_modules`) while gradients are recorded; returns the hook
-    handles ([] where glibc or the blocks are missing)."""
+    a Hugging Face model names in `_no_split_modules`) while gradients are recorded, or under `auto`
+    after any block that finds resident memory `AUTO_GROWTH` above where the pass began or last
+    trimmed; returns the hook handles ([] where glibc or the blocks are missing, or the model is on an
+    accelerator)."""
     trim = _malloc_trim()
     names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
     blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if trim is None or every <= 0 or not blocks:
+    on_host = device is None or device.type == "cpu"
+    if trim is None or every == 0 or not blocks or not on_host:
         return []
+    if every == "auto":
+        return _trim_on_growth(blocks, trim)
 
     def after(module: nn.Module, args: Any, output: Any) -> None:
         if torch.is_grad_enabled():  # a training pass; evaluation keeps nothing to trim around
             trim(0)
 
-    return [block.register_forward_hook(after) for block in blocks[every - 1 :: every]]
+    return [block.register_forward_hook(after) for block in blocks[int(every) - 1 :: int(every)]]
+
+
+def _trim_on_growth(blocks: list[nn.Module], trim: Callable[[int], int]) -> list[Any]:
+    process = psutil.Process()
+    since = [0]  # resident bytes when the pass began or last trimmed
+
+    def first(module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():
+            since[0] = process.memory_info().rss
+
+    def after(module: nn.Module, args: Any, output: Any) -> None:
+        if torch.is_grad_enabled() and process.memory_info().rss - since[0] > AUTO_GROWTH:
+            trim(0)
+            since[0] = process.memory_info().rss
+
+    return [blocks[0].register_forward_pre_hook(first)] + [block.register_forward_hook(after) for block in blocks]
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -1,0 +1,81 @@
+"""Activations that are cheap to compute again, marked so that the backward pass does not keep them.
+
+Two inputs of a decoder block's LoRA adapters are outputs of cheap elementwise work on tensors that
+autograd keeps anyway:
+- a normalization's output (RMSNorm, LayerNorm), read by the query, key and value adapters (or gate
+  and up): the normalization's own backward keeps its input, so its output can be computed again
+  from it;
+- a SiLU-gated MLP's product `silu(gate) * up`, read by the down projection's adapter: the gated
+  function keeps `gate` and `up` (models/gated_mlp.py).
+
+`mark(out, compute)` attaches how to compute `out` again to the tensor itself; a function that would
+save `out` for its backward pass (training/dropout.py's folded LoRA input) keeps `recipe(out)`
+instead, when there is one, and calls it in the backward pass. The same kernels run on the same
+inputs under the same autocast state, so the result is bit for bit what the forward pass computed
+(tested: gradients equal to the stock model's). Nothing is kept for a marked tensor that is never
+saved, and a tensor changed in place after it was marked is saved as usual.
+
+In a SmolLM2 LoRA step (8 x 256 tokens, every linear layer adapted) this keeps 630 MB less of the
+step's 2.3 GB of saved activations, for one more RMSNorm per block and one more `silu(gate) * up` per
+MLP in the backward pass.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["mark", "recipe", "recompute_norm_outputs"]
+
+_ATTR = "_tunesmith_recompute"
+
+
+def mark(out: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Attach `compute` (which returns `out` again, from tensors autograd keeps anyway) to `out`."""
+    device = out.device.type
+    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    setattr(out, _ATTR, (out._version, device, autocast, compute))
+    return out
+
+
+def recipe(t: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """How to compute `t` again in the backward pass, if it was marked and not changed since; the
+    recomputation runs without gradients under the autocast state `t` was made under."""
+    marked = getattr(t, _ATTR, None)
+    if marked is None or marked[0] != t._version:
+        return None
+    _, device, (enabled, dtype), compute = marked
+
+    def again() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            return compute()
+
+    return again
+
+
+def recompute_norm_outputs(model: nn.Module) -> int:
+    """Mark the outputs of `model`'s RMSNorm and LayerNorm modules (training only) as computable
+    again from their inputs; returns how many modules changed."""
+    changed = 0
+    for module in model.modules():
+        if _is_norm(module) and "forward" not in vars(module):
+            module.forward = types.MethodType(_marking_forward(type(module).forward), module)
+            changed += 1
+    return changed
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def _marking_forward(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def marked(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = forward(self, x)
+        if torch.is_grad_enabled() and self.training and isinstance(out, torch.Tensor):
+            mark(out, lambda: forward(self, x))
+        return out
+
+    return marked
