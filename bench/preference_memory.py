@@ -14,7 +14,9 @@ and gives RL the same text as its prompt, less the tokens it samples (`--new-tok
 variants step over sequences of the same length. Each run is in its own process (peak RSS is per
 run), alternating, medians. DPO's one reference pass before training is outside `train s`.
 
-Run: `python bench/preference_memory.py [--pairs 96] [--repeats 3] [--max-length 128] [--long]`;
+`--trim N` hands freed memory back to the system after every N-th block (`train.trim_memory_every`).
+
+Run: `python bench/preference_memory.py [--pairs 96] [--repeats 3] [--max-length 128] [--long] [--trim N]`;
 writes bench/results/preference-memory-<timestamp>.json and prints a Markdown table.
 """
 
@@ -83,7 +85,8 @@ def worker(variant: str, args: argparse.Namespace, out: Path) -> None:
         task=task,
         method={"name": "lora", "r": 16, "alpha": 32},
         data={"train": str(data), "validation": None, "max_length": args.max_length, "quality": "off"},
-        train={"epochs": 1, "batch_size": batch, "lr": 5e-4, "log_every": 4},
+        train={"epochs": 1, "batch_size": batch, "lr": 5e-4, "log_every": 4}
+        | ({"trim_memory_every": args.trim} if args.trim is not None else {}),
         eval={"samples": 0},
         output={"dir": str(out.parent / "runs")},
         **extra,
@@ -102,6 +105,7 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32, help="RL: tokens sampled per completion")
     parser.add_argument("--long", action="store_true", help="responses as long as --max-length")
+    parser.add_argument("--trim", type=int, help="train.trim_memory_every (default: auto)")
     parser.add_argument("--worker", choices=list(VARIANTS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", type=Path)
@@ -129,7 +133,8 @@ def main() -> int:
     lines = [
         f"{machine['cpu']}, {machine['cores']} cores, BF16 {machine['bf16']}; {args.pairs} review pairs"
         f"{' made ' + str(args.max_length) + ' tokens long' if args.long else ''}, max length {args.max_length}, "
-        f"SmolLM2-135M-Instruct, LoRA r 16, medians of {args.repeats}:",
+        f"SmolLM2-135M-Instruct, LoRA r 16, train.trim_memory_every {'auto' if args.trim is None else args.trim}, "
+        f"medians of {args.repeats}:",
         "",
         "| run | sequences per step | train s | peak memory | vs SFT |",
         "|---|---:|---:|---:|---:|",
@@ -145,7 +150,7 @@ def main() -> int:
 def _passed(args: argparse.Namespace) -> list[str]:
     """The options a worker needs, as command-line arguments."""
     passed = ["--pairs", str(args.pairs), "--max-length", str(args.max_length), "--new-tokens", str(args.new_tokens)]
-    return passed + (["--long"] if args.long else [])
+    return passed + (["--long"] if args.long else []) + (["--trim", str(args.trim)] if args.trim is not None else [])
 
 
 def _row(variant: str, m: dict, sft: dict | None) -> str:

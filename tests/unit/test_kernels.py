@@ -330,6 +330,7 @@ def test_auto_trims_after_a_block_once_resident_memory_grew_enough(
             return types.SimpleNamespace(rss=next(readings))
 
     monkeypatch.setattr(memory.psutil, "Process", Process)
+    monkeypatch.setattr(memory, "_short_of_memory", lambda: True)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)  # 2 decoder blocks
     handles = memory.trim_between_blocks(model, "auto")
     ids = torch.randint(0, 100, (2, 5))
@@ -342,6 +343,12 @@ def test_auto_trims_after_a_block_once_resident_memory_grew_enough(
     for handle in handles:
         handle.remove()
     assert memory.trim_between_blocks(model, "auto", torch.device("meta")) == []  # not the host's heap
+    monkeypatch.setattr(memory, "_short_of_memory", lambda: False)
+    roomy = memory.AUTO_GROWTH_ROOMY
+    readings = iter([0, grown, roomy + 1, 3])
+    handles = memory.trim_between_blocks(model, "auto")
+    model(input_ids=ids).logits.sum().backward()
+    assert calls == [0, 0]  # plenty of memory available: only the larger growth (block 2) trims
 
 
 def test_a_run_with_trimming_trains_as_one_without(tiny_llama: Path, tmp_path: Path) -> None:
