@@ -337,7 +337,7 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute block activations in the backward pass: less memory, ~30% more compute."
     )
-    trim_memory_every: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+    trim_memory_every: int | Literal["auto"] = Field(
         "auto",
         description="Hand the memory a training forward pass frees back to the OS after every N transformer blocks "
         "(glibc malloc_trim, CPU only; 0 = never). auto trims after a block once resident memory grew 1 GB since "
@@ -377,6 +377,17 @@ class TrainConfig(Section):
         if not 0 < number < float("inf"):
             raise ValueError(f"must be greater than 0 and finite (got {value}){auto}")
         return number
+
+    @field_validator("trim_memory_every", mode="before")
+    @classmethod
+    def _every(cls, value: Any) -> Any:
+        """`auto`, or a whole number of blocks (0 = never)."""
+        number = _as_number(value)
+        if value == "auto":
+            return value
+        if number is None or number < 0 or number != int(number):
+            raise ValueError(f"{value!r}: give auto, 0 (never) or a whole number of blocks, e.g. 3")
+        return int(number)
 
 
 def _as_number(value: Any) -> float | None:

@@ -351,6 +351,19 @@ def test_auto_trims_after_a_block_once_resident_memory_grew_enough(
     assert calls == [0, 0]  # plenty of memory available: only the larger growth (block 2) trims
 
 
+@pytest.mark.parametrize("value", ["sometimes", -2, 1.5, True])
+def test_a_bad_trim_setting_is_refused_in_one_line(value: object) -> None:
+    from tunesmith.config import config_from_dict
+    from tunesmith.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"model": "m", "data": {"train": "x"}, "train": {"trim_memory_every": value}})
+    problem = str(info.value).splitlines()[1:]
+    assert problem == [
+        f"  train.trim_memory_every: {value!r}: give auto, 0 (never) or a whole number of blocks, e.g. 3"
+    ]
+
+
 def test_a_run_with_trimming_trains_as_one_without(tiny_llama: Path, tmp_path: Path) -> None:
     base = {
         "model": str(tiny_llama),
