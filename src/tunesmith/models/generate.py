@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from tunesmith.models.causal_lm import CausalLM, base_decoder
+from tunesmith.models.decode import lean_decoder
 from tunesmith.models.packed import packed_linears
 
 __all__ = ["Sampling", "generate_ids"]
@@ -50,7 +52,7 @@ def generate_ids(
         model.train(was_training)
 
 
-def _generate(model, prompts, eos, sampling, pad_id, on_token) -> list[list[int]]:
+def _generate(model, prompts, eos, sampling, pad_id, on_token, lean: bool = True) -> list[list[int]]:
     device = model.lm_head.weight.device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     # A prompt sampled several times (RL's groups) is run once; its cache is then copied per row.
@@ -67,36 +69,49 @@ def _generate(model, prompts, eos, sampling, pad_id, on_token) -> list[list[int]
         index = torch.tensor([where[tuple(p)] for p in prompts], device=device)
         cache.reorder_cache(index)
         hidden, mask, next_pos = hidden[:, -1:][index], mask[index], next_pos[index]
+    # The first token comes from the prefill; each later one needs a decoding step.
+    fast = lean_decoder(decoder, model.lm_head, cache, mask, batch, sampling.max_new_tokens - 1) if lean else None
+    if fast is not None:
+        lean_step = lambda token, positions, mask: fast(token, positions)  # noqa: E731
+        return _decode(fast.logits, lean_step, hidden[:, -1], next_pos, eos, sampling, pad_id, on_token, mask)
+
+    def step(token: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        nonlocal cache
+        result = decoder(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = result.past_key_values
+        return result.last_hidden_state[:, -1]
+
     with packed_linears(
         model, batch, sampling.max_new_tokens
     ):  # one token per row a step: weights reordered where that is faster
-        return _decode(model, decoder, hidden, cache, mask, next_pos, eos, sampling, pad_id, on_token)
+        return _decode(model.logits, step, hidden[:, -1], next_pos, eos, sampling, pad_id, on_token, mask)
 
 
-def _decode(model, decoder, hidden, cache, mask, next_pos, eos, sampling, pad_id, on_token) -> list[list[int]]:
+def _decode(logits, step, hidden, next_pos, eos, sampling, pad_id, on_token, mask) -> list[list[int]]:
+    """Choose a token per row from `logits(hidden)` (B, C -> V), then `step(token, positions, mask)` to the next
+    hidden states, until every row ended or `max_new_tokens` were chosen."""
     device, batch = hidden.device, hidden.shape[0]
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     out: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(sampling.max_new_tokens):
-        token = _choose(model.logits(hidden[:, -1]), sampling, generator)  # (B,)
+    for new in range(sampling.max_new_tokens):
+        token = _choose(logits(hidden), sampling, generator)  # (B,)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         for row in (~done).nonzero().flatten().tolist():
             out[row].append(int(token[row]))
             if on_token is not None:
                 on_token(row, int(token[row]))
         done |= torch.tensor([int(t) in eos for t in token.tolist()], device=device)
-        if bool(done.all()):
-            break
+        if bool(done.all()) or new == sampling.max_new_tokens - 1:
+            break  # the last token chosen needs no step after it
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-        result = decoder(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=next_pos[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        hidden, cache, next_pos = result.last_hidden_state, result.past_key_values, next_pos + 1
+        hidden, next_pos = step(token, next_pos, mask), next_pos + 1
     return out
 
 
@@ -129,15 +144,33 @@ def _choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
     """Greedy at temperature 0; else nucleus sampling (Holtzman et al. 2019) at `top_p`."""
     if sampling.temperature <= 0:
         return logits.argmax(-1)
-    probs = (logits / sampling.temperature).softmax(-1)  # (B, V)
+    probs = (logits if sampling.temperature == 1 else logits / sampling.temperature).softmax(-1)  # (B, V)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p  # always keeps the top token
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    # Inverse-CDF sampling: the same distribution as torch.multinomial, whose exponential draw per
-    # vocabulary entry cost a sixth of a decoding step on a CPU. right=True never picks a token
-    # of probability 0 (its cumulative value equals its predecessor's).
-    cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+    return _inverse_cdf(
+        probs, torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    )
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, width: int = 256) -> torch.Tensor:
+    """Row i's token drawn with probability probs[i] / probs[i].sum() by a uniform draw u[i] in [0, 1).
+
+    Inverse-CDF sampling: the same distribution as torch.multinomial, whose exponential draw per
+    vocabulary entry cost a sixth of a decoding step on a CPU. The cumulative sum is taken in two
+    levels, over blocks of `width` entries and then inside the block drawn (in float64; a quarter
+    of the cost of one cumulative sum over the whole vocabulary). A token of probability 0 is never
+    drawn: the search is `right=True` and stays below the block's total.
+    """
+    rows, vocab = probs.shape
+    blocks = F.pad(probs, (0, (-vocab) % width)).view(rows, -1, width)  # (B, blocks, width)
+    mass = blocks.sum(-1, dtype=torch.float64).cumsum_(-1)  # (B, blocks)
+    u = u * mass[:, -1:]
+    block = torch.searchsorted(mass, u, right=True)  # (B, 1)
+    before = torch.where(block > 0, mass.gather(-1, (block - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, block[..., None].expand(rows, 1, width)).squeeze(1).double().cumsum_(-1)  # (B, width)
+    top = torch.nextafter(inner[:, -1:], torch.zeros_like(inner[:, -1:]))
+    rest = torch.minimum((u - before).clamp(min=0), top)
+    return (block * width + torch.searchsorted(inner, rest, right=True)).squeeze(-1)
