@@ -6,9 +6,11 @@ sides do the same work), on the packaged SmolLM2-135M-Instruct in fp32. tunesmit
 `models.generate.generate_ids` as the RL task calls it (prompts repeated G times); the reference
 runs `AutoModelForCausalLM.generate(do_sample=True, num_return_sequences=G)` on the same prompts,
 left-padded, with its default dynamic KV cache. Both in one process, alternating, one warm-up
-each, then the median of `--repeats`.
+each, then the median of `--repeats`. With `--lora R`, both models carry the same LoRA adapters
+(rank R on every block linear, through peft, B matrices drawn non-zero), as an RL policy trained
+with `method: lora` does.
 
-Run: `python bench/rl_sampling.py [--prompts 1] [--group 16] [--new-tokens 40] [--repeats 5]`;
+Run: `python bench/rl_sampling.py [--prompts 1] [--group 16] [--new-tokens 40] [--repeats 5] [--lora 8]`;
 prints a Markdown table and writes bench/results/rl-sampling-<timestamp>.json.
 """
 
@@ -19,6 +21,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 from harness import describe_machine
 
@@ -31,6 +34,7 @@ def main() -> int:
     parser.add_argument("--group", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank on both sides (0: no adapters)")
     args = parser.parse_args()
 
     import torch
@@ -52,6 +56,8 @@ def main() -> int:
     prompts = [list(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in rendered]
     ours = build_causal_lm(ModelConfig(name="smollm2-135m"), 512).eval()
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if args.lora:
+        _add_lora(ours, reference, args.lora)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     g, n = args.group, args.new_tokens
 
@@ -94,19 +100,46 @@ def main() -> int:
     machine = describe_machine()
     result = {
         "machine": machine,
-        "workload": {"prompts": args.prompts, "group": g, "new_tokens": n, "prompt_tokens": [len(p) for p in prompts]},
+        "workload": {"lora_rank": args.lora, "prompts": args.prompts, "group": g, "new_tokens": n, "prompt_tokens": [len(p) for p in prompts]},
         "seconds": times,
         "tokens": tokens,
     }
     medians = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: tokens[k] / medians[k] for k in medians}
-    print(f"{machine['cpu']} (BF16: {machine['bf16']}), {args.prompts} prompt(s) x {g} samples x {n} new tokens")
+    adapters = f", LoRA r{args.lora}" if args.lora else ""
+    print(f"{machine['cpu']} (BF16: {machine['bf16']}), {args.prompts} prompt(s) x {g} samples x {n} new tokens{adapters}")
     print("| tool | seconds | tokens/s | vs reference |\n|---|---:|---:|---:|")
     for k in ("tunesmith", "reference"):
         print(f"| {k} | {medians[k]:.2f} | {rate[k]:.0f} | {rate[k] / rate['reference']:.2f}x |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"rl-sampling-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"rl-sampling{'-lora' if args.lora else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
     return 0
+
+
+def _add_lora(ours: Any, reference: Any, rank: int) -> None:
+    """The same adapters on both sides: tunesmith's LoRA method on ours, peft on the reference's
+    decoder, with identical non-zero B matrices (untrained adapters add nothing)."""
+    import peft
+    import torch
+
+    from tunesmith.methods.lora import LoraConfig, LoraMethod
+    from tunesmith.methods.targets import lora_targets
+
+    targets = lora_targets(ours.backbone, None, rank, "bench")
+    LoraMethod(LoraConfig(r=rank, alpha=2 * rank, dropout=0.05)).apply(ours)
+    reference.model = peft.get_peft_model(
+        reference.model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=targets)
+    )
+    theirs = dict(reference.model.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in ours.backbone.named_parameters():
+            if "lora_" in name:
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+                theirs[name].copy_(param)
+    ours.eval()
+    reference.eval()
 
 
 if __name__ == "__main__":

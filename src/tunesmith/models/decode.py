@@ -64,6 +64,8 @@ def _unsupported(decoder: Any, cache: Any, prompt: int, steps: int) -> str | Non
         return "not on the CPU"
     if torch.is_autocast_enabled("cpu"):
         return "autocast"
+    if any(type(p.detach()) is not torch.Tensor for p in decoder.parameters()):
+        return "sharded or wrapped parameters"  # e.g. DTensors of a model split over processes
     layers = getattr(decoder, "layers", None)
     if layers is None or not hasattr(decoder, "rotary_emb") or not hasattr(decoder, "norm"):
         return "unfamiliar decoder layout"
@@ -109,18 +111,24 @@ def _bias_of(module: Any) -> torch.Tensor | None:
 
 class _Linear:
     """One (possibly fused) projection, through whichever kernel `fastest_linear` measured
-    fastest for `rows` rows over `steps` steps."""
+    fastest for `rows` rows over `steps` steps; `scales` multiply each module's output (folded
+    into its rows of the weight, never into the model's own)."""
 
-    def __init__(self, modules: list[Any], rows: int, steps: int) -> None:
+    def __init__(self, modules: list[Any], rows: int, steps: int, scales: list[float] | None = None) -> None:
+        scales = scales or [1.0] * len(modules)
         weights = [w for w in (_weight_of(m) for m in modules) if w is not None]
         assert len(weights) == len(modules), "lean_decoder checked every projection"
+        weights = [w * s if s != 1.0 else w for w, s in zip(weights, scales, strict=True)]
         self.weight = torch.cat(weights) if len(weights) > 1 else weights[0].contiguous()
         self.dtype = self.weight.dtype
         biases = [_bias_of(m) for m in modules]
         self.bias = None
         if any(b is not None for b in biases):
             self.bias = torch.cat(
-                [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights, strict=True)]  # type: ignore[union-attr]
+                [
+                    b * s if b is not None else w.new_zeros(w.shape[0])
+                    for b, w, s in zip(biases, weights, scales, strict=True)
+                ]
             )
         self.kernel = fastest_linear(self.weight, rows, steps)
         if self.kernel == "packed":
@@ -164,12 +172,12 @@ class LeanDecoder:
         self.bias[:, 0, 0, :prompt].masked_fill_(mask.bool(), 0.0)
         self.length = prompt
 
-    @staticmethod
-    def _block(layer: Any, rows: int, steps: int) -> tuple[Any, ...]:
+    def _block(self, layer: Any, rows: int, steps: int) -> tuple[Any, ...]:
         attn, mlp = layer.self_attn, layer.mlp
+        query_scale = float(getattr(attn, "scaling", self.head_dim**-0.5))  # folded into q: rotation is linear
         return (
             layer.input_layernorm,
-            _Linear([attn.q_proj, attn.k_proj, attn.v_proj], rows, steps),
+            _Linear([attn.q_proj, attn.k_proj, attn.v_proj], rows, steps, [query_scale, 1.0, 1.0]),
             _Linear([attn.o_proj], rows, steps),
             layer.post_attention_layernorm,
             _Linear([mlp.gate_proj, mlp.up_proj], rows, steps),
@@ -193,7 +201,7 @@ class LeanDecoder:
             self.keys[i, ..., t] = qk[:, h:]
             self.values[i, :, :, t] = v.view(b, kv, d)
             q = qk[:, :h].reshape(b, kv, h // kv, d)  # heads grouped by the kv head they share
-            scores = torch.matmul(q, self.keys[i]).mul_(d**-0.5).add_(self.bias)  # (B, kv, G, all columns)
+            scores = torch.matmul(q, self.keys[i]).add_(self.bias)  # (B, kv, G, all columns); q is scaled
             attended = scores.softmax(-1) @ self.values[i]  # (B, kv, G, D)
             x = x + out(attended.reshape(b, h * d))
             g, u = gate_up(_rms(x, norm2)).split([self.inner, self.inner], -1)
