@@ -44,7 +44,7 @@ def lean_decoder(
     """A `LeanDecoder` continuing from a prefilled `transformers` cache, or None where `decoder`
     (the base model under any peft wrapper) and its output layer `head` are not ones this step
     reproduces exactly."""
-    if steps < 1 or _weight_of(head) is None or _unsupported(decoder, cache, mask.shape[1], steps) is not None:
+    if steps < 1 or _parts(head) is None or _unsupported(decoder, cache, mask.shape[1], steps) is not None:
         return None
     return LeanDecoder(decoder, head, cache, mask, rows, steps)
 
@@ -77,36 +77,39 @@ def _unsupported(decoder: Any, cache: Any, prompt: int, steps: int) -> str | Non
     for layer in layers:
         for name in _PROJECTIONS:
             owner = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
-            if _weight_of(getattr(owner, name, None)) is None:
+            if _parts(getattr(owner, name, None)) is None:
                 return f"{name} is neither a linear nor a LoRA linear"
         if type(layer.mlp).__name__ not in {"LlamaMLP", "MistralMLP", "Qwen2MLP"}:
             return "unfamiliar MLP"
     return None
 
 
-def _weight_of(module: Any) -> torch.Tensor | None:
-    """The weight `module` multiplies by in eval mode (LoRA's active adapters merged), or None if
-    it is something else."""
+_Parts = tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor, float]]]
+
+
+def _parts(module: Any) -> _Parts | None:
+    """(weight, bias, [(B, A, scaling) per active LoRA adapter]) of a plain or LoRA linear, which
+    in eval mode computes x @ (weight + sum of scaling * B @ A).T + bias; None for anything else."""
     if type(module) is nn.Linear:
-        return module.weight.detach()
+        return module.weight.detach(), _detached(module.bias), []
     from peft.tuners.lora import Linear as LoraLinear  # peft is imported by then when LoRA is in use
 
-    if type(module) is not LoraLinear or type(module.base_layer) is not nn.Linear:
+    if type(module) is not LoraLinear or type(module.base_layer) is not nn.Linear or module.fan_in_fan_out:
         return None
-    weight = module.base_layer.weight.detach()
+    base = module.base_layer
     if module.disable_adapters or module.merged:
-        return weight
+        return base.weight.detach(), _detached(base.bias), []
     active = [a for a in module.active_adapters if a in module.lora_A]
-    if any(module.use_dora.get(a, False) for a in active):
-        return None
-    for adapter in active:
-        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
-    return weight
+    if any(module.use_dora.get(a) or module.lora_bias.get(a) or module.lora_variant.get(a) for a in active):
+        return None  # DoRA, trained LoRA biases, other variants: the general forward
+    lora_a: Any = module.lora_A
+    lora_b: Any = module.lora_B
+    deltas = [(lora_b[a].weight.detach(), lora_a[a].weight.detach(), float(module.scaling[a])) for a in active]
+    return base.weight.detach(), _detached(base.bias), deltas
 
 
-def _bias_of(module: Any) -> torch.Tensor | None:
-    base = module if type(module) is nn.Linear else module.base_layer
-    return None if base.bias is None else base.bias.detach()
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 class _Linear:
@@ -116,20 +119,13 @@ class _Linear:
 
     def __init__(self, modules: list[Any], rows: int, steps: int, scales: list[float] | None = None) -> None:
         scales = scales or [1.0] * len(modules)
-        weights = [w for w in (_weight_of(m) for m in modules) if w is not None]
-        assert len(weights) == len(modules), "lean_decoder checked every projection"
-        weights = [w * s if s != 1.0 else w for w, s in zip(weights, scales, strict=True)]
-        self.weight = torch.cat(weights) if len(weights) > 1 else weights[0].contiguous()
+        parts = [p for p in (_parts(m) for m in modules) if p is not None]
+        assert len(parts) == len(modules), "lean_decoder checked every projection"
+        if len(parts) == 1 and not parts[0][2] and scales[0] == 1.0:
+            self.weight, self.bias = parts[0][0].contiguous(), parts[0][1]  # the model's own, read only
+        else:
+            self.weight, self.bias = _fused(parts, scales)
         self.dtype = self.weight.dtype
-        biases = [_bias_of(m) for m in modules]
-        self.bias = None
-        if any(b is not None for b in biases):
-            self.bias = torch.cat(
-                [
-                    b * s if b is not None else w.new_zeros(w.shape[0])
-                    for b, w, s in zip(biases, weights, scales, strict=True)
-                ]
-            )
         self.kernel = fastest_linear(self.weight, rows, steps)
         if self.kernel == "packed":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
@@ -145,6 +141,29 @@ class _Linear:
             )
             return out.t().contiguous()
         return F.linear(x, self.weight, self.bias)
+
+
+def _fused(parts: list[_Parts], scales: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections of the same input, stacked by output rows,
+    each with its adapters merged (what peft's `get_delta_weight` adds, here added in place, to
+    write the stacked weight once) and its scale applied."""
+    first = parts[0][0]
+    weight = first.new_empty((sum(w.shape[0] for w, _, _ in parts), first.shape[1]))
+    bias = None if all(b is None for _, b, _ in parts) else first.new_zeros(weight.shape[0])
+    row = 0
+    for (w, b, deltas), scale in zip(parts, scales, strict=True):
+        rows = slice(row, row + w.shape[0])
+        weight[rows].copy_(w)
+        for lora_b, lora_a, scaling in deltas:
+            weight[rows].addmm_(lora_b.to(w.dtype), lora_a.to(w.dtype), alpha=scaling)
+        if bias is not None and b is not None:
+            bias[rows].copy_(b)
+        if scale != 1.0:
+            weight[rows].mul_(scale)
+            if bias is not None:
+                bias[rows].mul_(scale)
+        row += w.shape[0]
+    return weight, bias
 
 
 class LeanDecoder:
