@@ -171,3 +171,12 @@ def test_inverse_cdf_across_blocks_draws_each_token_by_its_probability_and_never
     # the edges of the uniform draw land on tokens of nonzero probability
     edges = _inverse_cdf(probs.expand(2, -1), torch.tensor([[0.0], [1.0 - 2**-52]], dtype=torch.float64), width=4)
     assert edges.tolist() == [1, 21]
+
+
+def test_linear_timings_are_kept_per_shape_and_power_of_two_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    keys: list[str] = []
+    monkeypatch.setattr(packed, "remembered", lambda key, measure, file: (keys.append(key), measure())[1])
+    monkeypatch.setattr(packed, "_time_kernels", lambda weight, rows: {"rows": rows})
+    weight = torch.zeros(96, 64)
+    assert [packed.linear_timings(weight, rows)["rows"] for rows in (1, 3, 4, 5, 16)] == [1, 4, 4, 8, 16]
+    assert keys[1].startswith("decode-linear-kernels|rows 4|(96, 64)|")

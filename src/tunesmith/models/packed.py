@@ -85,14 +85,16 @@ LINEAR_KERNELS = ("plain", "packed", "weights-first")
 
 def linear_timings(weight: torch.Tensor, rows: int) -> dict[str, float]:
     """Milliseconds of one `rows`-row matmul by `weight` (out, in) with each of `LINEAR_KERNELS`,
-    and of reordering it, measured once per machine and shape over copies that outgrow the caches.
+    and of reordering it, measured once per machine, shape and power of two of rows, over copies
+    that outgrow the caches (0.1-0.5 s a shape; SmolLM2's five shapes took 0.8-1.2 s on a 2-core Xeon).
 
     plain: `F.linear` (x @ W.T); packed: oneDNN's reordered weight; weights-first: W @ x.T, which
     walks the weight row by row (on a 2-core Xeon, 2.2x faster than plain for SmolLM2's
     down-projection, 1536 wide, and no faster for the others).
     """
-    key = f"decode-linear-kernels|rows {rows}|{tuple(weight.shape)}|{machine_key('cpu')}"
-    return remembered(key, lambda: _time_kernels(weight.detach(), rows), "kernels.json")  # type: ignore[no-any-return]
+    bucket = 1 << (rows - 1).bit_length()  # rows rounded up to a power of two: 3 rows run as 4 do
+    key = f"decode-linear-kernels|rows {bucket}|{tuple(weight.shape)}|{machine_key('cpu')}"
+    return remembered(key, lambda: _time_kernels(weight.detach(), bucket), "kernels.json")  # type: ignore[no-any-return]
 
 
 def fastest_linear(weight: torch.Tensor, rows: int, steps: int) -> str:
