@@ -100,19 +100,29 @@ def main() -> int:
     machine = describe_machine()
     result = {
         "machine": machine,
-        "workload": {"lora_rank": args.lora, "prompts": args.prompts, "group": g, "new_tokens": n, "prompt_tokens": [len(p) for p in prompts]},
+        "workload": {
+            "lora_rank": args.lora,
+            "prompts": args.prompts,
+            "group": g,
+            "new_tokens": n,
+            "prompt_tokens": [len(p) for p in prompts],
+        },
         "seconds": times,
         "tokens": tokens,
     }
     medians = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: tokens[k] / medians[k] for k in medians}
     adapters = f", LoRA r{args.lora}" if args.lora else ""
-    print(f"{machine['cpu']} (BF16: {machine['bf16']}), {args.prompts} prompt(s) x {g} samples x {n} new tokens{adapters}")
+    print(
+        f"{machine['cpu']} (BF16: {machine['bf16']}), {args.prompts} prompt(s) x {g} samples x {n} new tokens{adapters}"
+    )
     print("| tool | seconds | tokens/s | vs reference |\n|---|---:|---:|---:|")
     for k in ("tunesmith", "reference"):
         print(f"| {k} | {medians[k]:.2f} | {rate[k]:.0f} | {rate[k] / rate['reference']:.2f}x |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"rl-sampling{'-lora' if args.lora else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"rl-sampling{'-lora' if args.lora else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+        json.dumps(result, indent=2)
+    )
     return 0
 
 

@@ -31,11 +31,13 @@ SUITE = {  # script -> what its table measures
     "sft": "Instruction tuning: LoRA on SmolLM2-135M-Instruct against the Trainer + peft",
     "preference_memory": "DPO memory against SFT",
     "rl_sampling": "RL group sampling against transformers' generate",
+    "rl_sampling_lora": "RL group sampling with LoRA r8 on both sides against transformers' generate",
     "vision": "Image classification: EfficientNet-Lite0 against a plain PyTorch loop",
     "speech": "Keyword spotting: Whisper tiny.en against the Trainer",
     "export": "Export: every format of four packaged models",
     "distributed": "1 against 2 processes",
 }
+VARIANTS = {"rl_sampling_lora": ("rl_sampling", ["--lora", "8"])}  # name -> (script, its arguments)
 SECTION = "## Measured on each machine"
 
 
@@ -70,7 +72,9 @@ def machine_section(machine: dict, peak: dict[str, float], tables: dict[str, str
         f"the same run: {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} GFLOP/s bf16 (2048², median of 7).",
     ]
     for name, table in tables.items():
-        lines += ["", f"**{SUITE.get(name, name)}** (`bench/{name}.py`)", "", table or "(no table: the run failed)"]
+        script, extra = VARIANTS.get(name, (name, []))
+        run = " ".join([f"bench/{script}.py", *extra])
+        lines += ["", f"**{SUITE.get(name, name)}** (`{run}`)", "", table or "(no table: the run failed)"]
     lines.append(f"<!-- bench:{kind}:end -->")
     return "\n".join(lines)
 
@@ -123,7 +127,9 @@ def main() -> int:
     for name in names:
         started = time.perf_counter()
         print(f"== {name}", flush=True)
-        proc = subprocess.run([sys.executable, str(HERE / f"{name}.py")], capture_output=True, text=True, check=False)
+        script, extra = VARIANTS.get(name, (name, []))
+        command = [sys.executable, str(HERE / f"{script}.py"), *extra]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
         tables[name] = last_table(proc.stdout) if proc.returncode == 0 else ""
         print(tables[name] or proc.stderr[-2000:], f"\n({time.perf_counter() - started:.0f} s)", flush=True)
     block = machine_section(machine, peak, tables, time.strftime("%Y-%m-%d"))
