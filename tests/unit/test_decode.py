@@ -180,3 +180,13 @@ def test_linear_timings_are_kept_per_shape_and_power_of_two_of_rows(monkeypatch:
     weight = torch.zeros(96, 64)
     assert [packed.linear_timings(weight, rows)["rows"] for rows in (1, 3, 4, 5, 16)] == [1, 4, 4, 8, 16]
     assert keys[1].startswith("decode-linear-kernels|rows 4|(96, 64)|")
+
+
+def test_weights_kept_in_bf16_keep_the_models_forward() -> None:
+    lm = _causal_lm("llama")
+    decoder = base_decoder(lm.backbone)
+    with torch.no_grad():
+        _, cache, _, _ = _prefill(lm.backbone, decoder, torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
+    assert decode._unsupported(decoder, cache, 3, 4) is None
+    decoder.layers[1].mlp.down_proj.to(torch.bfloat16)  # as frozen weights are kept under bf16 precision
+    assert decode._unsupported(decoder, cache, 3, 4) == "parameters are not plain fp32 tensors"

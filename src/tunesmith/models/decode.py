@@ -7,9 +7,10 @@ masks rebuilt per layer, a general attention dispatch, some 800 small ops a step
 model) cost SmolLM2-135M about a third of each step on a 2-core CPU. This step does what vLLM's and
 llama.cpp's decoding loops do, in plain torch ops:
 
-- q/k/v and gate/up are each one matmul over weights concatenated once per generation, LoRA's
-  active adapters merged in (`get_delta_weight`, peft's own), and laid out by oneDNN where the
-  `packed` probe measured that faster;
+- q/k/v and gate/up are each one matmul over weights stacked once per generation, LoRA's active
+  adapters merged in (B @ A * scaling, what peft's `get_delta_weight` adds) and the attention scale
+  folded into q; each stacked weight runs through the kernel `packed.fastest_linear` measured
+  fastest for its shape (plain, oneDNN-reordered or weights-first);
 - keys and values are written into a cache sized for the whole generation (no concatenation), and
   one additive mask per step covers left padding and the columns not yet written;
 - attention for one query row is two batched matmuls over key/value groups (grouped-query heads
@@ -17,9 +18,10 @@ llama.cpp's decoding loops do, in plain torch ops:
 
 It runs only where its result is the model's own: the blocks are `transformers`' Llama, Mistral or
 Qwen2 layers (RMSNorm, rotary positions through the model's own `rotary_emb`, SiLU-gated MLP, no
-sliding window in reach), each projection a plain `nn.Linear` or a peft LoRA linear without DoRA;
-anything else (IA3, bottleneck adapters, other architectures, an accelerator) keeps the
-`transformers` forward. Hidden states agree with that forward to float rounding (a test checks).
+sliding window in reach) in fp32 on the CPU, each projection a plain `nn.Linear` or a peft LoRA
+linear without DoRA; anything else (IA3, bottleneck adapters, other architectures, sharded
+parameters, an accelerator) keeps the `transformers` forward. Hidden states agree with that
+forward to float rounding (tests check).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def lean_decoder(
     """A `LeanDecoder` continuing from a prefilled `transformers` cache, or None where `decoder`
     (the base model under any peft wrapper) and its output layer `head` are not ones this step
     reproduces exactly."""
-    if steps < 1 or _parts(head) is None or _unsupported(decoder, cache, mask.shape[1], steps) is not None:
+    head_ok = _parts(head) is not None and all(p.dtype == torch.float32 for p in head.parameters())
+    if steps < 1 or not head_ok or _unsupported(decoder, cache, mask.shape[1], steps) is not None:
         return None
     return LeanDecoder(decoder, head, cache, mask, rows, steps)
 
@@ -64,8 +67,10 @@ def _unsupported(decoder: Any, cache: Any, prompt: int, steps: int) -> str | Non
         return "not on the CPU"
     if torch.is_autocast_enabled("cpu"):
         return "autocast"
-    if any(type(p.detach()) is not torch.Tensor for p in decoder.parameters()):
-        return "sharded or wrapped parameters"  # e.g. DTensors of a model split over processes
+    if any(type(p.detach()) is not torch.Tensor or p.dtype != torch.float32 for p in decoder.parameters()):
+        # DTensors of a model split over processes; frozen weights kept in bf16 (the step's norms
+        # compute in the weights' dtype, transformers' in fp32)
+        return "parameters are not plain fp32 tensors"
     layers = getattr(decoder, "layers", None)
     if layers is None or not hasattr(decoder, "rotary_emb") or not hasattr(decoder, "norm"):
         return "unfamiliar decoder layout"
@@ -76,7 +81,7 @@ def _unsupported(decoder: Any, cache: Any, prompt: int, steps: int) -> str | Non
         return "cache and mask disagree"
     for layer in layers:
         for name in _PROJECTIONS:
-            owner = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+            owner = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
             if _parts(getattr(owner, name, None)) is None:
                 return f"{name} is neither a linear nor a LoRA linear"
         if type(layer.mlp).__name__ not in {"LlamaMLP", "MistralMLP", "Qwen2MLP"}:
