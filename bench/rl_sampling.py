@@ -2,7 +2,9 @@
 
 The workload of one RL step: P prompts from the packaged review set, each sampled G times
 (temperature 1, top-p 1), exactly `--new-tokens` new tokens per completion (no early stop, so both
-sides do the same work), on the packaged SmolLM2-135M-Instruct in fp32. tunesmith runs
+sides do the same work), on the packaged SmolLM2-135M-Instruct in fp32, or with `--precision bf16`
+(or `auto`, what `precision: auto` picks on this machine) both sides under bf16 autocast, with
+tunesmith's frozen linear weights kept in bf16 as its training loop keeps them. tunesmith runs
 `models.generate.generate_ids` as the RL task calls it (prompts repeated G times); the reference
 runs `AutoModelForCausalLM.generate(do_sample=True, num_return_sequences=G)` on the same prompts,
 left-padded, with its default dynamic KV cache. Both in one process, alternating, one warm-up
@@ -10,7 +12,8 @@ each, then the median of `--repeats`. With `--lora R`, both models carry the sam
 (rank R on every block linear, through peft, B matrices drawn non-zero), as an RL policy trained
 with `method: lora` does.
 
-Run: `python bench/rl_sampling.py [--prompts 1] [--group 16] [--new-tokens 40] [--repeats 5] [--lora 8]`;
+Run: `python bench/rl_sampling.py [--prompts 1] [--group 16] [--new-tokens 40] [--repeats 5] [--lora 8]
+[--precision fp32|bf16|auto]`;
 prints a Markdown table and writes bench/results/rl-sampling-<timestamp>.json.
 """
 
@@ -35,6 +38,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank on both sides (0: no adapters)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
     args = parser.parse_args()
 
     import torch
@@ -43,6 +47,8 @@ def main() -> int:
     from tunesmith.config import ModelConfig
     from tunesmith.models.generate import Sampling, generate_ids
     from tunesmith.models.load import build_causal_lm, resolve_model_path
+    from tunesmith.runtime import resolve_precision
+    from tunesmith.training.loop import frozen_matmuls_to_bf16
     from tunesmith.zoo import packaged_data_rows
 
     path = resolve_model_path("smollm2-135m")
@@ -58,12 +64,17 @@ def main() -> int:
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     if args.lora:
         _add_lora(ours, reference, args.lora)
+    precision = resolve_precision(args.precision, ours)
+    bf16 = precision == "bf16"
+    if bf16:  # as the training loop keeps them (with LoRA: the frozen base weights)
+        frozen_matmuls_to_bf16(ours, {name for name, p in ours.named_parameters() if p.requires_grad})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     g, n = args.group, args.new_tokens
 
     def run_ours(seed: int) -> int:
         repeated = [p for p in prompts for _ in range(g)]
-        out = generate_ids(ours, repeated, [], Sampling(n, 1.0, 1.0, seed), pad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = generate_ids(ours, repeated, [], Sampling(n, 1.0, 1.0, seed), pad)
         return sum(len(o) for o in out)
 
     def run_reference(seed: int) -> int:
@@ -71,7 +82,7 @@ def main() -> int:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         torch.manual_seed(seed)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = reference.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -102,6 +113,7 @@ def main() -> int:
         "machine": machine,
         "workload": {
             "lora_rank": args.lora,
+            "precision": precision,
             "prompts": args.prompts,
             "group": g,
             "new_tokens": n,
@@ -112,7 +124,7 @@ def main() -> int:
     }
     medians = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: tokens[k] / medians[k] for k in medians}
-    adapters = f", LoRA r{args.lora}" if args.lora else ""
+    adapters = (f", LoRA r{args.lora}" if args.lora else "") + f", {precision}"
     print(
         f"{machine['cpu']} (BF16: {machine['bf16']}), {args.prompts} prompt(s) x {g} samples x {n} new tokens{adapters}"
     )
@@ -120,7 +132,8 @@ def main() -> int:
     for k in ("tunesmith", "reference"):
         print(f"| {k} | {medians[k]:.2f} | {rate[k]:.0f} | {rate[k] / rate['reference']:.2f}x |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"rl-sampling{'-lora' if args.lora else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+    name = f"rl-sampling{'-lora' if args.lora else ''}{'-bf16' if bf16 else ''}"
+    (RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
         json.dumps(result, indent=2)
     )
     return 0

@@ -32,12 +32,16 @@ SUITE = {  # script -> what its table measures
     "preference_memory": "DPO memory against SFT",
     "rl_sampling": "RL group sampling against transformers' generate",
     "rl_sampling_lora": "RL group sampling with LoRA r8 on both sides against transformers' generate",
+    "rl_sampling_lora_auto": "The same at `precision: auto` (bf16 autocast on both sides where auto picks bf16)",
     "vision": "Image classification: EfficientNet-Lite0 against a plain PyTorch loop",
     "speech": "Keyword spotting: Whisper tiny.en against the Trainer",
     "export": "Export: every format of four packaged models",
     "distributed": "1 against 2 processes",
 }
-VARIANTS = {"rl_sampling_lora": ("rl_sampling", ["--lora", "8"])}  # name -> (script, its arguments)
+VARIANTS = {  # name -> (script, its arguments)
+    "rl_sampling_lora": ("rl_sampling", ["--lora", "8"]),
+    "rl_sampling_lora_auto": ("rl_sampling", ["--lora", "8", "--precision", "auto"]),
+}
 SECTION = "## Measured on each machine"
 
 

@@ -37,10 +37,17 @@ def _causal_lm(family: str, **extra: Any) -> CausalLM:
 
 
 def _steps(
-    lm: CausalLM, prompts: list[list[int]], tokens: torch.Tensor
+    lm: CausalLM, prompts: list[list[int]], tokens: torch.Tensor, bf16: bool = False
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Hidden states of feeding `tokens` (steps, B) after `prompts`, by the lean step and by the
-    model's own forward, both continuing the same prefill."""
+    model's own forward, both continuing the same prefill (under bf16 autocast with `bf16`)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return _steps_here(lm, prompts, tokens)
+
+
+def _steps_here(
+    lm: CausalLM, prompts: list[list[int]], tokens: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -49,6 +56,7 @@ def _steps(
         _, cache, mask, positions = _prefill(lm.backbone, decoder, ids, mask)
         lean = decode.lean_decoder(decoder, lm.lm_head, cache, mask, len(prompts), len(tokens))
         assert lean is not None
+        assert lean.dtype == (torch.bfloat16 if torch.is_autocast_enabled("cpu") else torch.float32)
         ours = []
         for step, token in enumerate(tokens):
             ours.append(lean(token, positions + step))
@@ -148,7 +156,9 @@ def test_the_fastest_linear_counts_the_reorder_against_the_steps(monkeypatch: py
     weight = torch.zeros(128, 128)
     assert packed.fastest_linear(weight, 16, steps=5) == "weights-first"  # 4 ms against 12.5 with the reorder
     assert packed.fastest_linear(weight, 16, steps=100) == "packed"  # 60 ms against 80
-    assert packed.fastest_linear(weight.double(), 16, steps=100) == "plain"  # only fp32 is measured
+    assert packed.fastest_linear(weight.double(), 16, steps=100) == "plain"  # only fp32 and bf16 are measured
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert packed.fastest_linear(weight.bfloat16(), 16, steps=100) == "packed"
 
 
 def test_the_probe_times_every_kernel_and_the_reorder() -> None:
@@ -182,11 +192,47 @@ def test_linear_timings_are_kept_per_shape_and_power_of_two_of_rows(monkeypatch:
     assert keys[1].startswith("decode-linear-kernels|rows 4|(96, 64)|")
 
 
-def test_weights_kept_in_bf16_keep_the_models_forward() -> None:
+def test_low_precision_weights_outside_bf16_autocasts_matmuls_keep_the_models_forward() -> None:
     lm = _causal_lm("llama")
     decoder = base_decoder(lm.backbone)
     with torch.no_grad():
         _, cache, _, _ = _prefill(lm.backbone, decoder, torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
     assert decode._unsupported(decoder, cache, 3, 4) is None
     decoder.layers[1].mlp.down_proj.to(torch.bfloat16)  # as frozen weights are kept under bf16 precision
-    assert decode._unsupported(decoder, cache, 3, 4) == "parameters are not plain fp32 tensors"
+    bf16 = "parameters in torch.bfloat16 outside bf16 autocast's matmuls"
+    assert decode._unsupported(decoder, cache, 3, 4) == bf16  # no autocast: transformers would multiply in bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert decode._unsupported(decoder, cache, 3, 4) is None
+        decoder.layers[0].input_layernorm.to(torch.bfloat16)  # a norm in bf16 computes differently
+        assert decode._unsupported(decoder, cache, 3, 4) == bf16
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert decode._unsupported(decoder, cache, 3, 4) == "autocast to a dtype other than bf16"
+
+
+def test_under_bf16_autocast_the_lean_step_multiplies_in_bf16_within_autocasts_rounding() -> None:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.training.loop import frozen_matmuls_to_bf16
+
+    lm = _causal_lm("llama", attention_bias=True)
+    lm.backbone = get_peft_model(
+        lm.backbone, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    )
+    exact = copy.deepcopy(lm)  # fp32 throughout
+    trained = {name for name, p in lm.named_parameters() if p.requires_grad}
+    assert frozen_matmuls_to_bf16(lm, trained) > 0  # as a LoRA run under bf16 keeps its frozen weights
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    tokens = torch.randint(1, 97, (5, 2), generator=torch.Generator().manual_seed(3))
+    ours, theirs = _steps(lm, prompts, tokens, bf16=True)
+    fp32, _ = _steps(exact, prompts, tokens)
+    for mine, autocast, true in zip(ours, theirs, fp32, strict=True):
+        rounding = (autocast - true).abs().max()
+        assert rounding > 0  # autocast did round
+        assert (mine - autocast).abs().max() <= 2 * rounding  # no further from autocast than its own rounding allows
+        assert mine.dtype == torch.float32  # the residual stream stays fp32
+    # generation through it under autocast gives tokens of the right count
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _generate(lm, prompts, set(), Sampling(max_new_tokens=6, temperature=1.0), 0, None)
+    assert [len(o) for o in out] == [6, 6]

@@ -85,15 +85,17 @@ LINEAR_KERNELS = ("plain", "packed", "weights-first")
 
 def linear_timings(weight: torch.Tensor, rows: int) -> dict[str, float]:
     """Milliseconds of one `rows`-row matmul by `weight` (out, in) with each of `LINEAR_KERNELS`,
-    and of reordering it, measured once per machine, shape and power of two of rows, over copies
-    that outgrow the caches (0.1-0.5 s a shape; SmolLM2's five shapes took 0.8-1.2 s on a 2-core Xeon).
+    and of reordering it, measured once per machine, shape, dtype (fp32 or bf16, inputs in the
+    weight's dtype) and power of two of rows, over copies that outgrow the caches (0.1-0.5 s a shape;
+    SmolLM2's five shapes took 0.8-1.2 s on a 2-core Xeon).
 
     plain: `F.linear` (x @ W.T); packed: oneDNN's reordered weight; weights-first: W @ x.T, which
     walks the weight row by row (on a 2-core Xeon, 2.2x faster than plain for SmolLM2's
     down-projection, 1536 wide, and no faster for the others).
     """
     bucket = 1 << (rows - 1).bit_length()  # rows rounded up to a power of two: 3 rows run as 4 do
-    key = f"decode-linear-kernels|rows {bucket}|{tuple(weight.shape)}|{machine_key('cpu')}"
+    dtype = "" if weight.dtype == torch.float32 else f"|{str(weight.dtype).removeprefix('torch.')}"
+    key = f"decode-linear-kernels|rows {bucket}|{tuple(weight.shape)}{dtype}|{machine_key('cpu')}"
     return remembered(key, lambda: _time_kernels(weight.detach(), bucket), "kernels.json")  # type: ignore[no-any-return]
 
 
@@ -101,9 +103,10 @@ def fastest_linear(weight: torch.Tensor, rows: int, steps: int) -> str:
     """The kernel of `LINEAR_KERNELS` that takes least time over `steps` matmuls, the reorder included."""
     if (
         weight.device.type != "cpu"
-        or weight.dtype != torch.float32
+        or weight.dtype not in (torch.float32, torch.bfloat16)
         or min(weight.shape) < MIN_WIDTH
         or not _available()
+        or (weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported())
     ):
         return "plain"
     ms = linear_timings(weight, rows)
@@ -113,9 +116,9 @@ def fastest_linear(weight: torch.Tensor, rows: int, steps: int) -> str:
 
 
 def _time_kernels(weight: torch.Tensor, rows: int) -> dict[str, float]:
-    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
     x_t = x.t().contiguous()
-    copies = [weight.clone() for _ in range(max(2, min(32, (64 << 20) // (weight.numel() * 4))))]
+    copies = [weight.clone() for _ in range(max(2, min(32, (64 << 20) // (weight.numel() * weight.element_size()))))]
     start = time.perf_counter()
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in copies]
     reorder = (time.perf_counter() - start) * 1e3 / len(copies)
