@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tunesmith import registry
-from tunesmith.build import build_model, refuse_noop
+from tunesmith.build import build_model, enable_checkpointing, refuse_noop
 from tunesmith.config import RunConfig, apply_overrides, config_from_dict, read_yaml_config
 from tunesmith.config import load_config as _load_config
 from tunesmith.data.load import Splits, load_splits, without_unreadable
@@ -135,11 +135,14 @@ def train(
     run = Run(processes.broadcast(made))  # rank 0 makes the directory; the others learn its name
     fingerprint = {"config_hash": config_hash(cfg.to_dict()), "data_hash": config_hash(splits.hashes, ())}
     train_items, val_items = _encode(data, model, runtime)
+    recorded = run.plan() if resume is not None and main else {}
+    checkpointing = _auto_checkpointing(cfg, data, model, names, runtime, train_items, recorded, processes)
     if main:
         n = len(train_items)
         planned = run_plan(cfg.train, runtime.precision, model, names, n, processes.world)
         # A resumed run keeps its range test (train.lr: auto) and kernel choices: the loop reuses them.
-        kept = {k: v for k, v in run.plan().items() if k in ("lr_finder", "kernels")} if resume is not None else {}
+        kept = {k: v for k, v in recorded.items() if k in ("lr_finder", "kernels")}
+        kept |= {"gradient_checkpointing": checkpointing} if checkpointing is not None else {}
         described = _describe_data(splits, objective) | planned | task.plan(objective) | kept
         write_json(run.dir / "plan.json", described)
     if resume is None and main:
@@ -236,12 +239,50 @@ def plan(
     model, names, runtime = _build_run_model(cfg, data)
     start = with_model(start, model)
     train_items, val_items = _encode(data, model, runtime)
+    checkpointing = _auto_checkpointing(cfg, data, model, names, runtime, train_items, {}, None)
+    if checkpointing is not None and checkpointing["on"]:  # the plan of the run as auto will train it
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": True})})
     counts = run_plan(cfg.train, runtime.precision, model, names, len(train_items))
     items = (train_items, val_items, len(data.splits.test or []))
     report = check_run(
         cfg, data.method, data.objective, model, names, runtime, items, counts, start, memory_limit_gb, dry_run
     )
-    return {"model": cfg.model.name, "task": cfg.task, "method": cfg.method.name} | report
+    auto = {"gradient_checkpointing": checkpointing} if checkpointing is not None else {}
+    return {"model": cfg.model.name, "task": cfg.task, "method": cfg.method.name} | report | auto
+
+
+def _auto_checkpointing(
+    cfg: RunConfig,
+    data: _RunData,
+    model: torch.nn.Module,
+    names: list[str],
+    runtime: Runtime,
+    train_items: list[Any],
+    recorded: dict[str, Any],
+    processes: Processes | None,
+) -> dict[str, Any] | None:
+    """`train.gradient_checkpointing: auto` decided (`preflight.checkpointing_decision`) and applied
+    to `model`; None under a fixed setting. A resumed run keeps the decision its plan.json `recorded`;
+    in a multi-process run rank 0 decides for all."""
+    if cfg.train.gradient_checkpointing != "auto":
+        return None
+    from tunesmith.preflight import CHECKPOINTING_PRESSURE, checkpointing_decision
+
+    decision: dict[str, Any] | None = recorded.get("gradient_checkpointing")
+    if decision is None and (processes is None or processes.main):
+        decision = checkpointing_decision(cfg, data.method, data.objective, model, names, runtime, train_items)
+    if processes is not None:
+        decision = processes.broadcast(decision)
+    assert decision is not None, "rank 0 decided"
+    if decision["on"]:
+        enable_checkpointing(model, data.method)
+        peak, available = decision["estimated_peak_mb"], decision["available_mb"]
+        print(
+            f"train.gradient_checkpointing: auto turned it on: the estimated peak, {peak:,.0f} MB, "
+            f"is above {CHECKPOINTING_PRESSURE:.0%} of the {available:,.0f} MB available",
+            file=sys.stderr,
+        )
+    return decision
 
 
 def _shared_runtime(runtime: Runtime, processes: Processes) -> Runtime:

@@ -12,7 +12,14 @@ from tunesmith.errors import ConfigError
 from tunesmith.models.causal_lm import base_decoder
 from tunesmith.plugins import Method, Task
 
-__all__ = ["apply_method", "build_model", "refuse_noop", "trained_buffers"]
+__all__ = [
+    "apply_method",
+    "build_model",
+    "checkpointing_unavailable",
+    "enable_checkpointing",
+    "refuse_noop",
+    "trained_buffers",
+]
 
 
 def build_model(cfg: RunConfig, task: Task, method: Method, num_labels: int) -> tuple[nn.Module, list[str]]:
@@ -36,8 +43,8 @@ def apply_method(cfg: RunConfig, method: Method, model: nn.Module) -> list[str]:
     """
     _check_positions(cfg, model, method)
     method.apply(model)
-    if cfg.train.gradient_checkpointing:
-        _enable_checkpointing(model, method)
+    if cfg.train.gradient_checkpointing is True:  # "auto" is decided once the data is known (preflight)
+        enable_checkpointing(model, method)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     return names + trained_buffers(model)
 
@@ -72,17 +79,31 @@ def _check_positions(cfg: RunConfig, model: nn.Module, method: Method) -> None:
         )
 
 
-def _enable_checkpointing(model: nn.Module, method: Method) -> None:
+def checkpointing_unavailable(model: nn.Module, method: Method) -> str | None:
+    """Why gradient checkpointing cannot be turned on for `model` under `method`, or None."""
     if method.checkpointing_refusal:
-        raise ConfigError(
-            f"train.gradient_checkpointing with method.name={method.name}: {method.checkpointing_refusal}; "
-            "turn one of them off"
-        )
-    decoder = base_decoder(model.backbone)  # type: ignore[arg-type]
+        return f"method.name={method.name}: {method.checkpointing_refusal}"
+    backbone = getattr(model, "backbone", None)
+    decoder = base_decoder(backbone) if backbone is not None else None
     if not callable(getattr(decoder, "gradient_checkpointing_enable", None)) or not getattr(
         decoder, "supports_gradient_checkpointing", False
     ):
-        raise ConfigError(f"train.gradient_checkpointing: {type(decoder).__name__} does not support it")
+        return f"{type(decoder if decoder is not None else model).__name__} does not support it"
+    return None
+
+
+def enable_checkpointing(model: nn.Module, method: Method) -> None:
+    """Recompute each block's activations in its backward pass.
+
+    Raises:
+        ConfigError: the model or the method does not allow it.
+    """
+    reason = checkpointing_unavailable(model, method)
+    if reason is not None and method.checkpointing_refusal:
+        raise ConfigError(f"train.gradient_checkpointing with {reason}; turn one of them off")
+    if reason is not None:
+        raise ConfigError(f"train.gradient_checkpointing: {reason}")
+    decoder = base_decoder(model.backbone)  # type: ignore[arg-type]
     # Non-reentrant checkpointing works when the inputs need no gradient (frozen embeddings).
     decoder.gradient_checkpointing_enable(  # type: ignore[operator]
         gradient_checkpointing_kwargs={"use_reentrant": False}

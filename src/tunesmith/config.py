@@ -334,8 +334,12 @@ class TrainConfig(Section):
     )
     cache_max_mb: int = Field(1024, gt=0, description="Cached frozen features above this spill to disk.")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice).")
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute block activations in the backward pass: less memory, ~30% more compute."
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute block activations in the backward pass: less memory, ~30% more compute. auto turns "
+        "it on when the run's estimated peak memory (tunesmith plan's estimate, from the model's shapes at the "
+        "largest batch) is above 80% of the memory available as training starts, where the model and method "
+        "allow it; plan.json records the decision and its numbers.",
     )
     trim_memory_every: int | Literal["auto"] = Field(
         "auto",

@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 import torch
 
+from tunesmith.build import checkpointing_unavailable
 from tunesmith.config import RunConfig
 from tunesmith.eval.evaluate import eval_batches, evaluate_items
 from tunesmith.plugins import Method
@@ -46,9 +47,18 @@ from tunesmith.training.kernels import choose_kernels
 from tunesmith.training.loop import train_loop
 from tunesmith.training.shapes import probe_row
 
-__all__ = ["DRY_RUN_STEPS", "Baseline", "baseline", "check_run", "with_model"]
+__all__ = [
+    "CHECKPOINTING_PRESSURE",
+    "DRY_RUN_STEPS",
+    "Baseline",
+    "baseline",
+    "check_run",
+    "checkpointing_decision",
+    "with_model",
+]
 
 DRY_RUN_STEPS = 3
+CHECKPOINTING_PRESSURE = 0.8  # gradient_checkpointing: auto turns it on above this share of available memory
 Items = Sequence[dict[str, Any]]
 
 
@@ -129,7 +139,8 @@ def check_run(
     # the kernels training will use (measured on this machine, or recalled), before anything is traced
     kernels = choose_kernels(model, lengths, cfg.train.batch_size, runtime)
     with tempfile.TemporaryDirectory(prefix="tunesmith-plan-") as tmp:
-        costs, cached = _row_costs(cfg, method, objective, model, names, runtime, data, Path(tmp))
+        checkpointing = cfg.train.gradient_checkpointing is True
+        costs, cached = _row_costs(cfg, method, objective, model, names, runtime, data, Path(tmp), checkpointing)
         est = _estimate(cfg, model, names, runtime, data, costs, cached, start)
         measured = None
         if dry_run and est.process_peak <= start.available:  # else the dry run might not survive
@@ -142,7 +153,7 @@ def check_run(
         "kernels": {name: entry["choice"] for name, entry in kernels.items()},
         "estimate": est.report,
         "measured": measured,
-        "error": _errors(est.report, measured, costs, data, cfg.train.gradient_checkpointing),
+        "error": _errors(est.report, measured, costs, data, checkpointing),
         "projected": _projection(cfg, steps, data, est.report, measured, costs, est.rate),
     }
     limit = int(memory_limit_gb * 2**30) if memory_limit_gb is not None else start.available
@@ -159,6 +170,72 @@ def check_run(
     if dry_run and measured is None:
         report["dry_run_skipped"] = "the estimated peak is more than this machine has available"
     return report
+
+
+def checkpointing_decision(
+    cfg: RunConfig,
+    method: Method,
+    objective: Any,
+    model: torch.nn.Module,
+    names: list[str],
+    runtime: Runtime,
+    train: Items,
+) -> dict[str, Any]:
+    """`train.gradient_checkpointing: auto` decided for this run, before it trains: on when the
+    estimated peak (`tunesmith plan`'s analytic estimate at the micro-batch with the most
+    activations, plus what the process holds besides training) is above `CHECKPOINTING_PRESSURE`
+    of the memory available now, on the run's device, and the model and method allow it.
+
+    The probe runs one forward pass of two rows' shapes (the longest row of the first batch and one
+    about half as long), without gradients and leaving the random state as it was: well under a
+    second for a 135M-parameter model at 512 tokens. Returns what plan.json records: `on`, the
+    reason, and the numbers it was decided on.
+    """
+    unavailable = checkpointing_unavailable(model, method)
+    if unavailable is None and getattr(objective, "samples_while_training", False):
+        unavailable = "batches are sampled as the run trains: no batch to estimate beforehand"
+    if unavailable is not None:
+        return {"setting": "auto", "on": False, "reason": unavailable}
+    lengths = [objective.length(it) for it in train]
+    data = _Data(train, None, 0, lengths, [], _first_steps(lengths, cfg, 1))
+    devices = [runtime.device.index or 0] if runtime.device.type == "cuda" else []
+    with tempfile.TemporaryDirectory(prefix="tunesmith-plan-") as tmp, torch.random.fork_rng(devices=devices):
+        costs, _ = _row_costs(cfg, method, objective, model, names, runtime, data, Path(tmp), checkpointing=False)
+    rows, length = _peak_batch(data, cfg, costs)
+    memory = memory_estimate(model, names, runtime.precision, costs, rows, length)
+    held, available = _memory_room(model, runtime)
+    needed = held + memory.total
+    saved = rows * (costs.at(costs.activations, length) - costs.at(costs.checkpointed_activations, length))
+    on = costs.checkpointable and needed > CHECKPOINTING_PRESSURE * available
+    if not costs.checkpointable:
+        reason = "no block on the gradient path can be checkpointed"
+    elif on:
+        reason = f"the estimated peak is above {CHECKPOINTING_PRESSURE:.0%} of the memory available"
+    else:
+        reason = f"the estimated peak fits in {CHECKPOINTING_PRESSURE:.0%} of the memory available"
+    return {
+        "setting": "auto",
+        "on": on,
+        "reason": reason,
+        "device": runtime.device.type,
+        "batch": {"rows": rows, "length": length},
+        "estimated_peak_mb": round(needed / MB, 1),
+        "estimated_peak_checkpointed_mb": round((needed - max(0.0, saved)) / MB, 1),
+        "available_mb": round(available / MB, 1),
+    }
+
+
+def _memory_room(model: torch.nn.Module, runtime: Runtime) -> tuple[int, int]:
+    """(bytes the process holds besides training, bytes a run can use) on the run's device: on a GPU
+    its free memory plus what this process allocated (the weights, counted in the estimate); on the
+    CPU the machine's available memory plus this process's resident memory, of which all but the
+    weights is held besides training (interpreter, libraries, data)."""
+    if runtime.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(runtime.device)
+        return 0, free + torch.cuda.memory_allocated(runtime.device)
+    rss = _rss()
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return max(0, rss - weights), psutil.virtual_memory().available + rss
 
 
 @dataclass(frozen=True)
@@ -200,7 +277,7 @@ def _levers(cfg: RunConfig, method: Method, model, plan: dict, est: _Estimated, 
         length=est.length,
         batch_size=cfg.train.batch_size,
         grad_accum=cfg.train.grad_accum,
-        checkpointing=cfg.train.gradient_checkpointing,
+        checkpointing=cfg.train.gradient_checkpointing is True,
         checkpointing_refused=method.checkpointing_refusal is not None,
         trainable=plan["trainable_parameters"],
         peft_trainable=peft_sized(model),
@@ -220,7 +297,9 @@ def _first_steps(lengths: list[int], cfg: RunConfig, n: int) -> list[list[list[i
     return steps[:n]
 
 
-def _row_costs(cfg, method, objective, model, names, runtime, data: _Data, tmp: Path) -> tuple[RowCosts, bool]:
+def _row_costs(
+    cfg, method, objective, model, names, runtime, data: _Data, tmp: Path, checkpointing: bool
+) -> tuple[RowCosts, bool]:
     """Per-row costs from probes of the longest row of the first micro-batch and of a row about half
     as long; whether the objective caches the frozen work before the first trained layer."""
     first = data.steps[0][0]
@@ -234,7 +313,7 @@ def _row_costs(cfg, method, objective, model, names, runtime, data: _Data, tmp: 
         k = None if method.frozen_backbone else method.frozen_blocks
         item = data.train[longest]
         cached = objective.cache_frozen(model, [item], k, runtime, 2**30, tmp / "probe-cache", "probe")[0] is not item
-    return row_costs(probes[0], short, cached, cfg.train.gradient_checkpointing), cached
+    return row_costs(probes[0], short, cached, checkpointing), cached
 
 
 def _probe(model, objective, runtime: Runtime, item: dict[str, Any], length: int):

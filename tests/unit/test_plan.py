@@ -181,3 +181,89 @@ def test_cli_bad_config_is_one_line_and_exit_2(base_config: dict, tmp_path: Path
     result = run_cli(monkeypatch, capsys, "plan", config, "train.batch_sise=4")
     assert result.code == 2
     assert "error:" in result.err and "batch_sise" in result.err and "Traceback" not in result.err
+
+
+def _room(monkeypatch: pytest.MonkeyPatch, available_mb: float) -> None:
+    """The machine as having `available_mb` for the run, and nothing held besides training."""
+    monkeypatch.setattr(preflight, "_memory_room", lambda model, runtime: (0, int(available_mb * 2**20)))
+
+
+def test_auto_checkpointing_turns_on_when_the_estimate_presses_and_the_run_records_why(
+    base_config: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    enabled: list[Any] = []
+    real = api.enable_checkpointing
+    monkeypatch.setattr(api, "enable_checkpointing", lambda model, method: (enabled.append(model), real(model, method)))
+    _room(monkeypatch, available_mb=0.5)  # less than the tiny model's estimate
+    result = api.train({**base_config, "train": {**base_config["train"], "max_steps": 2}})
+    decision = json.loads((result.run_dir / "plan.json").read_text())["gradient_checkpointing"]
+    assert decision["on"] is True and decision["setting"] == "auto"
+    assert decision["estimated_peak_mb"] > 0.8 * decision["available_mb"] == 0.4
+    assert decision["estimated_peak_checkpointed_mb"] < decision["estimated_peak_mb"]
+    (model,) = enabled
+    assert model.backbone.base_model.model.is_gradient_checkpointing  # the encoder under peft's LoRA wrapper
+    assert "auto turned it on" in capsys.readouterr().err
+
+
+def test_auto_checkpointing_stays_off_with_room_and_a_fixed_setting_is_not_probed(
+    base_config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _room(monkeypatch, available_mb=1e6)
+    short = {**base_config["train"], "max_steps": 1}
+    result = api.train({**base_config, "train": short})
+    decision = json.loads((result.run_dir / "plan.json").read_text())["gradient_checkpointing"]
+    assert decision["on"] is False and "fits" in decision["reason"]
+    monkeypatch.setattr(preflight, "checkpointing_decision", lambda *a: pytest.fail("a fixed setting is not probed"))
+    fixed = api.train({**base_config, "train": {**short, "gradient_checkpointing": False}})
+    assert "gradient_checkpointing" not in json.loads((fixed.run_dir / "plan.json").read_text())
+
+
+def test_a_resumed_run_keeps_the_recorded_decision_without_probing(
+    base_config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(base_config)
+    data = api._read_data(cfg)
+    model, names, runtime = api._build_run_model(cfg, data)
+    monkeypatch.setattr(preflight, "checkpointing_decision", lambda *a: pytest.fail("the decision was recorded"))
+    recorded = {
+        "gradient_checkpointing": {"setting": "auto", "on": True, "estimated_peak_mb": 9.0, "available_mb": 10.0}
+    }
+    assert api._auto_checkpointing(cfg, data, model, names, runtime, [], recorded, None)["on"] is True
+    assert model.backbone.base_model.model.is_gradient_checkpointing
+
+
+def test_auto_checkpointing_names_why_it_cannot_apply(base_config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunesmith.build import checkpointing_unavailable
+
+    _room(monkeypatch, available_mb=0.5)
+    cfg = load_config({**base_config, "method": "prefix-tuning"})
+    data = api._read_data(cfg)
+    model, names, runtime = api._build_run_model(cfg, data)
+    decision = preflight.checkpointing_decision(cfg, data.method, data.objective, model, names, runtime, [])
+    assert decision == {
+        "setting": "auto",
+        "on": False,
+        "reason": f"method.name=prefix-tuning: {data.method.checkpointing_refusal}",
+    }
+
+    class Sampling:  # an objective whose batches are sampled as it trains (RL)
+        samples_while_training = True
+
+    cfg = load_config(base_config)
+    data = api._read_data(cfg)
+    model, names, runtime = api._build_run_model(cfg, data)
+    decision = preflight.checkpointing_decision(cfg, data.method, Sampling(), model, names, runtime, [])
+    assert decision["on"] is False and "sampled as the run trains" in decision["reason"]
+    assert checkpointing_unavailable(nn.Sequential(nn.Linear(2, 2)), data.method) == "Sequential does not support it"
+
+
+def test_the_plan_shows_the_run_as_auto_checkpointing_will_train_it(
+    base_config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    roomy = api.plan(base_config, dry_run=False)
+    assert roomy["gradient_checkpointing"]["on"] is False
+    _room(monkeypatch, available_mb=0.5)
+    pressed = api.plan(base_config, dry_run=False)
+    assert pressed["gradient_checkpointing"]["on"] is True
+    assert pressed["estimate"]["memory_mb"]["activations"] < roomy["estimate"]["memory_mb"]["activations"]
+    assert not any(lever["setting"] == "train.gradient_checkpointing=true" for lever in pressed.get("levers", []))

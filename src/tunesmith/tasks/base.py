@@ -98,6 +98,9 @@ class BaseObjective:
     counted, nothing cached, generated or logged beyond the loss."""
 
     default_metric = "loss"
+    # Batches are sampled from the model as it trains (RL): collating one has effects (a generation,
+    # a reward call, random draws), so nothing probes a batch before training.
+    samples_while_training = False
 
     def __init__(self, tokenizer: Any | None, labels: Sequence[str] = ()) -> None:
         self.tokenizer: Any = tokenizer  # None where inputs are not text

@@ -39,6 +39,7 @@ Item = dict[str, Any]
 
 class RlObjective(BaseObjective):
     default_metric = "reward"
+    samples_while_training = True
 
     def __init__(self, tokenizer: Any, max_length: int, cfg: Any, reward: Reward, template: str = "auto") -> None:
         super().__init__(tokenizer)
