@@ -448,3 +448,47 @@ def test_lora_adapters_compute_norm_outputs_and_gated_products_again_to_the_bit(
     hidden, inter, tokens = 32, 64, ids.numel()  # tiny_llama's sizes (conftest)
     # per layer: the input norm's output (q, k, v), the post-attention norm's (gate, up), the product (down)
     assert kept - recomputed == 2 * tokens * (2 * hidden + inter) * 4
+
+
+def test_the_loss_chunk_probe_times_each_candidate_per_token_and_weighs_its_logits() -> None:
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    result = kernels._probe_loss_chunk([256, 512], vocab=500, width=16, weight_trains=False, runtime=CPU)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert set(result["measured"]) == {"256", "512"} and result["choice"] in (256, 512)
+    small, large = result["measured"]["256"], result["measured"]["512"]
+    assert small["ms_per_1k_tokens"] > 0 and large["ms_per_1k_tokens"] > 0
+    assert large["logits_mb"] == 2 * small["logits_mb"] == round(512 * 500 * 8 / 2**20, 1)  # fp32 logits + gradient
+
+
+def test_a_run_measures_its_loss_chunk_and_its_losses_use_it(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tunesmith.tasks.sft import objective
+
+    probed: list[list[int]] = []
+
+    def probe(candidates: list[int], *args: Any) -> dict:
+        probed.append(candidates)
+        return {"choice": 256, "measured": {}}
+
+    monkeypatch.setattr(kernels, "_probe_loss_chunk", probe)
+    chunks: list[int | None] = []
+    real = objective.linear_cross_entropy
+    monkeypatch.setattr(
+        objective, "linear_cross_entropy", lambda h, w, y, chunk=None: (chunks.append(chunk), real(h, w, y, chunk))[1]
+    )
+    config = {
+        "model": {"name": str(tiny_llama), "attention": "sdpa"},
+        "task": "sft",
+        "method": {"name": "lora", "dropout": 0.0},
+        "data": {"train": str(write_jsonl(tmp_path / "qa.jsonl", _qa(16))), "validation": None, "max_length": 40},
+        "train": {"epochs": 1, "batch_size": 16, "max_steps": 1, "precision": "fp32"},
+        "eval": {"samples": 0},
+        "output": str(tmp_path / "runs"),
+    }
+    plan = json.loads((tunesmith.train(config).run_dir / "plan.json").read_text())
+    # candidates up to the first that holds a micro-batch whole (16 rows of 33-40 tokens here)
+    assert probed == [[256, 512, 1024]]
+    assert plan["kernels"]["loss_chunk"]["choice"] == 256
+    assert chunks and set(chunks) == {256}

@@ -23,7 +23,7 @@ IGNORE = -100  # the label of a position that is not trained (or not scored)
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK_TOKENS
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None
 ) -> torch.Tensor:
     """Mean cross-entropy of `softmax(hidden @ weight.T)` against `targets`.
 
@@ -31,7 +31,7 @@ def linear_cross_entropy(
         hidden: (N, H) hidden states of the N trained positions.
         weight: (V, H) output layer (tied or not); gets a gradient only if it requires one.
         targets: (N,) the next token at each position.
-        chunk: tokens per chunk of logits.
+        chunk: tokens per chunk of logits (None: `CHUNK_TOKENS`).
 
     Returns:
         A 0-d fp32 tensor. Under autocast the matmuls run in the autocast dtype; the softmax and
@@ -40,11 +40,11 @@ def linear_cross_entropy(
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph connected
     dtype = _compute_dtype(hidden)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype)  # type: ignore[no-any-return]
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk or CHUNK_TOKENS, dtype)  # type: ignore[no-any-return]
 
 
 def token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK_TOKENS
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None
 ) -> torch.Tensor:
     """Log-probability (N,) of each target token under `softmax(hidden @ weight.T)`, differentiable,
     without holding (N, V) logits: what preference losses need, per token, to sum per sequence.
@@ -63,13 +63,14 @@ def token_logprobs(
         (N,) fp32 log-probabilities (fp64 for fp64 inputs).
     """
     dtype = _compute_dtype(hidden)
-    return _TokenLogprobs.apply(hidden, weight, targets, chunk, dtype)  # type: ignore[no-any-return]
+    return _TokenLogprobs.apply(hidden, weight, targets, chunk or CHUNK_TOKENS, dtype)  # type: ignore[no-any-return]
 
 
 @torch.no_grad()
-def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK_TOKENS):
+def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None):
     """Per-token cross-entropy (N,) and whether the argmax was right (N,), chunk by chunk (no grad)."""
     dtype = _compute_dtype(hidden)
+    chunk = chunk or CHUNK_TOKENS
     losses, correct = [], []
     for start in range(0, hidden.shape[0], chunk):
         logits = F.linear(hidden[start : start + chunk].to(dtype), weight.to(dtype)).float()  # (n, V)

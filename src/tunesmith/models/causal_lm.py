@@ -19,6 +19,7 @@ __all__ = ["CausalLM", "LMOutput"]
 class LMOutput(NamedTuple):
     hidden: torch.Tensor  # (B, T, H) final (normed) hidden states of the real positions
     weight: torch.Tensor  # (V, H) the output layer, to be applied where a loss or a logit is needed
+    chunk: int | None = None  # tokens per chunk of logits in the losses (None: their default; measured in training)
 
 
 class CausalLM(nn.Module):
@@ -31,6 +32,7 @@ class CausalLM(nn.Module):
         self.eos_ids = eos_ids  # end-of-sequence ids from the model's generation config
         self.head = nn.ModuleDict()  # no new head: what `head` trains for a classifier is nothing here
         self.attention_request = "sdpa"  # model.attention as configured; auto is measured in training
+        self.loss_chunk: int | None = None  # the losses' chunk of logits, measured in training (training/kernels.py)
 
     def forward(
         self,
@@ -45,7 +47,7 @@ class CausalLM(nn.Module):
             kwargs["position_ids"] = position_ids
         hidden = self.backbone(**kwargs).last_hidden_state  # (B, T', H)
         # Prompt tuning puts its virtual tokens in front: keep the real positions only.
-        return LMOutput(hidden[:, -input_ids.shape[1] :], self.lm_head.weight)
+        return LMOutput(hidden[:, -input_ids.shape[1] :], self.lm_head.weight, self.loss_chunk)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(…, H) -> (…, V) in fp32; for the few positions generation needs."""

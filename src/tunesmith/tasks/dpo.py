@@ -203,7 +203,7 @@ class DpoObjective(BaseObjective):
         number of scored tokens of every row (2B,)."""
         scored = batch["labels"] != IGNORE  # (2B, T)
         rows = scored.nonzero()[:, 0]
-        logps = token_logprobs(output.hidden[scored], output.weight, batch["labels"][scored])
+        logps = token_logprobs(output.hidden[scored], output.weight, batch["labels"][scored], output.chunk)
         sums = sequence_sums(logps, rows, scored.shape[0])
         chosen, rejected = sums.chunk(2)
         return chosen, rejected, scored.sum(1)

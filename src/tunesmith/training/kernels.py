@@ -1,6 +1,7 @@
-"""Kernel choices measured where they run: which attention kernel a causal LM trains with, and which
-dropout kernel every model trains with, decided by a short probe on this machine at the run's shape
-class, kept per machine (`cache_root()/kernels.json`) and recorded in plan.json (`kernels`).
+"""Kernel choices measured where they run: which attention kernel a causal LM trains with, how many
+tokens its losses project through the output layer at a time, and which dropout kernel every model
+trains with, decided by a short probe on this machine at the run's shape class, kept per machine
+(`cache_root()/kernels.json`) and recorded in plan.json (`kernels`).
 
 No rule measured on one machine decides: on a 2-core AMD EPYC with AVX-512 BF16, matmul-softmax
 attention ("eager") beat torch's fused kernel ("sdpa") in SmolLM2 LoRA steps up to ~512 tokens; on
@@ -15,9 +16,20 @@ backward pass. The faster kernel is chosen, unless the other saves less memory a
 slower. A probe costs well under a second at 8 x 256 tokens and about 2 s at 8 x 512 on a 2-core
 CPU; only the first run of a shape class on a machine pays it.
 
+The losses' chunk (losses/lm.py) trades speed for memory: a chunk of c tokens holds c x vocab
+logits and their gradient at a time (1,024 x 49,152 in fp32: 384 MB), while small chunks run the
+output layer's matmul and softmax less efficiently. On a 2-core AMD EPYC (sharing its cores with a
+benchmark), SmolLM2's output layer took 1.37 ms a token in 256-token chunks against 1.08 at 1,024
+under bf16, and 1.98 against 1.61 at 2,048 in fp32. The probe runs one chunk of each candidate size
+(256 to 4,096 tokens, up to the first that holds the run's largest micro-batch whole; no probe when
+the smallest does), forward and backward, the faster of two runs after one warm-up, and compares
+time per token; the transient logits are the memory. For SmolLM2 with candidates up to 2,048 it
+took 8.8 s (bf16) and 13.0 s (fp32) on that machine, once per machine and shape class.
+
 Shape classes: attention by batch size, heads, key-value heads, head size and the longest training
-row rounded up to a power of two (where memory peaks); dropout by the elements of one batch's
-hidden states, rounded up to a power of two.
+row rounded up to a power of two (where memory peaks); the loss chunk by the output layer's shape,
+whether it trains, and the largest candidate that fits a micro-batch; dropout by the elements of one
+batch's hidden states, rounded up to a power of two.
 """
 
 from __future__ import annotations
@@ -37,9 +49,10 @@ from tunesmith.models.causal_lm import base_decoder
 from tunesmith.runtime import Runtime
 from tunesmith.training.dropout import fast_dropout, use_fast_dropout
 
-__all__ = ["choose_kernels", "measure_kernels", "pick", "saved_bytes"]
+__all__ = ["LOSS_CHUNKS", "choose_kernels", "measure_kernels", "pick", "saved_bytes"]
 
 SLOWER_BUT_LEANER = 1.10  # the leaner kernel wins if it is at most this much slower
+LOSS_CHUNKS = (256, 512, 1024, 2048, 4096)  # candidate tokens per chunk of logits
 _FILE = "kernels.json"
 
 
@@ -63,12 +76,16 @@ def choose_kernels(
     attention = chosen.get("attention", {}).get("choice")
     if attention is not None:
         _set_attention(model, attention)
+    chunk = chosen.get("loss_chunk", {}).get("choice")
+    if chunk is not None and hasattr(model, "loss_chunk"):
+        setattr(model, "loss_chunk", int(chunk))  # noqa: B010 (a CausalLM's attribute, read by its forward)
     return chosen
 
 
 def measure_kernels(model: nn.Module, lengths: Sequence[int], batch_size: int, runtime: Runtime) -> dict[str, Any]:
     """The probes that apply to `model` (attention: a causal LM whose `model.attention` is auto;
-    dropout: any model with a dropout that trains), each with its timings and choice."""
+    loss chunk: a causal LM whose micro-batches hold more tokens than the smallest chunk; dropout:
+    any model with a dropout that trains), each with its timings and choice."""
     record: dict[str, Any] = {}
     longest = max(lengths, default=1)
     config = _hf_config(model)
@@ -86,20 +103,35 @@ def measure_kernels(model: nn.Module, lengths: Sequence[int], batch_size: int, r
             "attention|b{} h{} kv{} t{} d{}".format(*shape) + f"|{runtime.precision}|{machine_key(runtime.device.type)}"
         )
         record["attention"] = remembered(key, lambda: _probe_attention(shape, runtime), _FILE)
+    head = getattr(model, "lm_head", None)
+    tokens = batch_size * longest  # at most, in one micro-batch
+    candidates = [c for c in LOSS_CHUNKS if c < tokens] + [c for c in LOSS_CHUNKS if c >= tokens][:1]
+    if hasattr(model, "loss_chunk") and isinstance(head, nn.Linear) and len(candidates) > 1:
+        weight = head.weight
+        vocab, width = weight.shape
+        trains = "trained" if weight.requires_grad else "frozen"
+        key = (
+            f"loss-chunk|v{vocab} h{width} {trains} up to {candidates[-1]}"
+            f"|{runtime.precision}|{machine_key(runtime.device.type)}"
+        )
+        record["loss_chunk"] = remembered(
+            key, lambda: _probe_loss_chunk(candidates, vocab, width, weight.requires_grad, runtime), _FILE
+        )
     return record
 
 
-def pick(timings: dict[str, dict[str, float]]) -> str:
-    """The kernel to use from {name: {"ms": time, "saved_mb": memory}}: the fastest, unless another
-    saves less memory and is at most `SLOWER_BUT_LEANER` times slower."""
-    fastest = min(timings, key=lambda k: timings[k]["ms"])
+def pick(timings: dict[str, dict[str, float]], time: str = "ms", memory: str = "saved_mb") -> str:
+    """The kernel to use from {name: {"ms": time, "saved_mb": memory}} (or the `time` and `memory`
+    keys named): the fastest, unless another needs less memory and is at most `SLOWER_BUT_LEANER`
+    times slower."""
+    fastest = min(timings, key=lambda k: timings[k][time])
     leaner = [
         k
         for k in timings
-        if timings[k]["saved_mb"] < timings[fastest]["saved_mb"]
-        and timings[k]["ms"] <= SLOWER_BUT_LEANER * timings[fastest]["ms"]
+        if timings[k][memory] < timings[fastest][memory]
+        and timings[k][time] <= SLOWER_BUT_LEANER * timings[fastest][time]
     ]
-    return min(leaner, key=lambda k: timings[k]["saved_mb"]) if leaner else fastest
+    return min(leaner, key=lambda k: timings[k][memory]) if leaner else fastest
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -173,6 +205,49 @@ def _probe_dropout(numel: int, runtime: Runtime) -> dict[str, Any]:
     """torch's dropout against the 15-bit-lane one (training/dropout.py) at p = 0.1."""
     x = torch.randn(numel // 1024, 1024, device=runtime.device).requires_grad_()
     return _probe({"torch": lambda: F.dropout(x, 0.1, True), "fast": lambda: fast_dropout(x, 0.1)}, runtime)
+
+
+def _probe_loss_chunk(
+    candidates: list[int], vocab: int, width: int, weight_trains: bool, runtime: Runtime
+) -> dict[str, Any]:
+    """One chunk of each candidate size through `losses.lm.linear_cross_entropy`, forward and
+    backward (the output layer's gradient too where it trains): ms per 1,024 tokens (the faster of
+    two runs, after one warm-up run of the smallest), and the logits and their gradient a chunk
+    holds (MB)."""
+    from tunesmith.losses.lm import linear_cross_entropy
+
+    device = runtime.device
+    generator = torch.Generator(device=device).manual_seed(0)
+    weight = (torch.randn(vocab, width, device=device, generator=generator) * 0.02).requires_grad_(weight_trains)
+    logit_bytes = 4 + (2 if runtime.precision == "bf16" else 4)  # fp32 log-probs, their gradient in the matmul dtype
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def seconds(chunk: int) -> float:
+        hidden = torch.randn(chunk, width, device=device, generator=generator).requires_grad_()
+        targets = torch.randint(0, vocab, (chunk,), device=device, generator=generator)
+        sync()
+        start = time.perf_counter()
+        with runtime.autocast():
+            loss = linear_cross_entropy(hidden, weight, targets, chunk)
+        loss.backward()
+        sync()
+        return time.perf_counter() - start
+
+    started = time.perf_counter()
+    measured: dict[str, dict[str, float]] = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        seconds(candidates[0])  # warm-up
+        for chunk in candidates:
+            best = min(seconds(chunk), seconds(chunk))
+            measured[str(chunk)] = {
+                "ms_per_1k_tokens": round(best * 1e3 * 1024 / chunk, 2),
+                "logits_mb": round(chunk * vocab * logit_bytes / 2**20, 1),
+            }
+    return {
+        "choice": int(pick(measured, "ms_per_1k_tokens", "logits_mb")),
+        "measured": measured,
+        "probe_seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def _hf_config(model: nn.Module) -> Any:

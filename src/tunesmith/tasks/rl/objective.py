@@ -155,7 +155,8 @@ class RlObjective(BaseObjective):
             with adapters_off(model), self.runtime.autocast():
                 output = model(**inputs)
                 scored = batch["labels"].to(device) != IGNORE
-                values = token_logprobs(output.hidden[scored], output.weight, batch["labels"].to(device)[scored])
+                labels = batch["labels"].to(device)[scored]
+                values = token_logprobs(output.hidden[scored], output.weight, labels, output.chunk)
         finally:
             model.train(was_training)
         padded = torch.zeros(batch["labels"].shape, dtype=torch.float32)
@@ -172,7 +173,7 @@ class RlObjective(BaseObjective):
         """Per-row policy-gradient term, KL (mean over each completion's tokens) and completion length."""
         scored = (batch["labels"] != IGNORE) & (batch["valid"][:, None] > 0)  # (R, T)
         rows = scored.nonzero()[:, 0]
-        logp = token_logprobs(output.hidden[scored], output.weight, batch["labels"][scored])  # (N,)
+        logp = token_logprobs(output.hidden[scored], output.weight, batch["labels"][scored], output.chunk)  # (N,)
         kl = kl_k3(logp, batch["reference"][scored])
         # On-policy, the ratio pi / pi_old is 1 with gradient grad log pi (GRPO's surrogate at one update).
         ratio = torch.exp(logp - logp.detach())

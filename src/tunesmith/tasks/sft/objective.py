@@ -115,7 +115,7 @@ class SftObjective(BaseObjective):
     def loss(output: LMOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean next-token cross-entropy over the trained positions of the batch."""
         trained = batch["labels"] != IGNORE  # (B, T)
-        return linear_cross_entropy(output.hidden[trained], output.weight, batch["labels"][trained])
+        return linear_cross_entropy(output.hidden[trained], output.weight, batch["labels"][trained], output.chunk)
 
     # Frozen work done once, as items with cached states in place of token ids (training/cache.py).
     cache_frozen = cache_text_items
@@ -137,7 +137,7 @@ class LMMetrics:
 
     def update(self, output: LMOutput, labels: torch.Tensor) -> None:
         trained = labels != IGNORE
-        losses, correct = token_losses(output.hidden[trained], output.weight, labels[trained])
+        losses, correct = token_losses(output.hidden[trained], output.weight, labels[trained], output.chunk)
         self.loss_sum += float(losses.sum())
         self.tokens += int(losses.numel())
         self.correct += int(correct.sum())
