@@ -492,3 +492,59 @@ def test_a_run_measures_its_loss_chunk_and_its_losses_use_it(
     assert probed == [[256, 512, 1024]]
     assert plan["kernels"]["loss_chunk"]["choice"] == 256
     assert chunks and set(chunks) == {256}
+
+
+def test_the_layout_probe_times_both_memory_formats_and_leaves_the_model_as_it_was() -> None:
+    from tunesmith.config import ModelConfig
+    from tunesmith.models.image import build_image_classifier
+
+    model = build_image_classifier(ModelConfig(name="efficientnet-lite0", pretrained=False), 3, 0)
+    model.input_size = 32
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert kernels._layout_matters(model)
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    result = kernels._probe_layout(model, rows=2, size=32, runtime=CPU)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert set(result["measured"]) == {"channels_last", "contiguous"} and result["choice"] in result["measured"]
+    assert all(m["ms"] > 0 for m in result["measured"].values())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics
+    assert all(p.grad is None for p in model.parameters())
+    assert model.memory_format == torch.channels_last and model.head.weight.is_contiguous()
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    model.backbone.requires_grad_(False)
+    assert not kernels._layout_matters(model)  # a frozen backbone's work is cached before training
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_conv_net_trains_and_reloads_in_the_layout_its_probe_chose(
+    layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import make_tiny_resnet, write_halves_npz
+    from tunesmith.inference import load_trained
+    from tunesmith.training import loop
+
+    monkeypatch.setattr(kernels, "_probe_layout", lambda model, rows, size, runtime: {"choice": layout})
+    seen: list[torch.memory_format] = []
+    real = kernels.choose_kernels
+
+    def spy(model: nn.Module, *args: Any, **kwargs: Any) -> dict:
+        chosen = real(model, *args, **kwargs)
+        seen.append(model.memory_format)
+        return chosen
+
+    monkeypatch.setattr(loop, "choose_kernels", spy)
+    result = tunesmith.train(
+        model=str(make_tiny_resnet(tmp_path / "resnet")),
+        task="image-classification",
+        method="full",
+        data={"train": str(write_halves_npz(tmp_path / "halves.npz")), "validation": 0.25},
+        train={"epochs": 1, "batch_size": 8, "max_steps": 2, "precision": "fp32"},
+        output={"dir": str(tmp_path / "runs")},
+    )
+    plan = json.loads((result.run_dir / "plan.json").read_text())
+    assert plan["kernels"]["memory_format"]["choice"] == layout
+    assert seen == [kernels.MEMORY_FORMATS[layout]]
+    assert load_trained(result.run_dir).model.memory_format == kernels.MEMORY_FORMATS[layout]

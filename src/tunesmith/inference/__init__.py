@@ -30,6 +30,7 @@ from tunesmith.plugins import Method, Objective, Task, build_method, build_task
 from tunesmith.runs import Run, open_run, read_json
 from tunesmith.runtime import Runtime, make_runtime
 from tunesmith.training.checkpoint import load_trainable
+from tunesmith.training.kernels import MEMORY_FORMATS
 
 __all__ = [
     "SavedRun",
@@ -113,6 +114,9 @@ def load_trained(run_dir: str | Path) -> Trained:
     model, names = build_model(saved.config, saved.task, saved.method, len(saved.labels))
     load_trainable(model, names, saved.weights)
     refuse_noop(saved.method, model)
+    layout = saved.run.plan().get("kernels", {}).get("memory_format", {}).get("choice")
+    if layout is not None and callable(getattr(model, "use_memory_format", None)):
+        model.use_memory_format(MEMORY_FORMATS[layout])  # type: ignore[operator]  # as it trained: convolutions compute as then
     model.eval()
     return Trained(saved.config, saved.task, saved.method, model, objective, saved.run)
 

@@ -43,6 +43,19 @@ class ImageClassifier(nn.Module):
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim, num_labels)
+        # The layout of the weights and of the inputs the forward pass is given: channels-last for a
+        # conv net (`build_image_classifier`), remeasured per machine in training (training/kernels.py).
+        self.memory_format = torch.contiguous_format
+        self.input_size: int | None = None  # the side of the images it is given, where the task knows it
+
+    def has_spatial_convs(self) -> bool:
+        """Whether the backbone is a conv net (convolutions wider than 1 x 1), where layout matters."""
+        return any(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) for m in self.backbone.modules())
+
+    def use_memory_format(self, memory_format: torch.memory_format) -> None:
+        """Lay out the weights (and from now on the inputs) in `memory_format`."""
+        self.to(memory_format=memory_format)  # type: ignore[call-overload]
+        self.memory_format = memory_format
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, D) of images (B, 3, H, W)."""
@@ -87,10 +100,10 @@ class ImageClassifier(nn.Module):
         """Logits (B, num_labels) from images, from cached pooled `features` (B, D), or from a cached
         feature map `hidden` that enters stage `start_block`."""
         if features is None and hidden is not None:
-            features = self.encode_suffix(hidden, int(start_block))
+            features = self.encode_suffix(hidden.contiguous(memory_format=self.memory_format), int(start_block))
         elif features is None:
             assert pixel_values is not None
-            features = self.encode(pixel_values)
+            features = self.encode(pixel_values.contiguous(memory_format=self.memory_format))
         return self.head(self.dropout(features.to(self.head.weight.dtype)))
 
     def train(self, mode: bool = True) -> ImageClassifier:
@@ -119,10 +132,11 @@ def build_image_classifier(cfg: ModelConfig, num_labels: int, seed: int) -> Imag
             # nets here: `train.lr: auto` measures one).
             (backbone, dim), scale = _hf_backbone(cfg), 1.0
         model = ImageClassifier(backbone, dim, num_labels, cfg.head_dropout, scale)
-    if any(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) for m in backbone.modules()):
+    if model.has_spatial_convs():
         # oneDNN's convolutions on CPU ran a training step twice as fast on channels-last memory
-        # (EfficientNet-Lite0, 64 px, batch 32: 162 -> 339 images/s).
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # (EfficientNet-Lite0, 64 px, batch 32: 162 -> 339 images/s); training measures it again
+        # on its machine (training/kernels.py).
+        model.use_memory_format(torch.channels_last)
     model.train()
     return model
 

@@ -77,7 +77,9 @@ class ImageClassificationTask(BaseTask):
             )
 
     def build_model(self, num_labels: int) -> nn.Module:
-        return build_image_classifier(self.cfg.model, num_labels, self.cfg.train.seed)
+        model = build_image_classifier(self.cfg.model, num_labels, self.cfg.train.seed)
+        model.input_size = image_preprocessing(self.cfg.model, self.cfg.data).size
+        return model
 
     def objective(self, tokenizer: Any | None, labels: Sequence[str]) -> ImageClassificationObjective:
         preprocessing = image_preprocessing(self.cfg.model, self.cfg.data)
