@@ -200,7 +200,7 @@ def checkpointing_decision(
     data = _Data(train, None, 0, lengths, [], _first_steps(lengths, cfg, 1))
     devices = [runtime.device.index or 0] if runtime.device.type == "cuda" else []
     with tempfile.TemporaryDirectory(prefix="tunesmith-plan-") as tmp, torch.random.fork_rng(devices=devices):
-        costs, _ = _row_costs(cfg, method, objective, model, names, runtime, data, Path(tmp), checkpointing=False)
+        costs, _ = _row_costs(cfg, method, objective, model, names, runtime, data, Path(tmp), False, times=False)
     rows, length = _peak_batch(data, cfg, costs)
     memory = memory_estimate(model, names, runtime.precision, costs, rows, length)
     held, available = _memory_room(model, runtime)
@@ -298,10 +298,11 @@ def _first_steps(lengths: list[int], cfg: RunConfig, n: int) -> list[list[list[i
 
 
 def _row_costs(
-    cfg, method, objective, model, names, runtime, data: _Data, tmp: Path, checkpointing: bool
+    cfg, method, objective, model, names, runtime, data: _Data, tmp: Path, checkpointing: bool, times: bool = True
 ) -> tuple[RowCosts, bool]:
     """Per-row costs from probes of the longest row of the first micro-batch and of a row about half
-    as long; whether the objective caches the frozen work before the first trained layer."""
+    as long; whether the objective caches the frozen work before the first trained layer (tried on
+    one row, since it changes the FLOPs; without `times`, for memory alone, not tried)."""
     first = data.steps[0][0]
     longest = max(first, key=lambda i: data.lengths[i])
     half = data.lengths[longest] // 2
@@ -309,7 +310,7 @@ def _row_costs(
     probes = [_probe(model, objective, runtime, data.train[i], data.lengths[i]) for i in (longest, shorter)]
     short = probes[1] if data.lengths[shorter] < data.lengths[longest] else None
     cached = False
-    if method.frozen_backbone or method.frozen_blocks > 0:
+    if times and (method.frozen_backbone or method.frozen_blocks > 0):
         k = None if method.frozen_backbone else method.frozen_blocks
         item = data.train[longest]
         cached = objective.cache_frozen(model, [item], k, runtime, 2**30, tmp / "probe-cache", "probe")[0] is not item
