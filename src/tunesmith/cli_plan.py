@@ -77,6 +77,10 @@ def _print_plan(config: str, r: dict[str, Any]) -> None:
     m = r["memory"]
     verdict = "fits" if m["fits"] else "does NOT fit"
     console.print(f"memory: needs {m['needed_mb']:,.0f} MB of {m['limit_mb']:,.0f} MB: {verdict}")
+    checkpointing = r.get("gradient_checkpointing")  # train.gradient_checkpointing: auto, as decided
+    if checkpointing is not None:
+        state = "on" if checkpointing["on"] else "off"
+        console.print(f"gradient checkpointing (auto): {state}, {checkpointing['reason']}")
 
 
 def _warn(r: dict[str, Any]) -> None:

@@ -163,6 +163,9 @@ def test_cli_warns_names_the_levers_and_exits_1(base_config: dict, tmp_path: Pat
     for setting in ("train.batch_size=4 train.grad_accum=2", "train.gradient_checkpointing=true", "method.name=lora"):
         assert setting in result.text
     assert "step time" in result.out and "projected run (measured)" in result.text
+    assert (
+        "gradient checkpointing (auto): off, the estimated peak fits" in result.out
+    )  # auto decides on what is available
     assert not Path(base_config["output"]).exists()
 
 
