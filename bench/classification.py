@@ -46,8 +46,11 @@ or small at these lengths); T as above.
   (DESIGN §4) so it runs it once (passes = 1). The head's FLOPs are negligible.
 Padding is not counted as useful work, so MFU is lower where batches carry much padding.
 
+With `--seeds`, repeat r trains with seed 42 + r on every side (the data split stays), and the
+report gives each tool's accuracy range over those seeds; without it every repeat uses seed 42.
+
 Run: `python bench/classification.py [--repeats 3] [--workloads full,lora] [--tools reference]
-[--quick]`; results go to bench/results/classification-<timestamp>.json and a Markdown table.
+[--quick] [--seeds]`; results go to bench/results/classification-<timestamp>.json and a Markdown table.
 """
 
 from __future__ import annotations
@@ -417,9 +420,12 @@ def header_lines(meta: dict[str, Any], args: argparse.Namespace, env: dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SEED  # a worker of a --seeds run trains with its repeat's seed
     description = __doc__.splitlines()[0]
     args = harness.parse_args(argv, description, WORKLOADS, sizes=(3000, 1000), quick=(600, 300), unit="rows")
     if args.worker:
+        if args.seed is not None:  # --seeds: this repeat's seed, for every side alike
+            SEED = args.seed
         return harness.run_as_worker(args, WORKLOADS, DATA_SUFFIX, run_worker)
     tools, workloads = harness.selected_tools(args.tools), harness.selected_workloads(args.workloads, WORKLOADS)
     worker_env = harness.worker_env(TOKENIZERS_PARALLELISM="false")
@@ -428,7 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         meta = paths.read_meta()
         # measures matmul rates: before the runs, while nothing else of ours runs
         env = harness.environment(matmul_gflops)
-        runs = harness.run_all(SCRIPT, worker_env, tools, workloads, paths.dir, args.repeats, args.wait_idle, print_run)
+        first_seed = SEED if args.seeds else None
+        runs = harness.run_all(
+            SCRIPT, worker_env, tools, workloads, paths.dir, args.repeats, args.wait_idle, print_run, first_seed
+        )
     flops = partial(train_flops, train_tokens=meta["train_tokens"])
     summary = harness.summarize(runs, WORKLOADS, METRICS, flops, harness.peaks(args), "samples_per_second")
     table = harness.markdown(summary, runs, header_lines(meta, args, env), WORKLOADS, COLUMNS, table_row)

@@ -181,13 +181,23 @@ def run_measured(
 
 
 def spawn_worker(
-    script: Path, env: dict[str, str], tool: Tool, workload: Workload, data_dir: Path, repeat: int
+    script: Path,
+    env: dict[str, str],
+    tool: Tool,
+    workload: Workload,
+    data_dir: Path,
+    repeat: int,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """Run one configuration of `script` in a fresh subprocess; a failure is recorded, never hidden."""
+    """Run one configuration of `script` in a fresh subprocess (with `seed` in place of the
+    benchmark's own, where given); a failure is recorded, never hidden."""
     out = data_dir / f"{tool.label}-{workload.name}-{repeat}.json"
     cmd = [sys.executable, str(script), "--worker", "--tool", tool.label]
     cmd += ["--workloads", workload.name, "--data-dir", str(data_dir), "--out", str(out)]
+    cmd += ["--seed", str(seed)] if seed is not None else []
     proc, result = run_measured(cmd, env, out, repeat)
+    if result is not None and seed is not None:
+        result["seed"] = seed
     if result is None:
         tail = (proc.stderr or proc.stdout)[-3000:]
         print(f"  FAILED {tool.label} {workload.name} (exit {proc.returncode}):\n{tail}", file=sys.stderr)
@@ -209,8 +219,10 @@ def run_all(
     repeats: int,
     wait_idle: float,
     print_run: Callable[[dict[str, Any]], None],
+    first_seed: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Every run in its own process; tools alternate within a repeat, their order rotating."""
+    """Every run in its own process; tools alternate within a repeat, their order rotating. With
+    `first_seed`, repeat r of every tool trains with seed `first_seed + r` (the spread over seeds)."""
     runs = []
     for repeat in range(repeats):
         order = rotated(tools, repeat)
@@ -218,7 +230,8 @@ def run_all(
             for tool in order:
                 print(f"repeat {repeat + 1}/{repeats}  {workload.name:<18} {tool.label} ...", flush=True)
                 waited = wait_for_idle(wait_idle)
-                run = spawn_worker(script, env, tool, workload, data_dir, repeat)
+                seed = None if first_seed is None else first_seed + repeat
+                run = spawn_worker(script, env, tool, workload, data_dir, repeat, seed)
                 run["waited_for_idle_seconds"] = waited
                 runs.append(run)
                 if "error" not in run:
@@ -275,6 +288,12 @@ def parse_args(
     parser.add_argument("--peak-gflops-fp32", type=float, default=PEAK_GFLOPS["fp32"], help="For the MFU.")
     parser.add_argument("--peak-gflops-bf16", type=float, default=PEAK_GFLOPS["bf16"], help="For the MFU.")
     parser.add_argument("--quick", action="store_true", help=f"Smoke test: {quick[0]} / {quick[1]} {unit}, 1 repeat.")
+    parser.add_argument(
+        "--seeds",
+        action="store_true",
+        help="Repeat r trains with seed 42 + r on every side (else all use 42): accuracy's spread over seeds.",
+    )
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # a worker's seed
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tool", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
@@ -318,6 +337,10 @@ def summarize(
                 for key in joined:
                     medians[label][key] = "/".join(sorted({r[key] for r in done}))
                 medians[label]["runs"] = len(done)
+                if "accuracy" in metrics:
+                    accuracies = [r["accuracy"] for r in done]
+                    medians[label]["accuracy_range"] = [min(accuracies), max(accuracies)]
+                    medians[label]["seeds"] = sorted({r["seed"] for r in done if "seed" in r})
         if medians:
             summary[name] = {"medians": medians, "ratios": ratios(medians, throughput)}
     return summary
@@ -361,6 +384,13 @@ def markdown(
             lines += ["|---|---:|---:|---:|"]
             for ref, r in part["ratios"].items():
                 lines.append(f"| {ref} | {r['throughput']:.2f} | {r['memory']:.2f} | {r['accuracy_points']:+.1f} |")
+        seeded = {label: m for label, m in part["medians"].items() if len(m.get("seeds", [])) > 1}
+        if seeded:
+            spread = "; ".join(
+                f"{label} {m['accuracy_range'][0]:.3f}–{m['accuracy_range'][1]:.3f}" for label, m in seeded.items()
+            )
+            seeds = next(iter(seeded.values()))["seeds"]
+            lines += ["", f"Accuracy over seeds {', '.join(map(str, seeds))} (lowest–highest): {spread}."]
     if noisy:
         lines += ["", f"Warning: {len(noisy)} run(s) shared the CPU with other processes (> {NOISY_LOAD} cores)."]
     if failed:

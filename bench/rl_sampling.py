@@ -133,9 +133,7 @@ def main() -> int:
         print(f"| {k} | {medians[k]:.2f} | {rate[k]:.0f} | {rate[k] / rate['reference']:.2f}x |")
     RESULTS.mkdir(exist_ok=True)
     name = f"rl-sampling{'-lora' if args.lora else ''}{'-bf16' if bf16 else ''}"
-    (RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
-        json.dumps(result, indent=2)
-    )
+    (RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
     return 0
 
 

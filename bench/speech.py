@@ -577,9 +577,12 @@ def header_lines(meta: dict[str, Any], args: argparse.Namespace, env: dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SEED  # a worker of a --seeds run trains with its repeat's seed
     description = __doc__.splitlines()[0]
     args = harness.parse_args(argv, description, WORKLOADS, sizes=(800, 200), quick=(160, 100), unit="clips")
     if args.worker:
+        if args.seed is not None:  # --seeds: this repeat's seed, for every side alike
+            SEED = args.seed
         return harness.run_as_worker(args, WORKLOADS, DATA_SUFFIX, run_worker)
     tools, workloads = harness.selected_tools(args.tools), harness.selected_workloads(args.workloads, WORKLOADS)
     # --quick: one epoch each; the workers read the epochs from the meta file
@@ -591,7 +594,10 @@ def main(argv: list[str] | None = None) -> int:
         # measures matmul rates: before the runs, while nothing else of ours runs
         env = harness.environment(matmul_gflops, versions())
         print(cpu_line(env), flush=True)
-        runs = harness.run_all(SCRIPT, worker_env, tools, workloads, paths.dir, args.repeats, args.wait_idle, print_run)
+        first_seed = SEED if args.seeds else None
+        runs = harness.run_all(
+            SCRIPT, worker_env, tools, workloads, paths.dir, args.repeats, args.wait_idle, print_run, first_seed
+        )
     flops = partial(train_flops, meta=meta)
     summary = harness.summarize(
         runs, effective, METRICS, flops, harness.peaks(args), "clips_per_second", joined=("precision",)

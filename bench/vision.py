@@ -440,11 +440,14 @@ def size_option(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SEED  # a worker of a --seeds run trains with its repeat's seed
     description = __doc__.splitlines()[0]
     args = harness.parse_args(
         argv, description, WORKLOADS, sizes=(4000, 1000), quick=(400, 200), unit="images", own_options=size_option
     )
     if args.worker:
+        if args.seed is not None:  # --seeds: this repeat's seed, for every side alike
+            SEED = args.seed
         return harness.run_as_worker(args, WORKLOADS, DATA_SUFFIX, run_worker)
     import PIL
 
@@ -455,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         meta = paths.read_meta()
         # measures matmul rates: before the runs, while nothing else of ours runs
         env = harness.environment(matmul_gflops, {"pillow": PIL.__version__})
-        runs = harness.run_all(SCRIPT, worker_env, tools, workloads, paths.dir, args.repeats, args.wait_idle, print_run)
+        first_seed = SEED if args.seeds else None
+        runs = harness.run_all(
+            SCRIPT, worker_env, tools, workloads, paths.dir, args.repeats, args.wait_idle, print_run, first_seed
+        )
     flops = partial(train_flops, meta=meta)
     summary = harness.summarize(
         runs, WORKLOADS, METRICS, flops, harness.peaks(args), "images_per_second", joined=("precision",)

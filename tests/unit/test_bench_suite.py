@@ -42,3 +42,24 @@ def test_each_machine_kind_gets_its_own_section_and_a_rerun_replaces_only_its_ow
     middle = readme.replace("## Config reference", "## Measured on each machine\n\n## Config reference")
     placed = suite.write_section(middle, suite.machine_kind(XEON), xeon)
     assert placed.index(xeon) < placed.index("## Config reference")
+
+
+def test_runs_over_several_seeds_report_each_tools_accuracy_range() -> None:
+    import harness
+
+    workload = harness.Workload("lora", 1, 5e-4, "LoRA")
+    runs = [
+        {"workload": "lora", "tool": tool, "precision": "fp32", "train_seconds": 10.0, "samples_per_second": rate}
+        | {"peak_rss_mb": 100.0, "accuracy": accuracy, "seed": seed}
+        for tool, rate, accuracy, seed in [
+            ("tunesmith", 30.0, 0.80, 42),
+            ("tunesmith", 32.0, 0.78, 43),
+            ("reference-fp32", 10.0, 0.79, 42),
+            ("reference-fp32", 11.0, 0.77, 43),
+        ]
+    ]
+    metrics = ("samples_per_second", "peak_rss_mb", "accuracy")
+    summary = harness.summarize(runs, {"lora": workload}, metrics, lambda w, t: 1e9, {"fp32": 100.0}, metrics[0])
+    assert summary["lora"]["medians"]["tunesmith"]["accuracy_range"] == [0.78, 0.80]
+    table = harness.markdown(summary, runs, [], {"lora": workload}, ["| tool |"], lambda label, m: f"| {label} |")
+    assert "Accuracy over seeds 42, 43 (lowest–highest): reference-fp32 0.770–0.790; tunesmith 0.780–0.800." in table
