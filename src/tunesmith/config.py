@@ -382,6 +382,18 @@ class TrainConfig(Section):
             raise ValueError(f"must be greater than 0 and finite (got {value}){auto}")
         return number
 
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing(cls, value: Any) -> Any:
+        """`auto`, true or false (YAML's spellings of them too)."""
+        spelled = str(value).lower() if isinstance(value, str) else value
+        choices = {"auto": "auto", "true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+        if isinstance(value, bool):
+            return value
+        if not isinstance(spelled, str) or spelled not in choices:
+            raise ValueError(f"{value!r}: give auto, true or false")
+        return choices[spelled]
+
     @field_validator("trim_memory_every", mode="before")
     @classmethod
     def _every(cls, value: Any) -> Any:

@@ -270,3 +270,16 @@ def test_the_plan_shows_the_run_as_auto_checkpointing_will_train_it(
     assert pressed["gradient_checkpointing"]["on"] is True
     assert pressed["estimate"]["memory_mb"]["activations"] < roomy["estimate"]["memory_mb"]["activations"]
     assert not any(lever["setting"] == "train.gradient_checkpointing=true" for lever in pressed.get("levers", []))
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, [True]])
+def test_a_bad_checkpointing_setting_is_refused_in_one_line(value: object) -> None:
+    from tunesmith.config import config_from_dict
+    from tunesmith.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"model": "m", "data": {"train": "x"}, "train": {"gradient_checkpointing": value}})
+    assert str(info.value).splitlines()[1:] == [f"  train.gradient_checkpointing: {value!r}: give auto, true or false"]
+    for spelled, meant in (("auto", "auto"), ("on", True), ("False", False), (True, True)):
+        train = config_from_dict({"model": "m", "data": {"train": "x"}, "train": {"gradient_checkpointing": spelled}})
+        assert train.train.gradient_checkpointing == meant
