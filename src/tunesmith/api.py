@@ -124,6 +124,14 @@ def train(
     """
     cfg = _as_config(config, overrides, sections)
     processes = start_processes(not torch.cuda.is_available(), cfg.train.distributed)
+    result = _train(cfg, processes, resume, callbacks)
+    processes.finish()
+    return result
+
+
+def _train(
+    cfg: RunConfig, processes: Processes, resume: str | Path | None, callbacks: list[StepCallback] | None
+) -> RunResult:
     main = processes.main
     # a tracker that is not installed stops the run here, before any work; only rank 0 reports
     trackers = build_trackers(cfg) if main else Trackers([])

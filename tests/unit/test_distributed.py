@@ -15,7 +15,7 @@ import yaml
 import tunesmith
 from conftest import final_weights, make_tiny_bert, run_tunesmith, sentiment_rows, write_jsonl
 from tunesmith.runs import open_run
-from tunesmith.training.distributed import rank_share
+from tunesmith.training.distributed import Processes, rank_share
 
 
 def test_rank_share_deals_micro_batches_round_robin_without_overlap() -> None:
@@ -31,6 +31,26 @@ def test_rank_share_deals_micro_batches_round_robin_without_overlap() -> None:
 def test_rank_share_of_a_tail_smaller_than_the_processes() -> None:
     assert rank_share([[5, 6]], 0, 3) == [([5, 6], True)]
     assert rank_share([[5, 6]], 2, 3) == [([5, 6], False)]
+
+
+class _RecordingAccelerator:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def wait_for_everyone(self) -> None:
+        self.calls.append("wait")
+
+    def end_training(self) -> None:
+        self.calls.append("end")
+
+
+def test_a_finished_run_waits_for_every_rank_then_leaves_the_process_group() -> None:
+    """Left to interpreter exit, gloo's threads can die joinable: status 250 after a run that succeeded."""
+    two, one = _RecordingAccelerator(), _RecordingAccelerator()
+    Processes(two, rank=1, world=2).finish()
+    Processes(one, rank=0, world=1).finish()
+    assert two.calls == ["wait", "end"]
+    assert one.calls == []
 
 
 @pytest.fixture(scope="module")

@@ -158,6 +158,18 @@ class Processes:
         """True where `flag` holds on every rank."""
         return self.sum([float(flag)])[0] == self.world
 
+    def finish(self) -> None:
+        """End a run that finished on every rank: wait for the others, then leave the process group.
+
+        Left to the interpreter's exit, gloo's threads can be torn down while still joinable, and
+        a run that succeeded exits with "terminate called without an active exception" (status
+        250). Not called when a rank fails: the launcher stops the others.
+        """
+        if self.world == 1:
+            return
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
 
 def start_processes(cpu: bool, distributed: DistributedConfig | None) -> Processes:
     """Join the run's process group where torchrun started this process (else a single process).
