@@ -3,6 +3,8 @@ output-layer freezing that every method relies on."""
 
 from __future__ import annotations
 
+import gc
+import shutil
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,26 @@ def test_frozen_matmuls_go_to_bf16_once_and_nothing_else_does(tiny_llama: Path, 
     with torch.no_grad(), autocast():
         after = model(input_ids=x, attention_mask=torch.ones_like(x)).hidden
     assert torch.equal(before, after)  # exactly the values autocast used before
+
+
+def test_once_frozen_matmuls_are_bf16_the_checkpoint_file_is_no_longer_held(tiny_llama: Path, tmp_path: Path) -> None:
+    """The embeddings and norms still read the memory-mapped checkpoint after the cast: copied, the
+    file's mapping (every page of it resident) goes."""
+    from tunesmith.training.loop import frozen_matmuls_to_bf16
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux) to see which files the process maps")
+    own = shutil.copytree(tiny_llama, tmp_path / "llama")  # a file no other test's model maps
+    weights = own / "model.safetensors"
+    model, _, names = build_run_model(_config(own, "lora", tmp_path), 0)
+    borrowed = [n for n, p in model.named_parameters() if not p.untyped_storage().resizable()]
+    assert borrowed  # as loaded: views of the mapped file
+    embedding = model.lm_head.weight.detach().clone()
+    frozen_matmuls_to_bf16(model, set(names))
+    gc.collect()
+    assert all(p.untyped_storage().resizable() for p in model.parameters())
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert model.lm_head.weight is embeddings[0].weight  # still tied
+    assert torch.equal(model.lm_head.weight, embedding)
+    assert str(weights.resolve()) not in maps.read_text()

@@ -34,7 +34,7 @@ from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, rn
 from tunesmith.training.distributed import Processes, rank_share
 from tunesmith.training.kernels import choose_kernels
 from tunesmith.training.lr_find import choose_lr, range_test, step_batches
-from tunesmith.training.memory import trim_between_blocks
+from tunesmith.training.memory import own_weights, trim_between_blocks
 from tunesmith.training.rates import Rates, head_lr_for, resolve_rates
 
 __all__ = ["LoopResult", "StepCallback", "frozen_linears", "frozen_matmuls_to_bf16", "train_loop"]
@@ -67,6 +67,8 @@ def frozen_matmuls_to_bf16(model: torch.nn.Module, trained: set[str]) -> int:
     frozen = frozen_linears(model, trained)
     for linear in frozen:
         linear.weight.data = linear.weight.data.to(torch.bfloat16)
+    if frozen:  # the fp32 originals go only if nothing else keeps the checkpoint file mapped
+        own_weights(model)
     for module in model.modules():
         # peft casts a LoRA layer's input to its fp32 weights' dtype, and autocast casts it back for
         # the matmul: two copies of the activations per adapted layer, for nothing.

@@ -35,7 +35,7 @@ import psutil
 import torch
 from torch import nn
 
-__all__ = ["AUTO_GROWTH", "trim_between_blocks"]
+__all__ = ["AUTO_GROWTH", "own_weights", "trim_between_blocks"]
 
 AUTO_GROWTH = 256 * 2**20  # resident growth in a training forward pass that calls for a trim when memory is short
 AUTO_GROWTH_ROOMY = 2**30  # and when it is not
@@ -79,6 +79,30 @@ def _trim_on_growth(blocks: list[nn.Module], trim: Callable[[int], int]) -> list
             since[0] = process.memory_info().rss
 
     return [blocks[0].register_forward_pre_hook(first)] + [block.register_forward_hook(after) for block in blocks]
+
+
+def own_weights(model: nn.Module) -> int:
+    """Copy into the process's own memory every parameter and buffer that still reads a checkpoint's
+    memory-mapped file; returns how many were copied.
+
+    A model loads its weights as views of the checkpoint file, mapped into memory: no copy, and the
+    file's pages count as resident once read. Where some weights are then replaced by copies (the
+    frozen linear weights stored in bf16), the rest (embeddings, norms) keep the whole mapping, and
+    so every page of the file, resident beside the copies: in a SmolLM2 LoRA run, 513 MB of the
+    fp32 file for 110 MB of embeddings and norms. Copied, the mapping goes when the last view does.
+    A storage torch does not own is one it cannot resize; weights that own their memory are left.
+    """
+    copied = 0
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.device.type == "cpu" and not param.untyped_storage().resizable():
+                param.data = param.data.clone()
+                copied += 1
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.device.type == "cpu" and not buffer.untyped_storage().resizable():
+                module._buffers[name] = buffer.clone()
+                copied += 1
+    return copied
 
 
 def _short_of_memory() -> bool:
