@@ -32,6 +32,11 @@ own forward and backward pass on random images of the run's size, in both layout
 at most 16 images of 64 px and fewer for larger ones: about 3.5 s in fp32 on a 2-core EPYC),
 leaving its weights, statistics and gradients as they were.
 
+Models that train through an attention with dropout (BERT-family encoders: 0.1) and load with
+torch's fused kernel get that kernel's unfused fallback, which keeps three (query x key) tensors a
+layer for the backward pass; the probe times it against the attention of training/attention.py,
+which keeps none, on the run's batch, heads, longest row and dropout, in the projections' dtype.
+
 Shape classes: attention by batch size, heads, key-value heads, head size and the longest training
 row rounded up to a power of two (where memory peaks); the loss chunk by the output layer's shape,
 whether it trains, and the largest candidate that fits a micro-batch; the memory format by the
@@ -54,6 +59,8 @@ from torch import nn
 from tunesmith.machine import machine_key, remembered
 from tunesmith.models.causal_lm import base_decoder
 from tunesmith.runtime import Runtime
+from tunesmith.training.attention import ATTENTION, additive, dropped_attention
+from tunesmith.training.attention import register as register_attention
 from tunesmith.training.dropout import fast_dropout, use_fast_dropout
 
 __all__ = ["LOSS_CHUNKS", "MEMORY_FORMATS", "choose_kernels", "measure_kernels", "pick", "saved_bytes"]
@@ -107,6 +114,16 @@ def measure_kernels(model: nn.Module, lengths: Sequence[int], batch_size: int, r
         numel = _bucket(batch_size * longest * hidden)
         key = f"dropout|{numel} elements|{runtime.precision}|{machine_key(runtime.device.type)}"
         record["dropout"] = remembered(key, lambda: _probe_dropout(numel, runtime), _FILE)
+    dropping = _attention_dropout(model, config)
+    if dropping > 0:
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        dims = (batch_size, heads, _bucket(longest), head_dim)
+        key = (
+            "attention-dropout|b{} h{} t{} d{}".format(*dims)
+            + f" p{dropping}|{runtime.precision}|{machine_key(runtime.device.type)}"
+        )
+        record["attention"] = remembered(key, lambda: _probe_dropped_attention(dims, dropping, runtime), _FILE)
     if getattr(model, "attention_request", None) == "auto" and config is not None:
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
@@ -223,6 +240,48 @@ def _probe_attention(shape: tuple[int, int, int, int, int], runtime: Runtime) ->
     return _probe({"eager": eager, "sdpa": sdpa}, runtime)
 
 
+def _attention_dropout(model: nn.Module, config: Any) -> float:
+    """The attention dropout of a model whose attention could run as `ATTENTION` instead of torch's
+    fused kernel: a Hugging Face model loaded with "sdpa" (which falls back to its unfused form when
+    it drops) that trains through its attention, with no attention kernel asked for (encoders; a
+    causal LM's `model.attention` is its own probe). 0 where none of this holds."""
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", ATTENTION):
+        return 0.0
+    if getattr(model, "attention_request", None) is not None or not hasattr(config, "num_attention_heads"):
+        return 0.0
+    backbone = getattr(model, "backbone", model)
+    if not any(p.requires_grad for p in backbone.parameters()):
+        return 0.0  # a frozen backbone runs its attention without gradients: torch's kernel, undropped
+    p = getattr(config, "attention_probs_dropout_prob", None)
+    return float(p if p is not None else getattr(config, "attention_dropout", 0.0) or 0.0)
+
+
+def _probe_dropped_attention(shape: tuple[int, int, int, int], p: float, runtime: Runtime) -> dict[str, Any]:
+    """sdpa (torch's kernel; with dropout on a CPU its unfused form) against `ATTENTION`
+    (training/attention.py), at dropout `p`, on a padding mask (a quarter of the keys of every
+    other row masked), with query, key and value in the dtype the projections give them."""
+    batch, heads, length, head_dim = shape
+    device = runtime.device
+    dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float32
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (
+        torch.randn(batch, heads, length, head_dim, device=device, generator=generator).to(dtype).requires_grad_()
+        for _ in range(3)
+    )
+    allowed = torch.ones(batch, 1, length, length, dtype=torch.bool, device=device)
+    allowed[::2, :, :, length - length // 4 :] = False
+    bias = additive(allowed)
+    scale = head_dim**-0.5
+
+    def sdpa() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=scale)
+
+    def lean() -> torch.Tensor:
+        return dropped_attention(q, k, v, bias, p, scale)
+
+    return _probe({"sdpa": sdpa, ATTENTION: lean}, runtime)
+
+
 def _probe_dropout(numel: int, runtime: Runtime) -> dict[str, Any]:
     """torch's dropout against the 15-bit-lane one (training/dropout.py) at p = 0.1."""
     x = torch.randn(numel // 1024, 1024, device=runtime.device).requires_grad_()
@@ -322,6 +381,8 @@ def _hf_config(model: nn.Module) -> Any:
 
 def _set_attention(model: nn.Module, kernel: str) -> None:
     base = base_decoder(getattr(model, "backbone", model))
+    if kernel == ATTENTION:
+        register_attention()
     setter = getattr(base, "set_attn_implementation", None)
     if callable(setter) and getattr(base.config, "_attn_implementation", kernel) != kernel:
         setter(kernel)
