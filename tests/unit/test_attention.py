@@ -3,15 +3,12 @@ gradients of softmax, dropout and the weighted sum, what it keeps, and a classif
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import tunesmith
-from conftest import sentiment_rows, write_jsonl
 from tunesmith.runtime import Runtime
 from tunesmith.training import kernels
 from tunesmith.training.attention import ATTENTION, additive, dropped_attention
@@ -76,26 +73,6 @@ def test_it_keeps_no_query_by_key_tensor_where_torchs_kernel_keeps_three() -> No
 
     assert kept(lambda: dropped_attention(q, k, v, None, 0.1, 8**-0.5)) == []
     assert len(kept(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1))) >= 2
-
-
-def test_a_classifier_trains_through_the_attention_its_probe_chose(tiny_bert: Path, tmp_path: Path) -> None:
-    config = {
-        "model": str(tiny_bert),
-        "task": "classification",
-        "method": "full",
-        "data": {
-            "train": str(write_jsonl(tmp_path / "s.jsonl", sentiment_rows(16))),
-            "validation": None,
-            "max_length": 32,
-        },
-        "train": {"epochs": 1, "batch_size": 8, "precision": "fp32"},
-        "output": str(tmp_path / "runs"),
-    }
-    result = tunesmith.train(config)
-    attention = json.loads((result.run_dir / "plan.json").read_text())["kernels"]["attention"]
-    assert set(attention["measured"]) == {"sdpa", ATTENTION}
-    assert attention["choice"] in ("sdpa", ATTENTION)
-    assert all(m["saved_mb"] >= 0 for m in attention["measured"].values())
 
 
 def test_a_model_set_to_it_evaluates_as_with_torchs_kernel_and_trains(tiny_bert: Path) -> None:

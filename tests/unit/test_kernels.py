@@ -20,6 +20,7 @@ from tunesmith.machine import remembered
 from tunesmith.methods.lora import recompute_lora_dropout
 from tunesmith.runtime import Runtime
 from tunesmith.training import kernels
+from tunesmith.training.attention import ATTENTION
 from tunesmith.training.dropout import DropMask, DroppedLinear, _drop_mask, _DroppedLinear, dropped_linear, fast_dropout
 
 CPU = Runtime(torch.device("cpu"), "fp32", 8)
@@ -123,7 +124,7 @@ def test_a_fixed_kernel_is_not_probed(tiny_llama: Path, tmp_path: Path) -> None:
     assert plan["kernels"] == {}
 
 
-def test_a_classifier_probes_its_dropout(tiny_bert: Path, tmp_path: Path) -> None:
+def test_a_classifier_probes_its_dropout_and_its_attention_dropout(tiny_bert: Path, tmp_path: Path) -> None:
     from conftest import sentiment_rows
 
     config = {
@@ -139,8 +140,12 @@ def test_a_classifier_probes_its_dropout(tiny_bert: Path, tmp_path: Path) -> Non
         "output": str(tmp_path / "runs"),
     }
     result = tunesmith.train(config)
-    dropout = json.loads((result.run_dir / "plan.json").read_text())["kernels"]["dropout"]
+    chosen = json.loads((result.run_dir / "plan.json").read_text())["kernels"]
+    dropout, attention = chosen["dropout"], chosen["attention"]
     assert dropout["choice"] in ("torch", "fast") and set(dropout["measured"]) == {"torch", "fast"}
+    # training/attention.py: torch's kernel against the one that keeps no (query x key) tensor
+    assert set(attention["measured"]) == {"sdpa", ATTENTION} and attention["choice"] in ("sdpa", ATTENTION)
+    assert all(m["saved_mb"] >= 0 for m in attention["measured"].values())
 
 
 # -- LoRA's dropout folded into its first matrix ---------------------------------------------------
