@@ -319,7 +319,9 @@ class TrainConfig(Section):
     batch_size: int = Field(32, gt=0, description="Rows per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (null = off).")
-    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="LR decay after warmup.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="LR after the warmup: linear or cosine decay to 0, or constant."
+    )
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="Share of steps spent warming the LR up.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast with fp32 master weights where the hardware has bf16 (auto)."

@@ -75,7 +75,6 @@ def baseline() -> Baseline:
     """This process's memory now, after importing what the loop imports (so that its code is not
     counted as training memory)."""
     import accelerate  # noqa: F401
-    import transformers.optimization  # noqa: F401
 
     rss = _rss()
     return Baseline(rss, psutil.virtual_memory().available + rss)

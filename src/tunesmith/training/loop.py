@@ -36,6 +36,7 @@ from tunesmith.training.kernels import choose_kernels
 from tunesmith.training.lr_find import choose_lr, range_test, step_batches
 from tunesmith.training.memory import own_weights, trim_between_blocks
 from tunesmith.training.rates import Rates, head_lr_for, resolve_rates
+from tunesmith.training.schedules import schedule
 
 __all__ = ["LoopResult", "StepCallback", "frozen_linears", "frozen_matmuls_to_bf16", "train_loop"]
 
@@ -109,8 +110,6 @@ def train_loop(
     callbacks: Sequence[StepCallback] = (),
     retention: Any = None,
 ) -> LoopResult:
-    from transformers import get_scheduler  # imported before the clock starts (~2 s the first time)
-
     device = runtime.device
     world, main = processes.world, processes.main
     log = run.log if main else _discard  # only rank 0 writes the run directory
@@ -141,7 +140,7 @@ def train_loop(
     # (sharded in place under FSDP, before the optimizer sees its parameters); `model` is what
     # evaluation and checkpoints read.
     net = processes.wrap(model)
-    optimizer, scheduler = _optimizer(model, method, cfg, rates, steps, get_scheduler)
+    optimizer, scheduler = _optimizer(model, method, cfg, rates, steps)
 
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "processes": world, **fingerprint}
     if resume:
@@ -382,13 +381,13 @@ def _recorded_choice(run: Run) -> float | None:
     return None if finder["chosen"] is None else float(finder["chosen"])
 
 
-def _optimizer(model: Any, method: Any, cfg: TrainConfig, rates: Rates, steps: int, get_scheduler: Any):
+def _optimizer(model: Any, method: Any, cfg: TrainConfig, rates: Rates, steps: int):
     groups = method.param_groups(model, rates.lr, rates.head_lr, cfg.weight_decay)
     if not groups:
         raise ConfigError(f"method.name={method.name}: no parameter is trainable")
     optimizer = torch.optim.AdamW(groups, lr=rates.lr)
     warmup = round(cfg.warmup_ratio * steps)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    scheduler = schedule(cfg.scheduler, optimizer, warmup, steps)
     return optimizer, scheduler
 
 
