@@ -191,6 +191,8 @@ def checkpointing_decision(
     reason, and the numbers it was decided on.
     """
     unavailable = checkpointing_unavailable(model, method)
+    if unavailable is None and method.frozen_backbone:  # nothing below the head keeps activations
+        unavailable = "the backbone is frozen: no block keeps activations to recompute"
     if unavailable is None and getattr(objective, "samples_while_training", False):
         unavailable = "batches are sampled as the run trains: no batch to estimate beforehand"
     if unavailable is not None:

@@ -249,6 +249,15 @@ def test_auto_checkpointing_names_why_it_cannot_apply(base_config: dict, monkeyp
         "reason": f"method.name=prefix-tuning: {data.method.checkpointing_refusal}",
     }
 
+    cfg = load_config({**base_config, "method": "feature-extraction"})  # nothing to recompute, no probe
+    data = api._read_data(cfg)
+    model, names, runtime = api._build_run_model(cfg, data)
+    monkeypatch.setattr(preflight, "_row_costs", lambda *a, **k: pytest.fail("a frozen backbone is not probed"))
+    decision = preflight.checkpointing_decision(cfg, data.method, data.objective, model, names, runtime, [])
+    assert decision["on"] is False and "backbone is frozen" in decision["reason"]
+    monkeypatch.undo()
+    _room(monkeypatch, available_mb=0.5)
+
     class Sampling:  # an objective whose batches are sampled as it trains (RL)
         samples_while_training = True
 
