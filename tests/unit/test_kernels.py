@@ -356,6 +356,20 @@ def test_auto_trims_after_a_block_once_resident_memory_grew_enough(
     assert calls == [0, 0]  # plenty of memory available: only the larger growth (block 2) trims
 
 
+def test_evaluation_during_training_starts_and_ends_with_the_free_pages_handed_back(
+    base_config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tunesmith.training.loop as loop
+    from tunesmith.training import memory
+
+    events: list[str] = []
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: lambda pad: events.append("trim") or 1)
+    evaluate = loop.evaluate_items
+    monkeypatch.setattr(loop, "evaluate_items", lambda *a, **k: (events.append("evaluate"), evaluate(*a, **k))[1])
+    tunesmith.train({**base_config, "train": {**base_config["train"], "max_steps": 2, "eval_every": 1}})
+    assert events == ["trim", "evaluate", "trim"] * 2
+
+
 @pytest.mark.parametrize("value", ["sometimes", -2, 1.5, True])
 def test_a_bad_trim_setting_is_refused_in_one_line(value: object) -> None:
     from tunesmith.config import config_from_dict

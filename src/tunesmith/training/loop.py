@@ -34,7 +34,7 @@ from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, rn
 from tunesmith.training.distributed import Processes, rank_share
 from tunesmith.training.kernels import choose_kernels
 from tunesmith.training.lr_find import choose_lr, range_test, step_batches
-from tunesmith.training.memory import own_weights, trim_between_blocks
+from tunesmith.training.memory import own_weights, release_free_memory, trim_between_blocks
 from tunesmith.training.rates import Rates, head_lr_for, resolve_rates
 from tunesmith.training.schedules import schedule
 
@@ -274,12 +274,14 @@ def _mean_stats(processes: Processes, stats: dict[str, Any]) -> dict[str, Any]:
 
 def _evaluate(model, objective, val_items, runtime, retention, eval_cfg) -> dict[str, Any]:
     """Validation metrics, with the forgetting measured beside them (`_retention` in the dict)."""
+    release_free_memory()  # the training steps' freed blocks, before evaluation's own (and after)
     metrics: dict[str, Any] = evaluate_items(model, objective, val_items, runtime)
     if retention is not None:
         metrics["_retention"] = retention.measure(model, runtime)
     samples = objective.eval_samples(model, runtime, eval_cfg.max_new_tokens)
     if samples:
         metrics["_samples"] = samples
+    release_free_memory()
     return metrics
 
 

@@ -35,7 +35,7 @@ import psutil
 import torch
 from torch import nn
 
-__all__ = ["AUTO_GROWTH", "own_weights", "trim_between_blocks"]
+__all__ = ["AUTO_GROWTH", "own_weights", "release_free_memory", "trim_between_blocks"]
 
 AUTO_GROWTH = 256 * 2**20  # resident growth in a training forward pass that calls for a trim when memory is short
 AUTO_GROWTH_ROOMY = 2**30  # and when it is not
@@ -103,6 +103,19 @@ def own_weights(model: nn.Module) -> int:
                 module._buffers[name] = buffer.clone()
                 copied += 1
     return copied
+
+
+def release_free_memory() -> None:
+    """Hand the pages the allocator holds free back to the system now (`malloc_trim(0)`; nothing
+    without glibc). Called between phases whose temporaries differ in size, training steps and
+    evaluation: each phase's freed blocks otherwise stay resident while the next one, unable to reuse
+    them, grows the heap. Whisper-tiny full fine-tuning (batch 32, evaluation at 64): evaluation
+    peaked at 751 MB, above the steps' 744; with the trim it stays below them (725), and between
+    phases the process holds 545 MB instead of 713. The pages given back are faulted in again by the
+    next phase, once per evaluation."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _short_of_memory() -> bool:
