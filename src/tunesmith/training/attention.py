@@ -75,25 +75,26 @@ class _DroppedAttention(torch.autograd.Function):
         scale: float,
         mask: DropMask,
     ) -> torch.Tensor:
-        probs = _probs(q, k, bias, scale).masked_fill_(mask.drop, 0)
+        probs = _probs(q, k, bias, scale)
+        probs.mul_(mask.kept(probs.dtype))
         out = torch.matmul(probs.to(v.dtype), v).mul_(mask.scale)
-        ctx.scale = scale
+        ctx.scale, ctx.probs_dtype = scale, probs.dtype
         mask.keep(ctx, q, k, v, *(() if bias is None else (bias,)))
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        saved, drop = ctx.mask.restore(ctx)
+        saved, kept = ctx.mask.restore(ctx, ctx.probs_dtype)
         q, k, v = saved[:3]
         bias = saved[3] if len(saved) > 3 else None
-        keep = ctx.mask.scale
+        rescale = ctx.mask.scale
         probs = _probs(q, k, bias, ctx.scale)
-        dropped = probs.masked_fill(drop, 0)
+        dropped = probs * kept
         grad = grad.to(v.dtype)
-        grad_v = torch.matmul(dropped.to(v.dtype).transpose(-1, -2), grad).mul_(keep)
+        grad_v = torch.matmul(dropped.to(v.dtype).transpose(-1, -2), grad).mul_(rescale)
         del dropped
         # d(dropped probs) -> d(probs) -> d(scores): softmax's backward, p * (g - sum(g * p))
-        grad_probs = torch.matmul(grad, v.transpose(-1, -2)).to(probs.dtype).mul_(keep).masked_fill_(drop, 0)
+        grad_probs = torch.matmul(grad, v.transpose(-1, -2)).to(probs.dtype).mul_(rescale).mul_(kept)
         grad_scores = grad_probs.sub_((grad_probs * probs).sum(-1, keepdim=True)).mul_(probs).mul_(ctx.scale)
         del probs
         grad_scores = grad_scores.to(q.dtype)
