@@ -21,7 +21,16 @@ from tunesmith.methods.lora import recompute_lora_dropout
 from tunesmith.runtime import Runtime
 from tunesmith.training import kernels
 from tunesmith.training.attention import ATTENTION
-from tunesmith.training.dropout import DropMask, DroppedLinear, _drop_mask, _DroppedLinear, dropped_linear, fast_dropout
+from tunesmith.training.dropout import (
+    DropMask,
+    DroppedLinear,
+    _drop_mask,
+    _DroppedLinear,
+    _pack_bits,
+    _unpack_bits,
+    dropped_linear,
+    fast_dropout,
+)
 
 CPU = Runtime(torch.device("cpu"), "fp32", 8)
 
@@ -167,11 +176,11 @@ def test_dropped_linear_has_the_gradients_of_dropout_then_linear() -> None:
     assert torch.allclose(out, nn.functional.linear(x.masked_fill(drop, 0) * scale, w))
 
 
-def test_fast_dropout_draws_its_mask_again_for_the_backward_pass_and_keeps_nothing() -> None:
+def test_fast_dropout_keeps_its_mask_at_one_bit_an_element_and_nothing_else() -> None:
     x = torch.randn(64, 32, dtype=torch.double, requires_grad=True)
     torch.manual_seed(3)
     out, saved = kernels.saved_bytes(lambda: fast_dropout(x, 0.25))
-    assert saved == 0  # neither x nor a mask: the RNG state draws it again
+    assert saved == x.numel() // 8  # neither x nor a byte mask
     out.backward(torch.ones_like(out))
     assert x.grad is not None and torch.equal(x.grad != 0, out != 0)  # the same elements dropped
     assert torch.autograd.gradcheck(lambda a: (torch.manual_seed(3), fast_dropout(a, 0.25))[1], (x,))
@@ -184,8 +193,19 @@ def test_dropped_linear_keeps_the_input_once_for_every_adapter_that_reads_it() -
     _, plain = kernels.saved_bytes(
         lambda: sum(nn.functional.linear(nn.functional.dropout(x, 0.1), w).sum() for w in weights)
     )
-    # x once (4 bytes an element; the masks are drawn again), against three dropped copies and masks
-    assert folded <= 4 * x.numel() + 3 * 4 * 32 * 4 < 12 * x.numel() < plain
+    # x once (4 bytes an element) and three masks of a bit an element, against three dropped copies and masks
+    assert folded <= 4 * x.numel() + 3 * x.numel() // 8 + 3 * 4 * 32 * 4 < 12 * x.numel() < plain
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 4096 + 3])
+def test_masks_pack_to_a_bit_an_element_and_back(n: int) -> None:
+    import numpy as np
+
+    mask = (torch.rand(n) < 0.4).to(torch.uint8)
+    bits = _pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == (n + 7) // 8
+    assert np.array_equal(bits.numpy(), np.packbits(mask.numpy(), bitorder="little"))
+    assert torch.equal(_unpack_bits(bits, torch.Size([n])), mask)
 
 
 def test_the_drop_mask_drops_the_right_share_in_every_lane() -> None:
@@ -467,6 +487,29 @@ def test_lora_adapters_compute_norm_outputs_and_gated_products_again_to_the_bit(
     hidden, inter, tokens = 32, 64, ids.numel()  # tiny_llama's sizes (conftest)
     # per layer: the input norm's output (q, k, v), the post-attention norm's (gate, up), the product (down)
     assert kept - recomputed == 2 * tokens * (2 * hidden + inter) * 4
+
+
+def test_adapters_reading_one_tensor_compute_it_again_once_and_it_is_not_held_after() -> None:
+    import gc
+
+    from tunesmith.models import recompute
+
+    x = torch.randn(4, 8)
+    calls: list[int] = []
+
+    def compute() -> torch.Tensor:
+        calls.append(1)
+        return x * 2
+
+    out = recompute.mark(x * 2, compute)
+    again = [recompute.recipe(out) for _ in range(3)]  # the query, key and value adapters
+    del compute
+    values = [f() for f in again if f is not None]
+    assert len(values) == 3 and len(calls) == 1 and all(v is values[0] for v in values)
+    assert torch.equal(values[0], x * 2)
+    del again, out, values
+    gc.collect()
+    assert recompute._last.value is None  # nothing can ask for it any more
 
 
 def test_the_loss_chunk_probe_times_each_candidate_per_token_and_weighs_its_logits() -> None:

@@ -73,7 +73,7 @@ class LoraMethod(BaseMethod):
 def recompute_lora_dropout(backbone: torch.nn.Module) -> int:
     """Fold each plain LoRA linear's input dropout (none is dropout 0) into its A matrix
     (`DroppedLinear`), so the backward pass keeps the shared input once (or nothing, where the input
-    is cheap to compute again: models/recompute.py) and draws the mask again, instead of a dropped
+    is cheap to compute again: models/recompute.py) and the mask at one bit an element, instead of a dropped
     copy per adapter; the parameters and their names are unchanged. DoRA and LoRA on convolutions keep
     peft's own path. Returns how many adapters were folded."""
     from peft.tuners.lora.layer import Linear as LoraLinear

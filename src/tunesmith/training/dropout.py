@@ -10,10 +10,11 @@ each machine (training/kernels.py).
 `DroppedLinear` folds a LoRA adapter's input dropout into its first matrix, so that the backward
 pass keeps the shared input once (see `dropped_linear`).
 
-On the CPU neither keeps its mask for the backward pass: it keeps the RNG state the mask was drawn
-from (5 KB) and draws the same mask again when the backward pass needs it. In a SmolLM2 LoRA step
-(8 x 256 tokens) the masks were 290 MB of 2.3 GB saved; drawing them again costs about as much as
-drawing them did. Elsewhere the 1-byte mask is kept, as torch's dropout keeps it.
+Neither keeps its mask for the backward pass as torch's dropout does, one byte an element: it
+keeps it packed, one bit an element. In a SmolLM2 LoRA step (8 x 256 tokens) the byte masks were
+290 MB of 2.3 GB saved; packed they are 36 MB. Packing and unpacking cost a few elementwise passes
+over the mask, under a fifth of drawing it again from the RNG state it came from (which the
+previous version did, keeping nothing of the mask's size).
 """
 
 from __future__ import annotations
@@ -68,42 +69,68 @@ def _drop_mask(
 
 
 class DropMask:
-    """A dropout mask drawn from the global RNG, and how the backward pass gets it back: on the CPU
-    from the RNG state it was drawn from (drawn again: nothing of the mask's size is kept), elsewhere
-    from a kept 1-byte mask. It is applied by multiplying with its 0/1 form (`kept`)."""
+    """A dropout mask drawn from the global RNG, applied by multiplying with its 0/1 form (`kept`),
+    and kept for the backward pass at one bit an element."""
 
     def __init__(self, shape: torch.Size, p: float, device: torch.device) -> None:
-        self.shape, self.device = shape, device
+        self.shape = shape
         self.threshold = round(p * _LEVELS)
         self.scale = _LEVELS / (_LEVELS - self.threshold)
-        self.state = torch.get_rng_state() if device.type == "cpu" else None
-        self.lanes: torch.Tensor | None = _lanes(shape, device)
+        self.bytes: torch.Tensor | None = _kept(_lanes(shape, device), self.threshold, torch.uint8)
 
     def kept(self, dtype: torch.dtype) -> torch.Tensor:
         """The mask for the forward pass: 1 where kept, 0 where dropped, in `dtype`."""
-        assert self.lanes is not None, "the forward pass is done with it"
-        return _kept(self.lanes, self.threshold, dtype)
+        assert self.bytes is not None, "the forward pass is done with it"
+        return self.bytes.to(dtype)
 
     def keep(self, ctx: Any, *tensors: torch.Tensor) -> None:
-        """`ctx.save_for_backward(*tensors)`, plus the mask itself where it cannot be drawn again."""
-        stored = () if self.state is not None else (self.kept(torch.uint8),)
-        ctx.save_for_backward(*tensors, *stored)
+        """`ctx.save_for_backward(*tensors)`, plus the mask packed to one bit an element."""
+        assert self.bytes is not None, "kept once"
+        ctx.save_for_backward(*tensors, _pack_bits(self.bytes))
         ctx.mask = self
-        self.lanes = None  # the forward pass is done with it
+        self.bytes = None  # the forward pass is done with it
 
     def restore(self, ctx: Any, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """The tensors `keep` saved, and the mask as `kept` gave it."""
         saved = ctx.saved_tensors
-        if self.state is None:
-            return saved[:-1], saved[-1].to(dtype)
-        generator = torch.Generator()
-        generator.set_state(self.state)
-        return saved, _kept(_lanes(self.shape, self.device, generator), self.threshold, dtype)
+        return saved[:-1], _unpack_bits(saved[-1], self.shape).to(dtype)
+
+
+# Multiplying a 64-bit word of eight 0/1 bytes by this moves byte i's bit to bit 56 + i; no two of
+# the products' bits meet (no carries), so the top byte is the eight bits packed.
+_GATHER = sum(1 << (56 - 7 * i) for i in range(8))  # 0x0102040810204080
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A 0/1 uint8 tensor packed eight elements to a byte (element 8j + i at bit i of byte j).
+
+    torch has no bit-packing op (numpy's `packbits` would leave the device): this is a multiplication
+    of an eighth as many words and a strided copy of their top bytes.
+    """
+    flat = mask.reshape(-1)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    words = flat.view(torch.int64)  # little-endian: element 8j + i is byte i of word j
+    return words.mul(_GATHER).view(torch.uint8)[7::8].contiguous()  # the top byte of each word
+
+
+_SPREAD: dict[torch.device, torch.Tensor] = {}  # byte value -> its eight bits as eight 0/1 bytes, one int64
+
+
+def _unpack_bits(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The 0/1 uint8 tensor of `shape` that `_pack_bits` packed: a lookup of each byte's eight
+    bytes (40 us for 400 k elements, against 280 for shifting by a broadcast of the eight shifts)."""
+    table = _SPREAD.get(bits.device)
+    if table is None:
+        spread = [[(value >> i) & 1 for i in range(8)] for value in range(256)]
+        table = torch.tensor(spread, dtype=torch.uint8).view(torch.int64).view(-1).to(bits.device)
+        _SPREAD[bits.device] = table
+    return table.index_select(0, bits.long()).view(torch.uint8)[: shape.numel()].view(shape)
 
 
 class _MaskedScale(torch.autograd.Function):
-    """x with the dropped elements zeroed and the rest scaled; keeps only the RNG state to draw the
-    mask again for backward (elsewhere a 1-byte mask), not a mask in x's dtype."""
+    """x with the dropped elements zeroed and the rest scaled; keeps only the mask, at one bit an
+    element, for backward: not x, and not a mask in x's dtype."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, mask: DropMask) -> torch.Tensor:
@@ -139,7 +166,7 @@ def use_fast_dropout(model: nn.Module) -> int:
 
 def dropped_linear(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
     """`linear(dropout(x, p), weight)` that keeps `x` itself for the backward pass, not a dropped
-    copy of `x`, and no mask on the CPU (`DropMask`).
+    copy of `x`, and its mask at one bit an element (`DropMask`).
 
     This is what makes LoRA's dropout cheap in memory: the query, key and value adapters read the
     same `x`, which is kept once for the three of them (and shared with whatever else keeps it),
