@@ -110,6 +110,11 @@ def train_loop(
     callbacks: Sequence[StepCallback] = (),
     retention: Any = None,
 ) -> LoopResult:
+    # torch imports these on first use, inside the loop (accelerate's prepare_model checks for
+    # DTensors; the optimizer's constructor imports dynamo): ~1 s the first time, before the clock starts
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
+
     device = runtime.device
     world, main = processes.world, processes.main
     log = run.log if main else _discard  # only rank 0 writes the run directory
