@@ -112,8 +112,8 @@ def train_loop(
 ) -> LoopResult:
     # torch imports these on first use, inside the loop (accelerate's prepare_model checks for
     # DTensors; the optimizer's constructor imports dynamo): ~1 s the first time, before the clock starts
-    import torch._dynamo  # noqa: F401
-    import torch.distributed.tensor  # noqa: F401
+    import torch._dynamo
+    import torch.distributed.tensor
 
     device = runtime.device
     world, main = processes.world, processes.main
