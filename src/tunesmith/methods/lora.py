@@ -14,6 +14,7 @@ from tunesmith.methods.targets import lora_targets
 from tunesmith.models.classifier import TextClassifier
 from tunesmith.registry import register_method
 from tunesmith.training.dropout import DroppedLinear
+from tunesmith.training.fused_lora import fuse_lora_linears
 
 
 class LoraConfig(MethodSection):
@@ -57,6 +58,7 @@ class LoraMethod(BaseMethod):
         )
         model.backbone = peft.get_peft_model(model.backbone, peft_cfg)
         recompute_lora_dropout(model.backbone)
+        fuse_lora_linears(model.backbone)
         for param in model.head.parameters():
             param.requires_grad_(True)
 

@@ -122,7 +122,9 @@ def _parts(module: Any) -> _Parts | None:
         return module.weight.detach(), _detached(module.bias), []
     from peft.tuners.lora import Linear as LoraLinear  # peft is imported by then when LoRA is in use
 
-    if type(module) is not LoraLinear or type(module.base_layer) is not nn.Linear or module.fan_in_fan_out:
+    # (or its subclass that runs a training step fused and everything else as peft: training/fused_lora.py)
+    plain = type(module) is LoraLinear or getattr(type(module), "peft_forward_outside_training", False)
+    if not plain or type(module.base_layer) is not nn.Linear or module.fan_in_fan_out:
         return None
     base = module.base_layer
     if module.disable_adapters or module.merged:
