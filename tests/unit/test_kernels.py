@@ -216,6 +216,21 @@ def test_the_drop_mask_drops_the_right_share_in_every_lane() -> None:
     assert scale == pytest.approx(1 / 0.9, rel=1e-4)
 
 
+def test_cpu_masks_follow_the_torch_rng_and_a_resumed_rng_state() -> None:
+    from tunesmith.training.dropout import _lanes
+
+    shape = torch.Size([3, 1000])
+    torch.manual_seed(4)
+    first = _lanes(shape, torch.device("cpu"))
+    state = torch.get_rng_state()  # as a checkpoint saves it
+    second = _lanes(shape, torch.device("cpu"))
+    torch.manual_seed(4)
+    assert torch.equal(_lanes(shape, torch.device("cpu")), first)
+    torch.set_rng_state(state)  # as a resumed run restores it
+    assert torch.equal(_lanes(shape, torch.device("cpu")), second)
+    assert not torch.equal(first, second) and first.dtype == torch.int16 and first.shape == shape
+
+
 def test_lora_dropout_is_folded_into_plain_adapters_only(tiny_llama: Path) -> None:
     from transformers import AutoModelForCausalLM
 
