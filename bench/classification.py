@@ -33,8 +33,9 @@ meaningless timings.
 - Reference precision: fp32 (Trainer's default) and bf16 (`bf16=True`, autocast on CPU).
   tunesmith runs at its default precision (bf16 autocast on CPUs that have it).
 
-Estimated MFU = useful training FLOPs / train seconds / peak, with peak 175 GFLOP/s (fp32) or
-400 GFLOP/s (bf16) unless `--peak-gflops-*` says otherwise; the rate a plain encoder-sized matmul
+Estimated MFU = useful training FLOPs / train seconds / peak, with peak the machine's
+2048² matmul rate measured in the same run (bench/harness.py `matmul_peak`;
+`--peak-gflops-*` overrides); the rate a plain encoder-sized matmul
 reaches on the machine is measured and printed beside it, for scale. N = weights of the matmuls
 inside the encoder blocks (embeddings, pooler, head and attention-score FLOPs left out: per-sequence
 or small at these lengths); T as above.
@@ -414,8 +415,9 @@ def header_lines(meta: dict[str, Any], args: argparse.Namespace, env: dict[str, 
         f"tokens; medians of {args.repeats} repeat(s); {env['cpu_count']} CPU(s), torch {env['torch']}, "
         f"transformers {env['transformers']}. Always answering the majority class scores "
         f"{max(meta['test_positive_share'], 1 - meta['test_positive_share']):.3f} on the held-out set.",
-        f"Est. MFU against {args.peak_gflops_fp32:g} (fp32) / {args.peak_gflops_bf16:g} (bf16) GFLOP/s; "
-        f"a plain matmul measures {measured['fp32']:.0f} / {measured['bf16']:.0f} GFLOP/s here.",
+        "Est. MFU against the measured 2048² matmul peak, "
+        f"{harness.peaks(args)['fp32']:.0f} (fp32) / {harness.peaks(args)['bf16']:.0f} (bf16) GFLOP/s; "
+        f"an encoder-sized matmul reaches {measured['fp32']:.0f} / {measured['bf16']:.0f}.",
     ]
 
 

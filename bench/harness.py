@@ -31,9 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-# Nominal peaks for the MFU estimate (override with --peak-gflops-*); the measured matmul rate of
-# the machine is recorded beside them.
-PEAK_GFLOPS = {"fp32": 175.0, "bf16": 400.0}
 NOISY_LOAD = 0.2  # cores used by other processes during a run, above which its timing is suspect
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -285,8 +282,8 @@ def parse_args(
         default=300.0,
         help="Before each run, wait up to this many seconds for other processes to leave the CPU.",
     )
-    parser.add_argument("--peak-gflops-fp32", type=float, default=PEAK_GFLOPS["fp32"], help="For the MFU.")
-    parser.add_argument("--peak-gflops-bf16", type=float, default=PEAK_GFLOPS["bf16"], help="For the MFU.")
+    parser.add_argument("--peak-gflops-fp32", type=float, help="For the MFU (default: measured, `matmul_peak`).")
+    parser.add_argument("--peak-gflops-bf16", type=float, help="For the MFU (default: measured, `matmul_peak`).")
     parser.add_argument("--quick", action="store_true", help=f"Smoke test: {quick[0]} / {quick[1]} {unit}, 1 repeat.")
     parser.add_argument(
         "--seeds",
@@ -305,8 +302,33 @@ def parse_args(
 
 
 def peaks(args: argparse.Namespace) -> dict[str, float]:
-    """The nominal peaks (GFLOP/s) of the MFU estimate, from --peak-gflops-*."""
-    return {"fp32": args.peak_gflops_fp32, "bf16": args.peak_gflops_bf16}
+    """The peaks (GFLOP/s) of the MFU estimate: --peak-gflops-* where given, else measured on this
+    machine in this run (`matmul_peak`, once)."""
+    measured = getattr(args, "_measured_peak", None)
+    if measured is None and (args.peak_gflops_fp32 is None or args.peak_gflops_bf16 is None):
+        measured = args._measured_peak = matmul_peak()
+    return {
+        "fp32": args.peak_gflops_fp32 or measured["fp32"],
+        "bf16": args.peak_gflops_bf16 or measured["bf16"],
+    }
+
+
+def matmul_peak() -> dict[str, float]:
+    """The machine's matmul peak (GFLOP/s) at fp32 and bf16: a 2048² matmul, median of 7 after one
+    warm-up, with every thread torch uses. MFU figures are against this."""
+    import torch
+
+    peak = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
+        a @ b
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        peak[name] = 2 * 2048**3 / statistics.median(times) / 1e9
+    return peak
 
 
 # --- the summary -------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ Tokens/s: non-pad tokens of the training rows / seconds (same formula for both).
 ru_maxrss of the worker. Training loss: the mean loss over all steps of the epoch (Trainer's
 `training_loss`; the mean of tunesmith's per-step `metrics.jsonl` losses with `log_every: 1`).
 
-MFU = useful FLOPs / seconds / peak (400 GFLOP/s bf16, 175 fp32). Useful FLOPs per epoch:
+MFU = useful FLOPs / seconds / peak, the peak being this machine's 2048² matmul rate at the run's
+precision, measured before the runs (bench/harness.py `matmul_peak`). Useful FLOPs per epoch:
 4 N T (forward 2N, backward 2N for activation gradients through frozen weights) + 6 N_lora T
 + 4 H V T_trained (the output layer, forward and its input gradient, on trained tokens only; what
 the reference spends on prompt positions is not useful work). N = matmul weights in the blocks.
@@ -43,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import own_cpu_seconds, peak_rss_mb, rotated, run_measured, wait_for_idle, worker_env
+from harness import matmul_peak, own_cpu_seconds, peak_rss_mb, rotated, run_measured, wait_for_idle, worker_env
 
 SEED = 42
 MAX_LENGTH = 256
@@ -51,7 +52,6 @@ BATCH_SIZE = 8
 LR = 2e-4
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
 TOOLS = ["reference-fp32", "tunesmith", "reference-bf16"]  # also: tunesmith-lean
-PEAK = {"fp32": 175.0, "bf16": 400.0}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = prepare(args.rows)
     meta = json.loads((data_dir / "meta.json").read_text())
     print(f"{meta['rows']} rows, {meta['tokens']} tokens ({meta['trained_tokens']} trained)", flush=True)
+    wait_for_idle(120)
+    peak = matmul_peak()
+    print(f"matmul peak (2048²): {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} bf16", flush=True)
     runs = []
     for repeat in range(args.repeats):
         order = rotated(tools, repeat)
@@ -259,16 +262,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"loss {run['train_loss']:.4f}  foreign load {run['foreign_load']:.2f}",
                     flush=True,
                 )
-    report = summarize(runs, meta, tools)
+    report = summarize(runs, meta, tools, peak)
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"sft-{stamp}.json").write_text(json.dumps({"meta": meta, "runs": runs, "summary": report}, indent=2))
+    (RESULTS / f"sft-{stamp}.json").write_text(
+        json.dumps({"meta": meta, "peak_gflops": peak, "runs": runs, "summary": report}, indent=2)
+    )
     (RESULTS / f"sft-{stamp}.md").write_text(report["markdown"])
     print(report["markdown"])
     return 0
 
 
-def summarize(runs: list[dict[str, Any]], meta: dict[str, Any], tools: list[str]) -> dict[str, Any]:
+def summarize(
+    runs: list[dict[str, Any]], meta: dict[str, Any], tools: list[str], peak: dict[str, float]
+) -> dict[str, Any]:
     medians: dict[str, dict[str, float]] = {}
     for tool in tools:
         ok = [r for r in runs if r["tool"] == tool and "error" not in r]
@@ -278,7 +285,7 @@ def summarize(runs: list[dict[str, Any]], meta: dict[str, Any], tools: list[str]
             }
             medians[tool]["train_seconds"] = statistics.median(r["train_seconds"] for r in ok)
             precision = ok[0]["precision"]
-            medians[tool]["mfu"] = useful_flops(meta) / medians[tool]["train_seconds"] / 1e9 / PEAK[precision]
+            medians[tool]["mfu"] = useful_flops(meta) / medians[tool]["train_seconds"] / 1e9 / peak[precision]
     lines = ["| tool | tokens/s | peak memory (MB) | mean train loss | MFU |", "|---|---|---|---|---|"]
     for tool, m in medians.items():
         cells = [f"{m['tokens_per_second']:.0f}", f"{m['peak_rss_mb']:.0f}", f"{m['train_loss']:.4f}"]
@@ -294,7 +301,10 @@ def summarize(runs: list[dict[str, Any]], meta: dict[str, Any], tools: list[str]
                 f"peak memory {t['peak_rss_mb'] / r['peak_rss_mb']:.2f}x, "
                 f"train loss {100 * (t['train_loss'] / r['train_loss'] - 1):+.1f}%"
             )
-    return {"medians": medians, "markdown": "\n".join([*lines, "", *ratio_lines]) + "\n"}
+    peak_line = (
+        f"MFU against the matmul peak measured in this run: {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} bf16."
+    )
+    return {"medians": medians, "markdown": "\n".join([*lines, "", *ratio_lines, "", peak_line]) + "\n"}
 
 
 if __name__ == "__main__":

@@ -63,8 +63,9 @@ they used meanwhile (`foreign_load`; runs above 0.2 cores are flagged).
   tunesmith's `metrics["test"]["accuracy"]`, from its final weights).
 - Peak memory: `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the worker (KiB on Linux -> MB).
 
-Estimated MFU = useful training FLOPs / train seconds / peak, with peak 175 GFLOP/s (fp32) or
-400 GFLOP/s (bf16) unless `--peak-gflops-*` says otherwise, at the precision each run used; the rate
+Estimated MFU = useful training FLOPs / train seconds / peak, with peak the machine's
+2048² matmul rate measured in the same run (bench/harness.py `matmul_peak`;
+`--peak-gflops-*` overrides), at the precision each run used; the rate
 an encoder-sized matmul reaches on the machine is measured in the same run and printed beside it, with
 the CPU model (lscpu) and whether it has BF16 instructions. F = forward FLOPs of one clip through
 the cut encoder and tunesmith's head, counted with forward hooks as 2 x the multiply-adds of every
@@ -570,9 +571,9 @@ def header_lines(meta: dict[str, Any], args: argparse.Namespace, env: dict[str, 
         f"{env['torch']}, transformers {env['transformers']}, peft {env['peft']}. Always answering the "
         f"majority class scores {meta['test_majority_share']:.3f} on the test set.",
         cpu_line(env),
-        f"Forward: {forward / 1e6:.0f} MFLOP per clip. Est. MFU against {args.peak_gflops_fp32:g} (fp32) / "
-        f"{args.peak_gflops_bf16:g} (bf16) GFLOP/s; a plain matmul measures {measured['fp32']:.0f} / "
-        f"{measured['bf16']:.0f} GFLOP/s here.",
+        f"Forward: {forward / 1e6:.0f} MFLOP per clip. Est. MFU against the measured 2048² matmul peak, "
+        f"{harness.peaks(args)['fp32']:.0f} (fp32) / {harness.peaks(args)['bf16']:.0f} (bf16) GFLOP/s; "
+        f"a model-sized matmul reaches {measured['fp32']:.0f} / {measured['bf16']:.0f}.",
     ]
 
 

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import describe_machine
+from harness import describe_machine, matmul_peak
 
 HERE = Path(__file__).resolve().parent
 SUITE = {  # script -> what its table measures
@@ -94,24 +94,6 @@ def write_section(readme: str, kind: str, block: str) -> str:
     following = re.search(r"^## ", rest, flags=re.MULTILINE)  # the next top-level section
     cut = following.start() if following else len(rest)
     return head + SECTION + rest[:cut].rstrip("\n") + f"\n\n{block}\n\n" + rest[cut:].lstrip("\n")
-
-
-def matmul_peak() -> dict[str, float]:
-    import statistics
-
-    import torch
-
-    peak = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
-        a @ b
-        times = []
-        for _ in range(7):
-            start = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - start)
-        peak[name] = 2 * 2048**3 / statistics.median(times) / 1e9
-    return peak
 
 
 def main() -> int:

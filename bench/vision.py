@@ -53,8 +53,9 @@ own CPU time); runs above 0.2 cores are flagged.
 - Peak memory: `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the worker (KiB on Linux -> MB),
   which includes the interpreter, torch, the model, the data and the evaluation.
 
-Estimated MFU = useful training FLOPs / train seconds / peak, with peak 175 GFLOP/s (fp32) or
-400 GFLOP/s (bf16) unless `--peak-gflops-*` says otherwise, at the precision each run used; the
+Estimated MFU = useful training FLOPs / train seconds / peak, with peak the machine's
+2048² matmul rate measured in the same run (bench/harness.py `matmul_peak`;
+`--peak-gflops-*` overrides), at the precision each run used; the
 rate a plain matmul reaches on the machine is measured and printed beside it, for scale. F = the
 forward FLOPs of one image at size S, counted with forward hooks on one forward pass as 2 x the
 multiply-adds of every convolution and linear layer (batch norm, activations and pooling left out);
@@ -430,8 +431,9 @@ def header_lines(meta: dict[str, Any], args: argparse.Namespace, env: dict[str, 
         f"{env['threads']} threads. Always answering the majority class scores "
         f"{meta['test_majority_share']:.3f} on the held-out set.",
         f"Forward: {(flops['backbone'] + flops['head']) / 1e6:.0f} MFLOP per image. "
-        f"Est. MFU against {args.peak_gflops_fp32:g} (fp32) / {args.peak_gflops_bf16:g} (bf16) GFLOP/s; "
-        f"a plain matmul measures {measured['fp32']:.0f} / {measured['bf16']:.0f} GFLOP/s here.",
+        "Est. MFU against the measured 2048² matmul peak, "
+        f"{harness.peaks(args)['fp32']:.0f} (fp32) / {harness.peaks(args)['bf16']:.0f} (bf16) GFLOP/s; "
+        f"an encoder-sized matmul reaches {measured['fp32']:.0f} / {measured['bf16']:.0f}.",
     ]
 
 
