@@ -35,6 +35,7 @@ from tunesmith.training.distributed import Processes, rank_share
 from tunesmith.training.kernels import choose_kernels
 from tunesmith.training.lr_find import choose_lr, range_test, step_batches
 from tunesmith.training.memory import own_weights, release_free_memory, trim_between_blocks
+from tunesmith.training.optim import adamw
 from tunesmith.training.rates import Rates, head_lr_for, resolve_rates
 from tunesmith.training.schedules import schedule
 
@@ -392,7 +393,7 @@ def _optimizer(model: Any, method: Any, cfg: TrainConfig, rates: Rates, steps: i
     groups = method.param_groups(model, rates.lr, rates.head_lr, cfg.weight_decay)
     if not groups:
         raise ConfigError(f"method.name={method.name}: no parameter is trainable")
-    optimizer = torch.optim.AdamW(groups, lr=rates.lr)
+    optimizer = adamw(groups, rates.lr)
     warmup = round(cfg.warmup_ratio * steps)
     scheduler = schedule(cfg.scheduler, optimizer, warmup, steps)
     return optimizer, scheduler

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from tunesmith.training.batching import epoch_batches
 from tunesmith.training.checkpoint import rng_state, set_rng_state
+from tunesmith.training.optim import adamw
 
 __all__ = [
     "END_LR",
@@ -133,7 +134,7 @@ def range_test(
     """
     saved = _snapshot(model, names)
     relative = [float(g["lr"]) for g in groups]
-    optimizer = torch.optim.AdamW(groups, lr=1.0)
+    optimizer = adamw(groups, 1.0)
     started = time.perf_counter()
     try:
         model.train()
