@@ -67,18 +67,20 @@ def _fused_class(lora_linear_type: type) -> type:
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    adapter = _plain_adapter(self, x, args, kwargs)
-    if adapter is None:
+    plain = _plain_adapter(self, x, args, kwargs)
+    if plain is None:
         return super(type(self), self).forward(x, *args, **kwargs)  # type: ignore[no-any-return]
+    adapter, p = plain
     base = self.get_base_layer()
     a, b = self.lora_A[adapter], self.lora_B[adapter]
-    p = a.p if isinstance(a, DroppedLinear) else _dropout_p(self.lora_dropout[adapter])
     return lora_linear(x, base.weight, base.bias, a.weight, b.weight, float(self.scaling[adapter]), p)
 
 
-def _plain_adapter(module: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-    """The one active adapter when this call is a training step the fused function computes
-    exactly as peft would; None where peft's own forward must run."""
+def _plain_adapter(
+    module: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[str, float] | None:
+    """The one active adapter and its dropout when this call is a training step the fused function
+    computes as peft would; None where peft's own forward must run."""
     if not (module.training and torch.is_grad_enabled()) or args or kwargs:
         return None
     if module.disable_adapters or module.merged or getattr(module, "fan_in_fan_out", False):
@@ -98,7 +100,7 @@ def _plain_adapter(module: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: 
     if not (isinstance(a, DroppedLinear) or type(a) is nn.Linear):
         return None
     p = a.p if isinstance(a, DroppedLinear) else _dropout_p(module.lora_dropout[adapter])
-    return adapter if p < 1.0 else None  # type: ignore[no-any-return]
+    return (adapter, p) if p < 1.0 else None
 
 
 def _dropout_p(dropout: nn.Module) -> float:
