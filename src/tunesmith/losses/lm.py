@@ -111,10 +111,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total -= logp[rows, y].sum()
                 if grad_h is None and grad_w is None:
                     continue
-                # d(mean CE)/d(logits) = (softmax - one_hot) / N, formed in place over the log-probs.
+                # d(sum CE)/d(logits) = softmax - one_hot, formed in place over the log-probs; the
+                # 1/N of the mean is applied to the (N, H) gradients in backward, not to (n_c, V) here.
                 probs = logp.exp_()
                 probs[rows, y] -= 1.0
-                probs /= n
                 g = probs.to(dtype)
                 if grad_h is not None:
                     grad_h[start : start + chunk] = g @ w
@@ -123,14 +123,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(
             grad_h if grad_h is not None else torch.empty(0), grad_w if grad_w is not None else torch.empty(0)
         )
-        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.hidden_dtype, ctx.weight_dtype, ctx.n = hidden.dtype, weight.dtype, n
         return total / n
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        dh = (grad_h * grad_out).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
-        dw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        scale = grad_out / ctx.n  # the mean's 1/N, with the incoming gradient
+        dh = (grad_h * scale).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        dw = (grad_w * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return dh, dw, None, None, None
 
 
