@@ -391,7 +391,7 @@ def test_auto_trims_after_a_block_once_resident_memory_grew_enough(
     assert calls == [0, 0]  # plenty of memory available: only the larger growth (block 2) trims
 
 
-def test_evaluation_during_training_starts_and_ends_with_the_free_pages_handed_back(
+def test_evaluation_and_the_end_of_training_hand_the_free_pages_back(
     base_config: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import tunesmith.training.loop as loop
@@ -402,7 +402,7 @@ def test_evaluation_during_training_starts_and_ends_with_the_free_pages_handed_b
     evaluate = loop.evaluate_items
     monkeypatch.setattr(loop, "evaluate_items", lambda *a, **k: (events.append("evaluate"), evaluate(*a, **k))[1])
     tunesmith.train({**base_config, "train": {**base_config["train"], "max_steps": 2, "eval_every": 1}})
-    assert events == ["trim", "evaluate", "trim"] * 2
+    assert events == ["trim", "evaluate", "trim"] * 2 + ["trim"]  # and once the steps are done
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's page-fault counts")

@@ -258,6 +258,7 @@ def train_loop(
         handle.remove()
     result.steps = step
     result.train_seconds = time.perf_counter() - started - paused
+    release_free_memory()  # the steps' freed blocks, before what follows (a test evaluation, an export)
     samples, tokens = processes.sum([result.samples, result.tokens])
     result.samples, result.tokens = int(samples), int(tokens)
     result.best = state["best"]
