@@ -405,30 +405,6 @@ def test_evaluation_and_the_end_of_training_hand_the_free_pages_back(
     assert events == ["trim", "evaluate", "trim"] * 2 + ["trim"]  # and once the steps are done
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's page-fault counts")
-def test_large_blocks_are_reused_not_faulted_in_again_and_a_run_asks_for_it(
-    base_config: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import resource
-
-    import tunesmith.training.loop as loop
-    from tunesmith.training import memory
-
-    def faults_of_two_64_mb_blocks() -> int:
-        torch.empty(2**24).fill_(1.0)  # the first, freed at once
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.empty(2**24).fill_(1.0)  # 16 384 pages, each faulted in again where it was mapped afresh
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    assert memory.reuse_large_blocks(torch.device("meta")) is False  # not the host's heap
-    assert memory.reuse_large_blocks() is True
-    assert faults_of_two_64_mb_blocks() < 1000
-    calls: list[torch.device] = []
-    monkeypatch.setattr(loop, "reuse_large_blocks", lambda device: calls.append(device) or True)
-    tunesmith.train({**base_config, "train": {**base_config["train"], "max_steps": 1}})
-    assert calls == [torch.device("cpu")]
-
-
 @pytest.mark.parametrize("value", ["sometimes", -2, 1.5, True])
 def test_a_bad_trim_setting_is_refused_in_one_line(value: object) -> None:
     from tunesmith.config import config_from_dict

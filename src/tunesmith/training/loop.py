@@ -34,7 +34,7 @@ from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, rn
 from tunesmith.training.distributed import Processes, rank_share
 from tunesmith.training.kernels import choose_kernels
 from tunesmith.training.lr_find import choose_lr, range_test, step_batches
-from tunesmith.training.memory import own_weights, release_free_memory, reuse_large_blocks, trim_between_blocks
+from tunesmith.training.memory import own_weights, release_free_memory, trim_between_blocks
 from tunesmith.training.optim import adamw
 from tunesmith.training.rates import Rates, head_lr_for, resolve_rates
 from tunesmith.training.schedules import schedule
@@ -121,7 +121,6 @@ def train_loop(
     log = run.log if main else _discard  # only rank 0 writes the run directory
     model.to(device)
     trimming = trim_between_blocks(model, cfg.trim_memory_every, device)  # hooks, removed when the loop ends
-    reuse_large_blocks(device)  # each step's large blocks from the heap, not mapped and faulted in afresh
     lengths = [objective.length(it) for it in train_items]
     # Attention and dropout kernels measured on this machine at this run's shapes (or, resuming, as recorded).
     recorded = run.plan().get("kernels") if resume and main else None

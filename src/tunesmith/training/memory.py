@@ -22,6 +22,14 @@ above where the pass began or last trimmed, or `AUTO_GROWTH` (256 MB) above whil
 `PRESSURE` of the machine's memory is available: short rows on a roomy machine pay nothing (the
 256-token epoch above: 3.3 GB, untrimmed speed), long rows trim every few blocks (the 512-token
 one: 7.5 GB, 61 s).
+Tried and left out: serving large blocks from the heap instead (glibc's `mallopt`, mmap threshold
+256 MB). glibc maps each block over 32 MB afresh, so a block a step allocates every step (full
+fine-tuning of MiniLM: the 47 MB dense gradient of the word embeddings) is faulted in page by page
+every step; from the heap, faults fell from 12,500 to 900 a step and that epoch was 4% faster in
+interleaved runs (2-core EPYC), but no faster beyond the machine's drift in the benchmarks. And a
+freed block was often not reused by the next one of its size: a loop allocating and freeing a
+45 MB tensor grew resident memory by 45 MB an iteration for 7 iterations before it reused one. A
+few percent of speed is not worth a peak that depends on the heap's history.
 """
 
 from __future__ import annotations
@@ -35,15 +43,11 @@ import psutil
 import torch
 from torch import nn
 
-__all__ = ["AUTO_GROWTH", "own_weights", "release_free_memory", "reuse_large_blocks", "trim_between_blocks"]
+__all__ = ["AUTO_GROWTH", "own_weights", "release_free_memory", "trim_between_blocks"]
 
 AUTO_GROWTH = 256 * 2**20  # resident growth in a training forward pass that calls for a trim when memory is short
 AUTO_GROWTH_ROOMY = 2**30  # and when it is not
 PRESSURE = 0.25  # memory is short while less than this share of the machine's memory is available
-LARGE_BLOCK = 256 * 2**20  # blocks up to this size come from the heap while training on a CPU (`reuse_large_blocks`)
-FREE_TOP = 2**30  # and up to this much free memory at the heap's top stays there between steps
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def trim_between_blocks(model: nn.Module, every: int | str, device: torch.device | None = None) -> list[Any]:
@@ -120,33 +124,6 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def reuse_large_blocks(device: torch.device | None = None) -> bool:
-    """Have glibc serve blocks up to `LARGE_BLOCK` from its heap, and keep up to `FREE_TOP` free at
-    the heap's top, instead of mapping each block larger than 32 MB afresh and unmapping it when
-    freed; returns whether the setting took (False without glibc, or for an accelerator).
-
-    A training step allocates the same large blocks every step: full fine-tuning of MiniLM, a
-    47 MB dense gradient of the word embeddings; SmolLM2, the logits of a chunk of rows. Mapped
-    afresh, each of their pages is faulted in and zeroed by the kernel every step: 11,500 faults a
-    MiniLM step, 0.4 s of system time in 19 steps (2-core AMD EPYC), 3-7% of the step's wall time,
-    gone when the blocks are reused (peak resident memory 1-2% higher). Memory still goes back to
-    the system where it matters: `trim_between_blocks` and `release_free_memory` call `malloc_trim`,
-    which returns free pages wherever they lie. The setting is the process's (glibc's `mallopt`,
-    reached with ctypes as `malloc_trim` is) and stays after training.
-    """
-    if device is not None and device.type != "cpu":
-        return False
-    path = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(path).mallopt if path else None
-    except (OSError, AttributeError):
-        return False
-    if mallopt is None:
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK)) and bool(mallopt(_M_TRIM_THRESHOLD, FREE_TOP))
 
 
 def _short_of_memory() -> bool:
