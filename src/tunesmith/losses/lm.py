@@ -7,18 +7,23 @@ hidden states and the output weight are computed right then, in the forward pass
 logits exist (the fused linear cross-entropy of Liger-Kernel, Hsu et al. 2024). The backward pass
 only scales them, so no logits are kept and none are recomputed. Only trained tokens are passed in
 at all: a prompt-masked batch needs logits for its completions alone.
+
+A chunk's logits are the only (tokens, vocab) tensor it holds: they are overwritten in place by
+their gradient, which is formed a few rows at a time in fp32 (`_softmax_rows`), and a frozen output
+layer is cast to the matmul dtype once, not in every step (`cast_weight`).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CHUNK_TOKENS", "IGNORE", "linear_cross_entropy", "token_logprobs", "token_losses"]
+__all__ = ["CHUNK_TOKENS", "IGNORE", "cast_weight", "linear_cross_entropy", "token_logprobs", "token_losses"]
 
-CHUNK_TOKENS = 1024  # 1024 x 49,152 fp32 logits = 200 MB at a time
+CHUNK_TOKENS = 1024  # 1024 x 49,152 logits = 100 MB at a time in bf16 (200 in fp32)
 IGNORE = -100  # the label of a position that is not trained (or not scored)
 
 
@@ -72,8 +77,9 @@ def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     dtype = _compute_dtype(hidden)
     chunk = chunk or CHUNK_TOKENS
     losses, correct = [], []
+    w = cast_weight(weight, dtype)
     for start in range(0, hidden.shape[0], chunk):
-        logits = F.linear(hidden[start : start + chunk].to(dtype), weight.to(dtype)).float()  # (n, V)
+        logits = F.linear(hidden[start : start + chunk].to(dtype), w).float()  # (n, V)
         y = targets[start : start + chunk]
         losses.append(F.cross_entropy(logits, y, reduction="none"))
         correct.append(logits.argmax(-1) == y)
@@ -97,34 +103,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         n = hidden.shape[0]
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w = weight.to(dtype)
+        w = cast_weight(weight, dtype)
         acc = torch.promote_types(torch.float32, dtype)  # softmax and sums in fp32 (fp64 stays fp64)
         grad_h = torch.empty_like(hidden, dtype=acc) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if want_w else None
-        total = torch.zeros((), dtype=acc, device=hidden.device)
+        target_logp = torch.empty(n, dtype=acc, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk):
                 h = hidden[start : start + chunk].to(dtype)  # (n_c, H)
-                y = targets[start : start + chunk]
-                logp = (h @ w.T).to(acc).log_softmax(-1)  # (n_c, V)
-                rows = torch.arange(len(y), device=y.device)
-                total -= logp[rows, y].sum()
-                if grad_h is None and grad_w is None:
-                    continue
-                # d(sum CE)/d(logits) = softmax - one_hot, formed in place over the log-probs; the
-                # 1/N of the mean is applied to the (N, H) gradients in backward, not to (n_c, V) here.
-                probs = logp.exp_()
-                probs[rows, y] -= 1.0
-                g = probs.to(dtype)
+                logits = h @ w.T  # (n_c, V), overwritten by d(sum CE)/d(logits) = softmax - one_hot
+                part = slice(start, start + chunk)
+                _softmax_rows(logits, targets[part], target_logp[part], acc, want_h or want_w)
                 if grad_h is not None:
-                    grad_h[start : start + chunk] = g @ w
+                    grad_h[start : start + chunk] = logits @ w
                 if grad_w is not None:
-                    grad_w += g.T @ h
+                    grad_w += logits.T @ h
         ctx.save_for_backward(
             grad_h if grad_h is not None else torch.empty(0), grad_w if grad_w is not None else torch.empty(0)
         )
         ctx.hidden_dtype, ctx.weight_dtype, ctx.n = hidden.dtype, weight.dtype, n
-        return total / n
+        # the 1/N of the mean is applied to the (N, H) gradients in backward, not to (n_c, V) here
+        return -target_logp.sum() / n
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
@@ -141,21 +140,18 @@ class _TokenLogprobs(torch.autograd.Function):
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, dtype: torch.dtype
     ) -> torch.Tensor:
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w = weight.to(dtype)
+        w = cast_weight(weight, dtype)
         acc = torch.promote_types(torch.float32, dtype)
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         jac_h = torch.empty_like(hidden, dtype=acc) if want_h else None  # d logp_i / d h_i, (N, H)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start : start + chunk].to(dtype)  # (n_c, H)
-                y = targets[start : start + chunk]
-                logp = (h @ w.T).to(acc).log_softmax(-1)  # (n_c, V)
-                rows = torch.arange(len(y), device=y.device)
-                out[start : start + chunk] = logp[rows, y]
-                if jac_h is not None:
-                    d = logp.exp_().neg_()  # d logp_y / d logits = one_hot(y) - softmax
-                    d[rows, y] += 1.0
-                    jac_h[start : start + chunk] = d.to(dtype) @ w
+                logits = h @ w.T  # (n_c, V)
+                part = slice(start, start + chunk)
+                _softmax_rows(logits, targets[part], out[part], acc, jac_h is not None)
+                if jac_h is not None:  # d logp_y / d logits = one_hot(y) - softmax: minus what _softmax_rows left
+                    jac_h[start : start + chunk] = (logits @ w).neg_()
         ctx.save_for_backward(
             jac_h if jac_h is not None else torch.empty(0),
             hidden if want_w else torch.empty(0),
@@ -172,7 +168,7 @@ class _TokenLogprobs(torch.autograd.Function):
         dw = None
         if ctx.needs_input_grad[1]:
             acc = torch.promote_types(torch.float32, ctx.dtype)
-            w = weight.to(ctx.dtype)
+            w = cast_weight(weight, ctx.dtype)
             dw = torch.zeros_like(weight, dtype=acc)
             with torch.autocast(hidden.device.type, enabled=False):
                 for start in range(0, hidden.shape[0], ctx.chunk):
@@ -185,3 +181,72 @@ class _TokenLogprobs(torch.autograd.Function):
                     dw += d.to(ctx.dtype).T.to(acc) @ h.to(acc)
             dw = dw.to(ctx.weight_dtype)
         return dh, dw, None, None, None
+
+
+# Rows of logits a block of `_softmax_rows` takes: 16 x 49,152 fp32 log-probs are 3 MB, which stay
+# in the cache between the passes over them.
+_BLOCK_ELEMENTS = 2**20 * 3 // 4
+
+
+def _softmax_rows(
+    logits: torch.Tensor, targets: torch.Tensor, target_logp: torch.Tensor, acc: torch.dtype, gradient: bool = True
+) -> None:
+    """Write each row's log-probability of its target to `target_logp` and, with `gradient`,
+    overwrite each row of `logits` with `softmax(row) - one_hot(target)` (computed in `acc`,
+    rounded to the logits' dtype once).
+
+    A few rows at a time: the log-softmax, its exponent and the subtraction run over a block of
+    fp32 rows small enough to stay in the cache, and only the logits themselves travel to and from
+    memory. Over a whole chunk at once (1,024 x 49,152) each of those passes read and wrote 200 MB:
+    they took half as long again as the chunk's two matmuls.
+    """
+    n, vocab = logits.shape
+    block = max(1, _BLOCK_ELEMENTS // vocab)
+    rows = torch.arange(min(block, n), device=logits.device)
+    for start in range(0, n, block):
+        part = logits[start : start + block]
+        y = targets[start : start + block]
+        r = rows[: len(y)]
+        logp = part.to(acc).log_softmax(-1)
+        target_logp[start : start + block] = logp[r, y]
+        if not gradient:
+            continue
+        probs = logp.exp_()
+        probs[r, y] -= 1.0
+        part.copy_(probs)
+
+
+class _LastWeight:
+    """The last frozen weight `cast_weight` cast, and its cast."""
+
+    source: weakref.ref[torch.Tensor] | None = None
+    key: tuple[int, int, torch.dtype] | None = None
+    value: torch.Tensor | None = None
+
+
+_last_weight = _LastWeight()
+
+
+def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight.to(dtype)`, kept from one call to the next for a weight that does not train.
+
+    An output layer tied to the embedding stays fp32 (the embedding feeds the fp32 residual
+    stream), and a LoRA or prompt-tuning step cast all of it (49,152 x 576 for SmolLM2) to bf16
+    again in every step: a fresh 57 MB each time, faulted in page by page. A trained weight changes
+    every step and is cast each time; a frozen one is cast again only when it has changed (its
+    version counter or its storage).
+    """
+    if weight.dtype == dtype or weight.requires_grad:
+        return weight.to(dtype)
+    last = _last_weight
+    key = (weight._version, weight.data_ptr(), dtype)
+    if last.source is not None and last.source() is weight and last.key == key and last.value is not None:
+        return last.value
+    value = weight.to(dtype)
+    last.source, last.key, last.value = weakref.ref(weight, _forget_weight), key, value
+    return value
+
+
+def _forget_weight(ref: weakref.ref[torch.Tensor]) -> None:
+    if _last_weight.source is ref:
+        _last_weight.source, _last_weight.value = None, None

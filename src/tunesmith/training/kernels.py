@@ -300,7 +300,7 @@ def _probe_loss_chunk(
     device = runtime.device
     generator = torch.Generator(device=device).manual_seed(0)
     weight = (torch.randn(vocab, width, device=device, generator=generator) * 0.02).requires_grad_(weight_trains)
-    logit_bytes = 4 + (2 if runtime.precision == "bf16" else 4)  # fp32 log-probs, their gradient in the matmul dtype
+    logit_bytes = 2 if runtime.precision == "bf16" else 4  # the logits, overwritten by their gradient
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def seconds(chunk: int) -> float:
