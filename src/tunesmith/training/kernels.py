@@ -17,7 +17,7 @@ slower. A probe costs well under a second at 8 x 256 tokens and about 2 s at 8 x
 CPU; only the first run of a shape class on a machine pays it.
 
 The losses' chunk (losses/lm.py) trades speed for memory: a chunk of c tokens holds c x vocab
-logits and their gradient at a time (1,024 x 49,152 in fp32: 384 MB), while small chunks run the
+logits at a time, overwritten by their gradient (1,024 x 49,152 in bf16: 96 MB), while small chunks run the
 output layer's matmul and softmax less efficiently. On a 2-core AMD EPYC (sharing its cores with a
 benchmark), SmolLM2's output layer took 1.37 ms a token in 256-token chunks against 1.08 at 1,024
 under bf16, and 1.98 against 1.61 at 2,048 in fp32. The probe runs one chunk of each candidate size
@@ -67,6 +67,7 @@ __all__ = ["LOSS_CHUNKS", "MEMORY_FORMATS", "choose_kernels", "measure_kernels",
 
 SLOWER_BUT_LEANER = 1.10  # the leaner kernel wins if it is at most this much slower
 LOSS_CHUNKS = (256, 512, 1024, 2048, 4096)  # candidate tokens per chunk of logits
+LOSS_REVISION = "r2"  # changes with losses/lm.py's kernel, so that a choice timed on an older one is measured again
 LAYOUT_PIXELS = 16 * 64 * 64  # pixels a memory-format probe runs, at most (the run's batch, fewer where large)
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 _FILE = "kernels.json"
@@ -150,7 +151,7 @@ def measure_kernels(model: nn.Module, lengths: Sequence[int], batch_size: int, r
         vocab, width = weight.shape
         trains = "trained" if weight.requires_grad else "frozen"
         key = (
-            f"loss-chunk|v{vocab} h{width} {trains} up to {candidates[-1]}"
+            f"loss-chunk {LOSS_REVISION}|v{vocab} h{width} {trains} up to {candidates[-1]}"
             f"|{runtime.precision}|{machine_key(runtime.device.type)}"
         )
         record["loss_chunk"] = remembered(
