@@ -78,13 +78,16 @@ def test_the_gradient_is_formed_a_few_rows_at_a_time_exactly_as_over_the_whole_c
     torch.manual_seed(4)
     logits = (torch.randn(10, 64) * 3).to(torch.bfloat16)
     targets = torch.randint(0, 64, (10,))
-    logp = logits.float().log_softmax(-1)
-    expected = (logp.exp() - F.one_hot(targets, 64)).to(torch.bfloat16)  # one rounding, from fp32
+    whole, whole_logp = logits.clone(), torch.empty(10)
+    lm._softmax_rows(whole, targets, whole_logp, torch.float32)
     monkeypatch.setattr(lm, "_BLOCK_ELEMENTS", 3 * 64)  # blocks of 3 rows: 3, 3, 3 and 1
     got, target_logp = logits.clone(), torch.empty(10)
     lm._softmax_rows(got, targets, target_logp, torch.float32)
-    assert torch.equal(got, expected)
-    assert torch.equal(target_logp, logp[torch.arange(10), targets])
+    assert torch.equal(got, whole) and torch.equal(target_logp, whole_logp)
+    logp = logits.float().log_softmax(-1)
+    expected = (logp.exp() - F.one_hot(targets, 64)).to(torch.bfloat16)  # one rounding, from fp32
+    assert torch.allclose(got.float(), expected.float(), rtol=2**-8, atol=1e-7)
+    assert torch.allclose(target_logp, logp[torch.arange(10), targets], atol=1e-5)
 
 
 def test_bf16_loss_and_gradient_are_those_of_fp32_log_softmax_over_bf16_logits() -> None:
