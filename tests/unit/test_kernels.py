@@ -445,6 +445,10 @@ def test_silu_gate_has_the_gradients_of_silu_times_up_and_keeps_two_tensors() ->
     g = torch.randn(3, 7, dtype=torch.double, requires_grad=True)
     u = torch.randn(3, 7, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(silu_gate, (g, u))
+    gate, up, upstream = (torch.randn(5, 40).bfloat16() for _ in range(3))  # as under autocast
+    ours = torch.autograd.grad(silu_gate(*(t.requires_grad_() for t in (gate, up))), (gate, up), upstream)
+    theirs = torch.autograd.grad(nn.functional.silu(gate) * up, (gate, up), upstream)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))  # autograd's gradients to the bit
     x = torch.randn(64, 32, requires_grad=True)
     w1, w2 = torch.randn(48, 32), torch.randn(48, 32)
     _, fused = kernels.saved_bytes(lambda: silu_gate(x @ w1.T, x @ w2.T))
