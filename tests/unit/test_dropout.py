@@ -51,3 +51,11 @@ def test_gradient_is_the_same_mask_and_scale() -> None:
     assert x.grad is not None
     expected = (y != 0).float() / (1 - round(0.25 * 32768) / 32768)
     assert torch.allclose(x.grad, expected)
+
+
+def test_an_empty_tensor_drops_nothing_and_keeps_its_shape() -> None:
+    x = torch.randn(2, 0, 5, requires_grad=True)
+    out = fast_dropout(x, 0.1)
+    assert out.shape == (2, 0, 5)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == (2, 0, 5)

@@ -30,6 +30,7 @@ from tunesmith.models.recompute import recipe
 __all__ = ["DropMask", "DroppedLinear", "FastDropout", "dropped_linear", "fast_dropout", "use_fast_dropout"]
 
 _LEVELS = 65536  # 16 uniform bits per element
+_NO_WORDS = torch.empty(0, dtype=torch.int64)
 
 
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -51,7 +52,8 @@ def _lanes(shape: torch.Size, device: torch.device, generator: torch.Generator |
     count = (n + 3) // 4
     if device.type == "cpu":
         seed = int(torch.empty((), dtype=torch.int64).random_(0, 2**62, generator=generator))
-        words = torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
+        # (numpy 2.4 hands an empty array to torch with stride 0, which the int16 view below refuses)
+        words = torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64)) if count else _NO_WORDS
     else:
         # Over the whole int64 range every 16-bit lane of a word is uniform over int16.
         words = torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
