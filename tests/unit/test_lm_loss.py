@@ -129,3 +129,14 @@ def test_a_frozen_weight_is_cast_once_and_again_only_when_it_changes() -> None:
     trained = torch.randn(30, 8, requires_grad=True)  # changes every step: never kept
     assert cast_weight(trained, torch.bfloat16) is not cast_weight(trained, torch.bfloat16)
     assert cast_weight(frozen, torch.float32) is frozen
+
+
+def test_the_kept_cast_goes_with_its_weight() -> None:
+    import gc
+
+    frozen = torch.randn(30, 8)
+    cast_weight(frozen, torch.bfloat16)
+    assert lm._last_weight.entry is not None
+    del frozen
+    gc.collect()
+    assert lm._last_weight.entry is None  # nothing holds a dead weight's cast

@@ -222,11 +222,11 @@ def _softmax_rows(
 
 
 class _LastWeight:
-    """The last frozen weight `cast_weight` cast, and its cast."""
+    """The last frozen weight `cast_weight` cast, its version and storage, and its cast: one tuple,
+    replaced whole, so that a thread reads one entry, never half of two (a model host serves
+    requests in threads)."""
 
-    source: weakref.ref[torch.Tensor] | None = None
-    key: tuple[int, int, torch.dtype] | None = None
-    value: torch.Tensor | None = None
+    entry: tuple[weakref.ref[torch.Tensor], tuple[int, int, torch.dtype], torch.Tensor] | None = None
 
 
 _last_weight = _LastWeight()
@@ -243,15 +243,16 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     if weight.dtype == dtype or weight.requires_grad:
         return weight.to(dtype)
-    last = _last_weight
     key = (weight._version, weight.data_ptr(), dtype)
-    if last.source is not None and last.source() is weight and last.key == key and last.value is not None:
-        return last.value
+    entry = _last_weight.entry
+    if entry is not None and entry[0]() is weight and entry[1] == key:
+        return entry[2]
     value = weight.to(dtype)
-    last.source, last.key, last.value = weakref.ref(weight, _forget_weight), key, value
+    _last_weight.entry = (weakref.ref(weight, _forget_weight), key, value)
     return value
 
 
 def _forget_weight(ref: weakref.ref[torch.Tensor]) -> None:
-    if _last_weight.source is ref:
-        _last_weight.source, _last_weight.value = None, None
+    entry = _last_weight.entry
+    if entry is not None and entry[0] is ref:
+        _last_weight.entry = None
