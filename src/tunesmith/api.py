@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from tunesmith.search import TuneResult
 from tunesmith.trackers import Trackers, build_trackers
 from tunesmith.training.checkpoint import save_tensors
 from tunesmith.training.distributed import Processes, start_processes
+from tunesmith.training.kernels import choose_kernels
 from tunesmith.training.loop import StepCallback, train_loop
 from tunesmith.training.plan import report_dropped, run_plan, train_summary
 from tunesmith.zoo import model_source_path
@@ -142,8 +144,12 @@ def _train(
     made = open_or_create(cfg.output.dir, name, cfg.to_dict(), resume).dir if main or resume else None
     run = Run(processes.broadcast(made))  # rank 0 makes the directory; the others learn its name
     fingerprint = {"config_hash": config_hash(cfg.to_dict()), "data_hash": config_hash(splits.hashes, ())}
-    train_items, val_items = _encode(data, model, runtime)
     recorded = run.plan() if resume is not None and main else {}
+    # a resumed run computes as it began: its kernels as recorded, the same in every process
+    kept_kernels = processes.broadcast(recorded.get("kernels"))
+    train_items, val_items, kernels = _encode(
+        data, model, runtime, cfg.train.batch_size, kept_kernels, processes.broadcast
+    )
     checkpointing = _auto_checkpointing(cfg, data, model, names, runtime, train_items, recorded, processes)
     if main:
         n = len(train_items)
@@ -188,6 +194,7 @@ def _train(
             resume=resume is not None,
             callbacks=[trackers.log, *(callbacks or [])],  # trackers first: a step that stops the run is kept
             retention=retention,
+            kernels=kernels,
         )
         if not processes.evaluates:  # DDP: rank 0 alone finishes; FSDP: every process runs the passes
             return RunResult(run.dir, {}, main=False)
@@ -246,7 +253,7 @@ def plan(
     start = baseline()
     model, names, runtime = _build_run_model(cfg, data)
     start = with_model(start, model)
-    train_items, val_items = _encode(data, model, runtime)
+    train_items, val_items, _ = _encode(data, model, runtime, cfg.train.batch_size)
     checkpointing = _auto_checkpointing(cfg, data, model, names, runtime, train_items, {}, None)
     if checkpointing is not None and checkpointing["on"]:  # the plan of the run as auto will train it
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": True})})
@@ -625,12 +632,28 @@ def _build_run_model(
     return model, names, runtime
 
 
-def _encode(data: _RunData, model: torch.nn.Module, runtime: Runtime) -> tuple[list[Any], list[Any] | None]:
-    """Training and validation items, encoded and prepared by the task (e.g. DPO's reference)."""
+def _encode(
+    data: _RunData,
+    model: torch.nn.Module,
+    runtime: Runtime,
+    batch_size: int,
+    recorded: dict[str, Any] | None = None,
+    agree: Callable[[Any], Any] = lambda x: x,
+) -> tuple[list[Any], list[Any] | None, dict[str, Any]]:
+    """Training and validation items, encoded and prepared by the task (e.g. DPO's reference), and
+    the kernels training uses (training/kernels.py: `recorded` and `agree` as there).
+
+    The kernels are chosen and applied before the task prepares its items: what it computes with the
+    model ahead of training (DPO's reference log-probabilities) must come from the kernels the
+    policy trains with, or a bf16 policy differs from its own reference before its first step.
+    """
     objective, splits = data.objective, data.splits
     train_items = objective.encode(splits.train, "train", pack_rows=True)
     val_items = objective.encode(splits.validation, "validation") if splits.validation else None
-    return data.task.prepare(objective, model, runtime, splits, train_items, val_items)
+    lengths = [objective.length(it) for it in train_items]
+    kernels = choose_kernels(model, lengths, batch_size, runtime, recorded, agree)
+    train_items, val_items = data.task.prepare(objective, model, runtime, splits, train_items, val_items)
+    return train_items, val_items, kernels
 
 
 def _quality_gate(cfg: RunConfig, task: Task, tokenizer: Any) -> QualityReport | None:

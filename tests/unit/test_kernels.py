@@ -4,6 +4,7 @@ what a run records in plan.json, and the LoRA dropout folded into the adapter's 
 from __future__ import annotations
 
 import json
+import math
 import types
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,37 @@ def test_a_run_measures_applies_and_records_its_kernels_and_a_resume_reuses_them
     monkeypatch.setattr(kernels, "measure_kernels", refuse)
     resumed = tunesmith.train(config, resume=result.run_dir)
     assert json.loads((resumed.run_dir / "plan.json").read_text())["kernels"] == plan["kernels"]
+
+
+def test_dpo_computes_its_reference_with_the_kernel_the_policy_trains_with(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The model loads with torch's fused kernel; where the probe picks eager, a reference computed
+    # before the switch differed from the bf16 policy (the first DPO loss 0.6885, not log 2).
+    from tunesmith.models.causal_lm import base_decoder
+    from tunesmith.tasks.dpo import DpoObjective
+
+    monkeypatch.setattr(kernels, "measure_kernels", lambda *args: {"attention": {"choice": "eager"}})
+    seen: list[str] = []
+    real = DpoObjective.add_reference
+
+    def spy(self: DpoObjective, model: nn.Module, items: list, runtime: Runtime) -> list:
+        seen.append(base_decoder(getattr(model, "backbone", model)).config._attn_implementation)
+        return real(self, model, items, runtime)
+
+    monkeypatch.setattr(DpoObjective, "add_reference", spy)
+    rows = [{"prompt": f"review {i}", "chosen": "good film", "rejected": "bad film"} for i in range(16)]
+    result = tunesmith.train(
+        model=str(tiny_llama),
+        task="dpo",
+        method="lora",
+        data={"train": str(write_jsonl(tmp_path / "pairs.jsonl", rows)), "validation": 0.25, "max_length": 32},
+        train={"epochs": 1, "batch_size": 4, "log_every": 1, "precision": "bf16"},
+        output=str(tmp_path / "runs"),
+    )
+    assert seen and set(seen) == {"eager"}
+    first = next(json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines())
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
 
 
 def test_a_fixed_kernel_is_not_probed(tiny_llama: Path, tmp_path: Path) -> None:
@@ -604,8 +636,8 @@ def test_a_conv_net_trains_and_reloads_in_the_layout_its_probe_chose(
     layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from conftest import make_tiny_resnet, write_halves_npz
+    from tunesmith import api
     from tunesmith.inference import load_trained
-    from tunesmith.training import loop
 
     monkeypatch.setattr(kernels, "_probe_layout", lambda model, rows, size, runtime: {"choice": layout})
     seen: list[torch.memory_format] = []
@@ -616,7 +648,7 @@ def test_a_conv_net_trains_and_reloads_in_the_layout_its_probe_chose(
         seen.append(model.memory_format)
         return chosen
 
-    monkeypatch.setattr(loop, "choose_kernels", spy)
+    monkeypatch.setattr(api, "choose_kernels", spy)  # a run chooses before the task prepares its items
     result = tunesmith.train(
         model=str(make_tiny_resnet(tmp_path / "resnet")),
         task="image-classification",

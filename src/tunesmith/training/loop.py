@@ -110,6 +110,7 @@ def train_loop(
     resume: bool = False,
     callbacks: Sequence[StepCallback] = (),
     retention: Any = None,
+    kernels: dict[str, Any] | None = None,
 ) -> LoopResult:
     # torch imports these on first use, inside the loop (accelerate's prepare_model checks for
     # DTensors; the optimizer's constructor imports dynamo): ~1 s the first time, before the clock starts
@@ -123,10 +124,11 @@ def train_loop(
     trimming = trim_between_blocks(model, cfg.trim_memory_every, device)  # hooks, removed when the loop ends
     lengths = [objective.length(it) for it in train_items]
     # Attention and dropout kernels measured on this machine at this run's shapes (or, resuming, as recorded).
-    recorded = run.plan().get("kernels") if resume and main else None
-    kernels = choose_kernels(
-        model, lengths, cfg.batch_size, runtime, processes.broadcast(recorded), processes.broadcast
-    )
+    if kernels is None:  # else chosen and applied by the caller (api: before the task prepares its items)
+        recorded = run.plan().get("kernels") if resume and main else None
+        kernels = choose_kernels(
+            model, lengths, cfg.batch_size, runtime, processes.broadcast(recorded), processes.broadcast
+        )
     if main:
         run.update_plan({"kernels": kernels})
     started = time.perf_counter()
