@@ -130,10 +130,12 @@ def test_dpo_computes_its_reference_with_the_kernel_the_policy_trains_with(
 
     monkeypatch.setattr(kernels, "measure_kernels", lambda *args: {"attention": {"choice": "eager"}})
     seen: list[str] = []
+    sizes: list[int] = []
     real = DpoObjective.add_reference
 
     def spy(self: DpoObjective, model: nn.Module, items: list, runtime: Runtime) -> list:
         seen.append(base_decoder(getattr(model, "backbone", model)).config._attn_implementation)
+        sizes.append(runtime.eval_batch_size)
         return real(self, model, items, runtime)
 
     monkeypatch.setattr(DpoObjective, "add_reference", spy)
@@ -147,6 +149,7 @@ def test_dpo_computes_its_reference_with_the_kernel_the_policy_trains_with(
         output=str(tmp_path / "runs"),
     )
     assert seen and set(seen) == {"eager"}
+    assert set(sizes) == {4}  # no more pairs a batch than a training step: eager keeps its scores
     first = next(json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines())
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
 

@@ -12,6 +12,7 @@ scored, through `token_logprobs`, which never holds (tokens, vocab) logits.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -93,7 +94,13 @@ class DpoTask(BaseTask):
         val_items: list[Item] | None,
     ) -> tuple[list[Item], list[Item] | None]:
         """The reference's log-probabilities of every pair (train, validation and test), computed once
-        with the model as it starts."""
+        with the model as it starts, in the kernels it trains with (api._encode applies them first).
+
+        Its batches hold no more pairs than a training step: where the measured kernel is eager
+        attention, a batch keeps (rows x heads x length x length) scores in fp32 for each layer in
+        turn, 2.4 GB for 128 rows of 512 tokens; a training step's batch is known to fit.
+        """
+        runtime = replace(runtime, eval_batch_size=min(runtime.eval_batch_size, self.cfg.train.batch_size))
         train_items = objective.add_reference(model, train_items, runtime)
         if val_items is not None:
             val_items = objective.add_reference(model, val_items, runtime)
