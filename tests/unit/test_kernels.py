@@ -20,7 +20,7 @@ from conftest import write_jsonl
 from tunesmith.machine import remembered
 from tunesmith.methods.lora import recompute_lora_dropout
 from tunesmith.runtime import Runtime
-from tunesmith.training import kernels
+from tunesmith.training import fused_lora, kernels
 from tunesmith.training.attention import ATTENTION
 from tunesmith.training.dropout import (
     DropMask,
@@ -539,8 +539,10 @@ def test_lora_adapters_compute_norm_outputs_and_gated_products_again_to_the_bit(
     for name, grad in grads.items():
         assert torch.equal(grad, kept_grads[name]), name
     hidden, inter, tokens = 32, 64, ids.numel()  # tiny_llama's sizes (conftest)
-    # per layer: the input norm's output (q, k, v), the post-attention norm's (gate, up), the product (down)
-    assert kept - recomputed == 2 * tokens * (2 * hidden + inter) * 4
+    # per layer: the input norm's output (q, k, v), the post-attention norm's (gate, up), the product
+    # (down); but the first block's norm reads the frozen embedding's output, which nothing else keeps:
+    # that input is kept in the output's place
+    assert kept - recomputed == (2 * tokens * (2 * hidden + inter) - tokens * hidden) * 4
 
 
 def test_adapters_reading_one_tensor_compute_it_again_once_and_it_is_not_held_after() -> None:
@@ -551,19 +553,45 @@ def test_adapters_reading_one_tensor_compute_it_again_once_and_it_is_not_held_af
     x = torch.randn(4, 8)
     calls: list[int] = []
 
-    def compute() -> torch.Tensor:
+    def compute(t: torch.Tensor) -> torch.Tensor:
         calls.append(1)
-        return x * 2
+        return t * 2
 
-    out = recompute.mark(x * 2, compute)
+    out = recompute.mark(x * 2, compute, x)
     again = [recompute.recipe(out) for _ in range(3)]  # the query, key and value adapters
-    del compute
-    values = [f() for f in again if f is not None]
+    values = [f(*inputs) for f, inputs in filter(None, again)]
     assert len(values) == 3 and len(calls) == 1 and all(v is values[0] for v in values)
     assert torch.equal(values[0], x * 2)
     del again, out, values
     gc.collect()
     assert recompute._last.value is None  # nothing can ask for it any more
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_what_an_adapter_computes_again_from_is_released_with_the_backward_pass(
+    tiny_llama: Path, dropout: float
+) -> None:
+    """The inputs of a recomputation (a norm's input, a gated MLP's gate and up) go with the saved
+    tensors: nothing of a step's activations outlives its backward pass while the loss is still held
+    (as a training loop holds it until the next step's forward pass is done)."""
+    import weakref
+
+    lm = _lm(tiny_llama)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
+    lm.backbone = peft.get_peft_model(lm.backbone, cfg)
+    recompute_lora_dropout(lm.backbone)
+    fused_lora.fuse_lora_linears(lm.backbone)
+    lm.train()
+    gates: list[weakref.ref[torch.Tensor]] = []
+    hook = lm.backbone.base_model.model.layers[0].mlp.gate_proj.register_forward_hook(
+        lambda module, args, out: gates.append(weakref.ref(out))
+    )
+    ids = torch.randint(0, 100, (2, 9))
+    loss = lm(ids, torch.ones_like(ids)).hidden.pow(2).sum()
+    hook.remove()
+    assert gates[0]() is not None  # kept for the backward pass
+    loss.backward()
+    assert gates[0]() is None and loss.grad_fn is not None
 
 
 def test_the_loss_chunk_probe_times_each_candidate_per_token_and_weighs_its_logits() -> None:

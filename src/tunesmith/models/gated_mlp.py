@@ -44,9 +44,13 @@ def _gated_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         # `gate` and `up` are kept for silu_gate's backward: the product is computed again from them
         # where the down projection's backward needs it (models/recompute.py)
-        product = mark(silu_gate(gate, up), lambda: F.silu(gate) * up)
+        product = mark(silu_gate(gate, up), _product, gate, up)
         return self.down_proj(product)  # type: ignore[no-any-return]
     return self.down_proj(self.act_fn(gate) * up)  # type: ignore[no-any-return]
+
+
+def _product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 def _is_silu(act: Any) -> bool:

@@ -199,8 +199,10 @@ class _DroppedLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, mask: DropMask | None) -> torch.Tensor:
         # Under autocast the matmul runs in the autocast dtype, as nn.Linear's would.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        ctx.dtype, ctx.x_dtype, ctx.again = dtype, x.dtype, recipe(x)
-        kept = (weight,) if ctx.again is not None else (x, weight)
+        again = recipe(x)  # x from what autograd keeps anyway, or x itself
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        ctx.again, inputs = again if again is not None else (None, (x,))
+        kept = (*inputs, weight)
         if mask is None:
             out = torch.nn.functional.linear(x.to(dtype), weight.to(dtype))
             ctx.save_for_backward(*kept)
@@ -224,7 +226,7 @@ class _DroppedLinear(torch.autograd.Function):
                 grad_x.mul_(kept)
             grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            x = ctx.again() if ctx.again is not None else saved[0]
+            x = ctx.again(*saved[:-1]) if ctx.again is not None else saved[0]
             dropped = x.to(ctx.dtype) if kept is None else x.to(ctx.dtype) * kept
             grad_w = (grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])).to(weight.dtype)
         return grad_x, grad_w, None

@@ -144,10 +144,12 @@ class _LoraLinear(torch.autograd.Function):
             scale = scaling * (1.0 if mask is None else mask.scale)
             narrow = (dropped @ lora_a.to(dtype).t()).mul_(scale)  # rows x rank
             out.view(-1, out.shape[-1]).addmm_(narrow, lora_b.to(dtype).t())
-        ctx.dtype, ctx.x_dtype, ctx.scale, ctx.again = dtype, x.dtype, scale, recipe(x)
+        again = recipe(x)  # x from what autograd keeps anyway, or x itself
+        ctx.dtype, ctx.x_dtype, ctx.scale = dtype, x.dtype, scale
+        ctx.again, inputs = again if again is not None else (None, (x,))
         # the base weight only where the input needs a gradient (not in the first block of a frozen embedding)
         base = weight if ctx.needs_input_grad[0] else weight.new_empty(0)
-        kept = (base, lora_a, lora_b, narrow) if ctx.again is not None else (x, base, lora_a, lora_b, narrow)
+        kept = (*inputs, base, lora_a, lora_b, narrow)
         if mask is None:
             ctx.save_for_backward(*kept)
         else:
@@ -167,7 +169,7 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_b = (rows.t() @ narrow).to(lora_b.dtype)
         if ctx.needs_input_grad[3]:
-            x = ctx.again() if ctx.again is not None else saved[0]
+            x = ctx.again(*saved[:-4]) if ctx.again is not None else saved[0]
             dropped = _cast_once(x, dtype).reshape(-1, x.shape[-1])
             if kept is not None:
                 dropped = dropped * kept.view(dropped.shape)

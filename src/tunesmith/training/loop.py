@@ -191,6 +191,7 @@ def train_loop(
                     else:
                         loss = loss * 0.0  # a stand-in that keeps the processes in step
                     loss.backward()
+                    del loss  # its graph, and whatever its nodes hold, goes before the next forward pass
             if processes.all(finite):
                 if cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
