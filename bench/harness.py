@@ -425,14 +425,17 @@ def markdown(
 
 def describe_machine() -> dict[str, Any]:
     """The CPU's model name (lscpu's "Model name"), whether it has BF16 instructions (the
-    avx512_bf16 or amx_bf16 flag) and its core count: what every benchmark prints with its table."""
+    avx512_bf16 or amx_bf16 flag) and AMX tiles (amx_bf16: a bf16 matmul several times the fp32
+    one; Xeons of the same model name differ in it) and its core count: what every benchmark prints
+    with its table."""
     from tunesmith.machine import cpu_name
 
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         flags = ""
-    return {"cpu": cpu_name(), "bf16": "avx512_bf16" in flags or "amx_bf16" in flags, "cores": os.cpu_count()}
+    bf16, amx = "avx512_bf16" in flags or "amx_bf16" in flags, "amx_bf16" in flags
+    return {"cpu": cpu_name(), "bf16": bf16, "amx": amx, "cores": os.cpu_count()}
 
 
 def environment(matmul_gflops: Callable[[str], float], versions: dict[str, str] | None = None) -> dict[str, Any]:

@@ -3,10 +3,10 @@ machine kind.
 
 Each benchmark runs as its own script (`python bench/<name>.py`, its defaults), one after the
 other; the last Markdown table each prints is kept. Before them the machine is described (the
-CPU's model name as lscpu gives it, whether it has BF16 instructions, its cores) and its matmul
+CPU's model name as lscpu gives it, whether it has BF16 instructions and AMX, its cores) and its matmul
 peak measured (2048² fp32 and bf16, median of 7): the MFU figures of the benchmarks are against
 that. The README section between `<!-- bench:KIND:start -->` and `<!-- bench:KIND:end -->`, where
-KIND names the CPU model and its BF16 flag, is replaced (or added under "Measured on each
+KIND names the CPU model and its BF16 flag (or AMX), is replaced (or added under "Measured on each
 machine"); other machines' sections stay as they are, so the README keeps every kind measured.
 
 The whole suite takes hours on a 2-core machine; `--only rl_sampling,preference_memory` runs some.
@@ -46,9 +46,14 @@ SECTION = "## Measured on each machine"
 
 
 def machine_kind(machine: dict) -> str:
-    """A key for the machine kind: the CPU model and its BF16 flag, e.g. `intel-r-xeon-r-processor-bf16`."""
+    """A key for the machine kind: the CPU model and its BF16 flag, or AMX where it has those tiles,
+    e.g. `intel-r-xeon-r-processor-bf16` (one model name covers Xeons with and without AMX)."""
     slug = re.sub(r"[^a-z0-9]+", "-", machine["cpu"].lower()).strip("-")
-    return f"{slug}-{'bf16' if machine['bf16'] else 'no-bf16'}"
+    return f"{slug}-{'amx' if machine.get('amx') else 'bf16' if machine['bf16'] else 'no-bf16'}"
+
+
+def _bf16(machine: dict) -> str:
+    return "yes (AMX)" if machine.get("amx") else "yes" if machine["bf16"] else "no"
 
 
 def last_table(output: str) -> str:
@@ -70,7 +75,7 @@ def machine_section(machine: dict, peak: dict[str, float], tables: dict[str, str
     kind = machine_kind(machine)
     lines = [
         f"<!-- bench:{kind}:start -->",
-        f"### {machine['cpu']}, {machine['cores']} cores, BF16 {'yes' if machine['bf16'] else 'no'}",
+        f"### {machine['cpu']}, {machine['cores']} cores, BF16 {_bf16(machine)}",
         "",
         f"Measured {date} by `bench/suite.py` ({len(tables)} of the {len(SUITE)} benchmarks); matmul peak in "
         f"the same run: {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} GFLOP/s bf16 (2048², median of 7).",

@@ -44,6 +44,13 @@ def test_each_machine_kind_gets_its_own_section_and_a_rerun_replaces_only_its_ow
     assert placed.index(xeon) < placed.index("## Config reference")
 
 
+def test_a_xeon_with_amx_is_a_kind_of_its_own() -> None:
+    amx = {**XEON, "bf16": True, "amx": True}  # same model name, a bf16 matmul 7x the fp32 one
+    assert suite.machine_kind(amx) == "intel-r-xeon-r-processor-amx"
+    assert suite.machine_kind({**XEON, "bf16": True, "amx": False}) == "intel-r-xeon-r-processor-bf16"
+    assert "BF16 yes (AMX)" in suite.machine_section(amx, PEAK, {}, "2026-12-02")
+
+
 def test_runs_over_several_seeds_report_each_tools_accuracy_range() -> None:
     import harness
 
