@@ -7,6 +7,7 @@ applies.
 
 from __future__ import annotations
 
+import statistics
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -18,9 +19,18 @@ import torch
 from tunesmith.config import EvalConfig, TrainConfig
 from tunesmith.machine import machine_key, remembered
 
-__all__ = ["Runtime", "bf16_probe", "make_runtime", "matmul_gflops", "resolve_precision", "trains_convolutions"]
+__all__ = [
+    "Runtime",
+    "bf16_probe",
+    "conv_precision_probe",
+    "make_runtime",
+    "matmul_gflops",
+    "resolve_precision",
+    "trains_convolutions",
+]
 
 Precision = Literal["fp32", "bf16"]
+PROBE_PIXELS = 16 * 64 * 64  # pixels a conv-precision probe runs, at most (the run's batch, fewer where large)
 
 
 @dataclass(frozen=True)
@@ -44,11 +54,11 @@ def make_runtime(train: TrainConfig, evaluation: EvalConfig, model: torch.nn.Mod
     if train.threads:
         torch.set_num_threads(train.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = resolve_precision(train.precision, model)
+    precision = resolve_precision(train.precision, model, train.batch_size)
     return Runtime(device, precision, evaluation.batch_size, train.threads)
 
 
-def resolve_precision(precision: str, model: torch.nn.Module | None = None) -> Precision:
+def resolve_precision(precision: str, model: torch.nn.Module | None = None, batch_size: int = 16) -> Precision:
     """'auto' -> 'bf16' on a GPU with bf16, or on a CPU with AVX-512 BF16 / AMX where a bf16 matmul
     measured faster than an fp32 one (`bf16_probe`), else 'fp32'.
 
@@ -56,25 +66,33 @@ def resolve_precision(precision: str, model: torch.nn.Module | None = None) -> P
     ran at 135 GFLOP/s against fp32's 242, and Whisper tiny.en trained 1.5x slower under bf16
     autocast, while an AMD EPYC ran bf16 at ~900.
 
-    On a CPU, 'auto' gives 'fp32' for a `model` that trains convolutions (a conv net fine-tuned in
-    full, in part or with LoRA on its convs): under bf16 autocast the backward pass of oneDNN's
-    convolutions was slow, and an EfficientNet-Lite0 step ran 1.7x faster in fp32 (channels-last,
-    64 px: 339 vs 202 images/s). Where no convolution trains (feature extraction), bf16 stays: the
-    frozen forward pass ran 2.7x faster in it.
+    A `model` that trains convolutions (a conv net fine-tuned in full, in part or with LoRA on its
+    convs) is measured itself (`conv_precision_probe`, `batch_size` images at most): a matmul does
+    not say how oneDNN's convolutions train. Under bf16 autocast their backward pass was slow on
+    every CPU measured (EfficientNet-Lite0, channels-last, 64 px: 1.7x faster in fp32 on a 2-core
+    EPYC, 2.2x on a 2-core Xeon with AMX), but that is a measurement, not a rule. A conv net whose
+    input size is unknown gets 'fp32'. Where no convolution trains (feature extraction), the
+    matmul probe decides: the frozen forward pass ran 2.7x faster in bf16 on the EPYC.
     """
     if precision in ("fp32", "bf16"):
         return precision  # type: ignore[return-value]
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if model is not None and trains_convolutions(model):
+    if not _bf16_instructions():
         return "fp32"
+    if model is not None and trains_convolutions(model):
+        probe = conv_precision_probe(model, batch_size)
+        return "fp32" if probe is None else probe["choice"]  # type: ignore[no-any-return]
+    return "bf16" if bf16_probe()["bf16_faster"] else "fp32"
+
+
+def _bf16_instructions() -> bool:
+    """Whether this CPU has AVX-512 BF16 or AMX (without them bf16 is emulated, and slow)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "fp32"
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-        return "fp32"
-    return "bf16" if bf16_probe()["bf16_faster"] else "fp32"
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def bf16_probe() -> dict[str, Any]:
@@ -115,6 +133,73 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 1024, device: torch.device | Non
         sync()
         times.append(time.perf_counter() - start)
     return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
+
+
+def conv_precision_probe(model: torch.nn.Module, batch_size: int) -> dict[str, Any] | None:
+    """Whether a conv net trains faster in fp32 or under bf16 autocast on this CPU: the model's own
+    forward and backward pass on random images of its `input_size` (the run's batch, at most 16
+    images of 64 px and fewer for larger ones), in each precision and, where the model can change
+    it, each memory layout (training/kernels.py chooses the layout afterwards); bf16 must win by 10%
+    in its best layout. Kept per machine, model and shape in `cache_root()/kernels.json`; about 3 s
+    for EfficientNet-Lite0 at 16 x 64 px on a 2-core CPU. The model's weights, batch-norm
+    statistics, gradients, layout and mode are as they were afterwards, and so is the global RNG.
+    None on a CPU without bf16 instructions or for a model that does not know its input size."""
+    size = getattr(model, "input_size", None)
+    if not isinstance(size, int) or not _bf16_instructions():
+        return None
+    rows = max(1, min(batch_size, PROBE_PIXELS // size**2))
+    params = sum(p.numel() for p in model.parameters())
+    backbone = type(getattr(model, "backbone", model)).__name__
+    key = f"conv-precision|{backbone} {params} params|b{rows} s{size}|{machine_key('cpu')}"
+    return remembered(key, lambda: _measure_conv_precision(model, rows, size), "kernels.json")
+
+
+def _measure_conv_precision(model: torch.nn.Module, rows: int, size: int) -> dict[str, Any]:
+    pixels = torch.randn(rows, 3, size, size, generator=torch.Generator().manual_seed(0))
+    relayout = getattr(model, "use_memory_format", None)
+    layouts: dict[str, torch.memory_format | None] = {"as built": None}  # a model that cannot change its layout
+    if callable(relayout):
+        layouts = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    was = getattr(model, "memory_format", torch.contiguous_format)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    training = model.training
+    model.train()
+    started = time.perf_counter()
+    measured: dict[str, float] = {}
+    try:
+        with torch.random.fork_rng(devices=[]):  # dropout draws leave the run's RNG as it was
+            for precision in ("fp32", "bf16"):
+                for name, layout in layouts.items():
+                    if layout is not None:
+                        relayout(layout)  # type: ignore[misc]
+                    measured[f"{precision} {name}"] = _train_step_ms(model, pixels, precision == "bf16")
+    finally:
+        if callable(relayout):
+            relayout(was)
+        model.train(training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        for p in model.parameters():
+            p.grad = None
+    best = {p: min(ms for k, ms in measured.items() if k.startswith(p)) for p in ("fp32", "bf16")}
+    return {
+        "choice": "bf16" if 1.1 * best["bf16"] < best["fp32"] else "fp32",
+        "measured_ms": measured,
+        "probe_seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _train_step_ms(model: torch.nn.Module, pixels: torch.Tensor, bf16: bool) -> float:
+    """A forward and backward pass of `model`: the median ms of 3 after a warm-up."""
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(pixel_values=pixels)
+        out.float().sum().backward()
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times[1:]) * 1e3, 2)
 
 
 def trains_convolutions(model: torch.nn.Module) -> bool:

@@ -38,13 +38,14 @@ def test_train_predict_eval(tmp_path: Path, config: str, trained: set[str]) -> N
     assert done.returncode == 0, done.stderr
     (run_dir,) = tmp_path.iterdir()
     metrics = json.loads((run_dir / "eval.json").read_text())
-    # On a CPU, a conv net whose convolutions train runs in fp32 (faster there); feature extraction
-    # trains none and keeps the machine's default.
-    conv_trains = "feature-extraction" not in config
-    expected = "fp32" if conv_trains and not torch.cuda.is_available() else resolve_precision("auto")
+    plan = json.loads((run_dir / "plan.json").read_text())
+    # On a CPU, a conv net whose convolutions train takes the precision its own probe measured (fp32
+    # where the CPU has no bf16 instructions); feature extraction trains none and keeps the machine's default.
+    conv_trains = "feature-extraction" not in config and not torch.cuda.is_available()
+    probed = plan.get("conv_precision_probe", {"choice": "fp32"})["choice"]
+    expected = probed if conv_trains else resolve_precision("auto")
     assert metrics["train"]["steps"] == 5 and metrics["train"]["precision"] == expected
     assert metrics["validation"]["count"] == 100 and "top5_accuracy" in metrics["validation"]
-    plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["labels"] == [str(d) for d in range(10)] and trained <= set(plan["trainable_names"])
 
     images, labels = digits(40)

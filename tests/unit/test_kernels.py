@@ -662,6 +662,59 @@ def test_the_layout_probe_times_both_memory_formats_and_leaves_the_model_as_it_w
     assert not kernels._layout_matters(model)  # a frozen backbone's work is cached before training
 
 
+def test_the_conv_precision_probe_times_both_precisions_and_leaves_the_model_as_it_was() -> None:
+    from tunesmith import runtime
+    from tunesmith.config import ModelConfig
+    from tunesmith.models.image import build_image_classifier
+
+    model = build_image_classifier(ModelConfig(name="efficientnet-lite0", pretrained=False), 3, 0).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layout = model.memory_format
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    result = runtime._measure_conv_precision(model, rows=2, size=32)
+    assert torch.equal(torch.get_rng_state(), rng)
+    layouts = ("channels_last", "contiguous")
+    assert set(result["measured_ms"]) == {f"{p} {name}" for p in ("fp32", "bf16") for name in layouts}
+    assert all(ms > 0 for ms in result["measured_ms"].values())
+    best = {p: min(result["measured_ms"][f"{p} {name}"] for name in layouts) for p in ("fp32", "bf16")}
+    assert result["choice"] == ("bf16" if 1.1 * best["bf16"] < best["fp32"] else "fp32")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics
+    assert all(p.grad is None for p in model.parameters())
+    assert model.memory_format == layout and not model.training
+
+
+@pytest.mark.parametrize("measured", ["bf16", "fp32"])
+def test_a_conv_net_that_trains_takes_the_precision_its_own_probe_measured(
+    measured: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import make_tiny_resnet, write_halves_npz
+    from tunesmith import runtime
+
+    probed: list[tuple[int, int]] = []
+
+    def probe(model: nn.Module, rows: int, size: int) -> dict:
+        probed.append((rows, size))
+        return {"choice": measured, "measured_ms": {}}
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))  # measured here, not recalled
+    monkeypatch.setattr(runtime, "_bf16_instructions", lambda: True)
+    monkeypatch.setattr(runtime, "_measure_conv_precision", probe)
+    result = tunesmith.train(
+        model=str(make_tiny_resnet(tmp_path / "resnet")),
+        task="image-classification",
+        method="full",
+        data={"train": str(write_halves_npz(tmp_path / "halves.npz")), "validation": 0.25, "image_size": 32},
+        train={"epochs": 1, "batch_size": 8, "max_steps": 2, "precision": "auto"},
+        output={"dir": str(tmp_path / "runs")},
+    )
+    plan = json.loads((result.run_dir / "plan.json").read_text())
+    assert probed == [(8, 32)]  # once: the plan recalls what the runtime measured
+    assert plan["precision"] == result.metrics["train"]["precision"] == measured
+    assert plan["conv_precision_probe"]["choice"] == measured
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_a_conv_net_trains_and_reloads_in_the_layout_its_probe_chose(
     layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

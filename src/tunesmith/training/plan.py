@@ -12,7 +12,7 @@ from torch import nn
 
 from tunesmith.config import TrainConfig
 from tunesmith.runs import peak_rss_mb
-from tunesmith.runtime import bf16_probe
+from tunesmith.runtime import bf16_probe, conv_precision_probe, trains_convolutions
 from tunesmith.training.batching import total_steps
 from tunesmith.training.loop import LoopResult
 
@@ -29,6 +29,9 @@ def run_plan(
     measured = {}
     if cfg.precision == "auto" and not torch.cuda.is_available():
         measured = {"precision_probe": bf16_probe()}  # what `auto` measured on this CPU (cached)
+        conv = conv_precision_probe(model, cfg.batch_size) if trains_convolutions(model) else None
+        if conv is not None:  # a conv net that trains: its own steps decided (runtime.resolve_precision)
+            measured["conv_precision_probe"] = conv
     return {
         "total_steps": total_steps(n_items, cfg.batch_size, cfg.grad_accum * processes, cfg.epochs, cfg.max_steps),
         "processes": processes,
