@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ __all__ = [
     "matmul_gflops",
     "resolve_precision",
     "trains_convolutions",
+    "trial_steps",
 ]
 
 Precision = Literal["fp32", "bf16"]
@@ -160,28 +162,14 @@ def _measure_conv_precision(model: torch.nn.Module, rows: int, size: int) -> dic
     layouts: dict[str, torch.memory_format | None] = {"as built": None}  # a model that cannot change its layout
     if callable(relayout):
         layouts = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-    was = getattr(model, "memory_format", torch.contiguous_format)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    training = model.training
-    model.train()
     started = time.perf_counter()
     measured: dict[str, float] = {}
-    try:
-        with torch.random.fork_rng(devices=[]):  # dropout draws leave the run's RNG as it was
-            for precision in ("fp32", "bf16"):
-                for name, layout in layouts.items():
-                    if layout is not None:
-                        relayout(layout)  # type: ignore[misc]
-                    measured[f"{precision} {name}"] = _train_step_ms(model, pixels, precision == "bf16")
-    finally:
-        if callable(relayout):
-            relayout(was)
-        model.train(training)
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-        for p in model.parameters():
-            p.grad = None
+    with trial_steps(model), torch.random.fork_rng(devices=[]):  # dropout draws leave the run's RNG as it was
+        for precision in ("fp32", "bf16"):
+            for name, layout in layouts.items():
+                if layout is not None:
+                    relayout(layout)  # type: ignore[misc]
+                measured[f"{precision} {name}"] = _train_step_ms(model, pixels, precision == "bf16")
     best = {p: min(ms for k, ms in measured.items() if k.startswith(p)) for p in ("fp32", "bf16")}
     return {
         "choice": "bf16" if 1.1 * best["bf16"] < best["fp32"] else "fp32",
@@ -200,6 +188,28 @@ def _train_step_ms(model: torch.nn.Module, pixels: torch.Tensor, bf16: bool) -> 
         out.float().sum().backward()
         times.append(time.perf_counter() - start)
     return round(statistics.median(times[1:]) * 1e3, 2)
+
+
+@contextmanager
+def trial_steps(model: torch.nn.Module) -> Iterator[None]:
+    """Training steps of `model` that leave no trace (the probes'): in train mode inside; afterwards
+    its memory layout, batch-norm statistics, gradients and mode are as they were before."""
+    relayout = getattr(model, "use_memory_format", None)
+    was = getattr(model, "memory_format", torch.contiguous_format)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        if callable(relayout):
+            relayout(was)
+        model.train(training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        for p in model.parameters():
+            p.grad = None
 
 
 def trains_convolutions(model: torch.nn.Module) -> bool:

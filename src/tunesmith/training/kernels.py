@@ -58,7 +58,7 @@ from torch import nn
 
 from tunesmith.machine import machine_key, remembered
 from tunesmith.models.causal_lm import base_decoder
-from tunesmith.runtime import Runtime
+from tunesmith.runtime import Runtime, trial_steps
 from tunesmith.training.attention import ATTENTION, additive, dropped_attention
 from tunesmith.training.attention import register as register_attention
 from tunesmith.training.dropout import fast_dropout, use_fast_dropout
@@ -351,10 +351,6 @@ def _probe_layout(model: nn.Module, rows: int, size: int, runtime: Runtime) -> d
     batch-norm statistics, gradients and layout are as they were afterwards."""
     device = runtime.device
     pixels = torch.randn(rows, 3, size, size, device=device, generator=torch.Generator(device=device).manual_seed(0))
-    was = getattr(model, "memory_format", torch.contiguous_format)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    training = model.training
-    model.train()
     kernels: dict[str, Callable[[], torch.Tensor]] = {}
     for name, layout in MEMORY_FORMATS.items():
 
@@ -364,16 +360,8 @@ def _probe_layout(model: nn.Module, rows: int, size: int, runtime: Runtime) -> d
             return model(pixel_values=pixels)  # type: ignore[no-any-return]
 
         kernels[name] = step
-    try:
+    with trial_steps(model):
         return _probe(kernels, runtime)
-    finally:
-        model.use_memory_format(was)  # type: ignore[operator]
-        model.train(training)
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-        for p in model.parameters():
-            p.grad = None
 
 
 def _hf_config(model: nn.Module) -> Any:
