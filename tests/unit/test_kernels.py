@@ -74,6 +74,58 @@ def test_the_probes_time_and_weigh_both_kernels_and_leave_the_global_rng_alone()
     assert set(dropout["measured"]) == {"torch", "fast"} and dropout["choice"] in ("torch", "fast")
 
 
+def test_probed_kernels_take_turns_so_that_a_slow_spell_of_the_machine_falls_on_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two kernels of the same cost on a machine that runs its first calls at a quarter of its
+    # speed (a fresh process's first touches of memory, another process finishing): timed one
+    # after the other, the first kernel took all the slow calls and lost by 4x.
+    calls: list[str] = []
+    clock = [0.0]
+
+    def kernel(name: str) -> Any:
+        def run() -> torch.Tensor:
+            calls.append(name)
+            clock[0] += 0.004 if len(calls) <= 4 else 0.001
+            return torch.ones(1, requires_grad=True) * 2
+
+        return run
+
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
+    result = kernels._probe({"a": kernel("a"), "b": kernel("b")}, CPU)
+    assert calls[:6] == ["a", "b", "b", "a", "a", "b"]
+    assert calls.count("a") == calls.count("b") == kernels.PROBE_ROUNDS + 1
+    assert result["measured"]["a"]["ms"] == result["measured"]["b"]["ms"] == 1.0
+
+
+def test_attention_is_timed_where_most_tokens_are_and_weighed_where_the_longest_rows_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # eager wins at the short rows that hold most tokens, sdpa at the few longest; eager keeps 5x
+    # the bytes at the longest, as on a 2-core EPYC at 8 x 128 against 8 x 512 tokens.
+    probed: list[int] = []
+
+    def probe(shape: tuple[int, int, int, int, int], runtime: Runtime) -> dict:
+        probed.append(shape[3])
+        eager_ms, sdpa_ms = (12.0, 24.0) if shape[3] == 128 else (230.0, 105.0)
+        saved = shape[3] / 4
+        return {
+            "measured": {"eager": {"ms": eager_ms, "saved_mb": saved}, "sdpa": {"ms": sdpa_ms, "saved_mb": saved / 5}},
+            "probe_seconds": 1.0,
+        }
+
+    monkeypatch.setattr(kernels, "_probe_attention", probe)
+    assert kernels._half_the_tokens([100] * 30 + [500] * 2) == 100
+    result = kernels._probe_attention_where_it_counts((8, 9, 3, 512, 64), 128, CPU)
+    assert probed == [512, 128] and result["timed_at_tokens"] == 128 and result["choice"] == "eager"
+    assert result["measured"] == {"eager": {"ms": 12.0, "saved_mb": 128.0}, "sdpa": {"ms": 24.0, "saved_mb": 25.6}}
+    # rows all about as long as the longest: one probe there, and its choice
+    probed.clear()
+    assert kernels._half_the_tokens([500] * 30 + [100] * 2) == 500
+    assert kernels._probe_attention_where_it_counts((8, 9, 3, 512, 64), 512, CPU)["measured"]["sdpa"]["ms"] == 105.0
+    assert probed == [512]
+
+
 def test_saved_bytes_counts_what_backward_keeps() -> None:
     x = torch.randn(100, 10, requires_grad=True)
     _, saved = kernels.saved_bytes(lambda: x.exp())  # exp keeps its output: 100 x 10 floats

@@ -10,11 +10,12 @@ a 2-core Xeon without fast bf16 the fused kernel was faster and leaner at every 
 draws 15-bit lanes from 64-bit words (training/dropout.py) beat torch's per-element Bernoulli draw
 by ~10x on CPUs, which a GPU need not repeat.
 
-Each probe times a forward and backward pass (one warm-up, then the median of 3) of the kernel
-alone on random inputs of the run's shape class, and counts the bytes autograd saves for the
-backward pass. The faster kernel is chosen, unless the other saves less memory and is at most 10%
-slower. A probe costs well under a second at 8 x 256 tokens and about 2 s at 8 x 512 on a 2-core
-CPU; only the first run of a shape class on a machine pays it.
+Each probe times a forward and backward pass of the kernel alone on random inputs of the run's
+shape class (one warm-up call each, then the median of 5 calls, the kernels taking turns), and
+counts the bytes autograd saves for the backward pass. The faster kernel is chosen, unless the
+other saves less memory and is at most 10% slower. A probe costs about half a second at 8 x 256
+tokens and 2.5 s at 8 x 512 on a 2-core EPYC; only the first run of a shape class on a machine
+pays it.
 
 The losses' chunk (losses/lm.py) trades speed for memory: a chunk of c tokens holds c x vocab
 logits at a time, overwritten by their gradient (1,024 x 49,152 in bf16: 96 MB), while small chunks run the
@@ -37,11 +38,13 @@ torch's fused kernel get that kernel's unfused fallback, which keeps three (quer
 layer for the backward pass; the probe times it against the attention of training/attention.py,
 which keeps none, on the run's batch, heads, longest row and dropout, in the projections' dtype.
 
-Shape classes: attention by batch size, heads, key-value heads, head size and the longest training
-row rounded up to a power of two (where memory peaks); the loss chunk by the output layer's shape,
-whether it trains, and the largest candidate that fits a micro-batch; the memory format by the
-backbone's class and size, the images probed and their size; dropout by the elements of one
-batch's hidden states, rounded up to a power of two.
+Shape classes: attention by batch size, heads, key-value heads, head size, the longest training
+row rounded up to a power of two (where memory peaks; the probe weighs each kernel's saved bytes
+there) and the length below which half of the training tokens lie, rounded likewise (where the
+epoch's time goes; the probe times the kernels there too where it is shorter); the loss chunk by
+the output layer's shape, whether it trains, and the largest candidate that fits a micro-batch;
+the memory format by the backbone's class and size, the images probed and their size; dropout by
+the elements of one batch's hidden states, rounded up to a power of two.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ from tunesmith.training.dropout import fast_dropout, use_fast_dropout
 __all__ = ["LOSS_CHUNKS", "MEMORY_FORMATS", "choose_kernels", "measure_kernels", "pick", "saved_bytes"]
 
 SLOWER_BUT_LEANER = 1.10  # the leaner kernel wins if it is at most this much slower
+PROBE_ROUNDS = 5  # timed calls of each kernel, taking turns, after one warm-up call each
+PROBE_REVISION = "r2"  # changes with how `_probe` times, so that choices timed the older way are measured again
 LOSS_CHUNKS = (256, 512, 1024, 2048, 4096)  # candidate tokens per chunk of logits
 LOSS_REVISION = "r2"  # changes with losses/lm.py's kernel, so that a choice timed on an older one is measured again
 LAYOUT_PIXELS = 16 * 64 * 64  # pixels a memory-format probe runs, at most (the run's batch, fewer where large)
@@ -113,7 +118,7 @@ def measure_kernels(model: nn.Module, lengths: Sequence[int], batch_size: int, r
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or 512)
     if any(type(m) is nn.Dropout and m.p > 0 for m in model.modules()):
         numel = _bucket(batch_size * longest * hidden)
-        key = f"dropout|{numel} elements|{runtime.precision}|{machine_key(runtime.device.type)}"
+        key = f"dropout {PROBE_REVISION}|{numel} elements|{runtime.precision}|{machine_key(runtime.device.type)}"
         record["dropout"] = remembered(key, lambda: _probe_dropout(numel, runtime), _FILE)
     dropping = _attention_dropout(model, config)
     if dropping > 0:
@@ -121,7 +126,8 @@ def measure_kernels(model: nn.Module, lengths: Sequence[int], batch_size: int, r
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         dims = (batch_size, heads, _bucket(longest), head_dim)
         key = (
-            "attention-dropout|b{} h{} t{} d{}".format(*dims)
+            f"attention-dropout {PROBE_REVISION}|"
+            + "b{} h{} t{} d{}".format(*dims)
             + f" p{dropping}|{runtime.precision}|{machine_key(runtime.device.type)}"
         )
         record["attention"] = remembered(key, lambda: _probe_dropped_attention(dims, dropping, runtime), _FILE)
@@ -130,10 +136,13 @@ def measure_kernels(model: nn.Module, lengths: Sequence[int], batch_size: int, r
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         shape = (batch_size, heads, kv_heads, _bucket(longest), head_dim)
+        typical = min(_bucket(_half_the_tokens(lengths)), shape[3])
         key = (
-            "attention|b{} h{} kv{} t{} d{}".format(*shape) + f"|{runtime.precision}|{machine_key(runtime.device.type)}"
+            f"attention {PROBE_REVISION}|"
+            + "b{} h{} kv{} t{} d{}".format(*shape)
+            + f" timed at t{typical}|{runtime.precision}|{machine_key(runtime.device.type)}"
         )
-        record["attention"] = remembered(key, lambda: _probe_attention(shape, runtime), _FILE)
+        record["attention"] = remembered(key, lambda: _probe_attention_where_it_counts(shape, typical, runtime), _FILE)
     if _layout_matters(model):
         size = int(getattr(model, "input_size"))  # noqa: B009
         rows = max(1, min(batch_size, LAYOUT_PIXELS // size**2))  # 16 images of 64 px, 1 of 224 px
@@ -189,28 +198,44 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
 
 
 def _probe(kernels: dict[str, Callable[[], torch.Tensor]], runtime: Runtime) -> dict[str, Any]:
-    """Forward + backward of each kernel: median ms of 3 after a warm-up, and MB saved."""
+    """Forward + backward of each kernel: median ms of `PROBE_ROUNDS` after a warm-up, and MB saved.
+
+    The kernels take turns, one call each a round, in the opposite order every other round, so that
+    what slows a machine for a while (another process, the allocator's first touches of a size)
+    falls on every kernel alike. Timed one after the other, the first kernel's calls in a fresh
+    process had run at half speed: eager attention at 8 x 256 tokens measured 36 ms in the first
+    probe of a process and 18 ms in the next, and a SmolLM2 run at 8 x 512 tokens kept eager
+    attention (85 against 120 ms) where, measured again on the idle machine, it took twice sdpa's
+    time (231 against 104 ms) and saved 5.5 times its bytes.
+    """
     sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
     started = time.perf_counter()
-    timings: dict[str, dict[str, float]] = {}
+    times: dict[str, list[float]] = {name: [] for name in kernels}
+    saved: dict[str, int] = {}
+    names = list(kernels)
     with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
         # the global RNG is left as it was: a run draws the same numbers whether or not this probe ran
-        for name, kernel in kernels.items():
-            timings[name] = _time(kernel, runtime, sync)
+        for turn in range(PROBE_ROUNDS + 1):  # round 0 warms each kernel up and is not counted
+            for name in names if turn % 2 == 0 else reversed(names):
+                seconds, saved[name] = _time(kernels[name], runtime, sync)
+                if turn:
+                    times[name].append(seconds)
+    timings = {
+        name: {"ms": round(statistics.median(times[name]) * 1e3, 2), "saved_mb": round(saved[name] / 2**20, 2)}
+        for name in names
+    }
     return {"choice": pick(timings), "measured": timings, "probe_seconds": round(time.perf_counter() - started, 3)}
 
 
-def _time(kernel: Callable[[], torch.Tensor], runtime: Runtime, sync: Callable[[], None]) -> dict[str, float]:
-    times, saved = [], 0
-    for _ in range(4):
-        sync()
-        start = time.perf_counter()
-        with runtime.autocast():
-            out, saved = saved_bytes(kernel)
-        out.float().sum().backward()
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"ms": round(statistics.median(times[1:]) * 1e3, 2), "saved_mb": round(saved / 2**20, 2)}
+def _time(kernel: Callable[[], torch.Tensor], runtime: Runtime, sync: Callable[[], None]) -> tuple[float, int]:
+    """Seconds of one forward + backward call of `kernel`, and the bytes its forward pass saved."""
+    sync()
+    start = time.perf_counter()
+    with runtime.autocast():
+        out, saved = saved_bytes(kernel)
+    out.float().sum().backward()
+    sync()
+    return time.perf_counter() - start, saved
 
 
 def _probe_attention(shape: tuple[int, int, int, int, int], runtime: Runtime) -> dict[str, Any]:
@@ -239,6 +264,45 @@ def _probe_attention(shape: tuple[int, int, int, int, int], runtime: Runtime) ->
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
 
     return _probe({"eager": eager, "sdpa": sdpa}, runtime)
+
+
+def _probe_attention_where_it_counts(
+    shape: tuple[int, int, int, int, int], typical: int, runtime: Runtime
+) -> dict[str, Any]:
+    """The attention probe, weighing each kernel's memory at the longest rows (where the peak is)
+    and its time at `typical` tokens (where the epoch's time goes) when most rows are shorter.
+
+    Timed at the longest row alone, a run of short rows took the kernel that is faster only at its
+    few longest batches: SmolLM2 LoRA on 256 instruction rows of 70 tokens on average (longest
+    256; batch 8, bf16, 2-core EPYC) trained its epoch in 39-45 s with eager attention and 45-55 s
+    with sdpa, while the two kernels timed alike at 8 x 256 (37 and 38 ms) and eager won by half
+    at 8 x 128 (12 against 24 ms)."""
+    longest = _probe_attention(shape, runtime)
+    if typical >= shape[3]:
+        return longest
+    at_typical = _probe_attention((*shape[:3], typical, shape[4]), runtime)
+    timings = {
+        name: {"ms": at_typical["measured"][name]["ms"], "saved_mb": longest["measured"][name]["saved_mb"]}
+        for name in longest["measured"]
+    }
+    return {
+        "choice": pick(timings),
+        "measured": timings,
+        "timed_at_tokens": typical,
+        "at_longest": longest["measured"],
+        "probe_seconds": round(longest["probe_seconds"] + at_typical["probe_seconds"], 3),
+    }
+
+
+def _half_the_tokens(lengths: Sequence[int]) -> int:
+    """The row length below which half of the training tokens lie (rows are batched by length, so
+    it is the padded length of the batches that hold the middle token)."""
+    total, running = sum(lengths), 0
+    for n in sorted(lengths):
+        running += n
+        if 2 * running >= total:
+            return n
+    return 1
 
 
 def _attention_dropout(model: nn.Module, config: Any) -> float:
