@@ -22,6 +22,7 @@ from tunesmith.config import DataConfig, ModelConfig
 from tunesmith.data.transforms import Preprocessing
 from tunesmith.errors import ConfigError
 from tunesmith.models.efficientnet import INPUT_MEAN, INPUT_STD, EfficientNetLite0, load_efficientnet_lite0
+from tunesmith.models.lean_mbconv import all_blocks, lean_blocks, lean_features, lean_head, takes_lean_path
 
 __all__ = ["ImageClassifier", "build_image_classifier", "image_preprocessing"]
 
@@ -60,6 +61,9 @@ class ImageClassifier(nn.Module):
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, D) of images (B, 3, H, W)."""
         if _is_lite0(self.backbone):
+            net = _lite0(self.backbone)
+            if takes_lean_path(net, all_blocks(net), pixel_values):
+                return lean_features(net, pixel_values)  # a training step keeping a third of the activations
             return self.backbone.features(pixel_values)  # type: ignore[operator,no-any-return]
         out = self.backbone(pixel_values=pixel_values)
         pooled = getattr(out, "pooler_output", None)
@@ -84,11 +88,13 @@ class ImageClassifier(nn.Module):
     def encode_suffix(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         """Pooled features (B, D) from the feature map entering stage `k`."""
         net = _lite0(self.backbone)
+        blocks = all_blocks(net, k)
+        if takes_lean_path(net, blocks, hidden):
+            return lean_head(net, lean_blocks(blocks, hidden))
         h = hidden
         for stage in net.stages[k:]:
             h = stage(h)
-        h = torch.nn.functional.relu6(net.head_bn(net.head_conv(h)))
-        return h.mean(dim=(2, 3))
+        return lean_head(net, h)
 
     def forward(
         self,
