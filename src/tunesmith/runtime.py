@@ -123,7 +123,10 @@ def matmul_gflops(runtime: Runtime) -> float:
 
 
 def _matmul_gflops(dtype: torch.dtype, n: int = 1024, device: torch.device | None = None) -> float:
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    # its own generator: a machine's first run measures this (later ones recall it), and a draw from
+    # the global RNG made that run's dropout masks and data order differ from the later runs'
+    generator = torch.Generator(device=device or "cpu").manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, generator=generator).to(dtype) for _ in range(2))
     sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
     for _ in range(3):
         a @ b

@@ -17,6 +17,7 @@ from torch import nn
 
 import tunesmith
 from conftest import write_jsonl
+from tunesmith import runtime
 from tunesmith.machine import remembered
 from tunesmith.methods.lora import recompute_lora_dropout
 from tunesmith.runtime import Runtime
@@ -72,6 +73,10 @@ def test_the_probes_time_and_weigh_both_kernels_and_leave_the_global_rng_alone()
     assert eager["saved_mb"] > sdpa["saved_mb"] > 0 and eager["ms"] > 0 and sdpa["ms"] > 0
     dropout = kernels._probe_dropout(1 << 16, CPU)
     assert set(dropout["measured"]) == {"torch", "fast"} and dropout["choice"] in ("torch", "fast")
+    kernels._probe_loss_chunk([256, 512], 1000, 16, True, CPU)
+    runtime._matmul_gflops(torch.float32, 64)  # `precision: auto`'s probe
+    # a machine's first run, which measures, draws the same numbers as its later ones, which recall
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_probed_kernels_take_turns_so_that_a_slow_spell_of_the_machine_falls_on_each(
@@ -714,8 +719,35 @@ def test_the_layout_probe_times_both_memory_formats_and_leaves_the_model_as_it_w
     assert not kernels._layout_matters(model)  # a frozen backbone's work is cached before training
 
 
+def test_the_layout_probe_lays_the_model_out_between_timed_calls_not_inside_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [0.0]
+    layouts: list[torch.memory_format] = []
+
+    class Net(nn.Module):
+        memory_format = torch.contiguous_format
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def use_memory_format(self, layout: torch.memory_format) -> None:
+            clock[0] += 1.0  # copying every weight: slow
+            layouts.append(layout)
+            self.memory_format = layout
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            clock[0] += 0.002 if self.memory_format == torch.channels_last else 0.003
+            return self.w * 2
+
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
+    result = kernels._probe_layout(Net(), rows=1, size=4, runtime=CPU)
+    assert result["measured"]["channels_last"]["ms"] == 2.0 and result["measured"]["contiguous"]["ms"] == 3.0
+    assert result["choice"] == "channels_last" and len(layouts) > 2
+
+
 def test_the_conv_precision_probe_times_both_precisions_and_leaves_the_model_as_it_was() -> None:
-    from tunesmith import runtime
     from tunesmith.config import ModelConfig
     from tunesmith.models.image import build_image_classifier
 
@@ -742,7 +774,6 @@ def test_a_conv_net_that_trains_takes_the_precision_its_own_probe_measured(
     measured: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from conftest import make_tiny_resnet, write_halves_npz
-    from tunesmith import runtime
 
     probed: list[tuple[int, int]] = []
 
