@@ -56,7 +56,7 @@ from tunesmith.search import TuneResult
 from tunesmith.trackers import Trackers, build_trackers
 from tunesmith.training.checkpoint import save_tensors
 from tunesmith.training.distributed import Processes, start_processes
-from tunesmith.training.kernels import choose_kernels
+from tunesmith.training.kernels import choose_kernels, pass_shape
 from tunesmith.training.loop import StepCallback, train_loop
 from tunesmith.training.plan import report_dropped, run_plan, train_summary
 from tunesmith.zoo import model_source_path
@@ -650,8 +650,8 @@ def _encode(
     objective, splits = data.objective, data.splits
     train_items = objective.encode(splits.train, "train", pack_rows=True)
     val_items = objective.encode(splits.validation, "validation") if splits.validation else None
-    lengths = [objective.length(it) for it in train_items]
-    kernels = choose_kernels(model, lengths, batch_size, runtime, recorded, agree)
+    lengths, rows = pass_shape(objective, train_items, batch_size)
+    kernels = choose_kernels(model, lengths, rows, runtime, recorded, agree)
     train_items, val_items = data.task.prepare(objective, model, runtime, splits, train_items, val_items)
     return train_items, val_items, kernels
 

@@ -43,7 +43,7 @@ from tunesmith.runtime import Runtime, matmul_gflops
 from tunesmith.training.batching import epoch_batches
 from tunesmith.training.distributed import start_processes
 from tunesmith.training.estimate import MB, MemoryEstimate, RowCosts, levers, memory_estimate, peft_sized, row_costs
-from tunesmith.training.kernels import choose_kernels
+from tunesmith.training.kernels import choose_kernels, pass_shape
 from tunesmith.training.loop import train_loop
 from tunesmith.training.shapes import probe_row
 
@@ -136,7 +136,7 @@ def check_run(
     val_lengths = [objective.length(it) for it in items[1] or []]
     data = _Data(items[0], items[1], items[2], lengths, val_lengths, _first_steps(lengths, cfg, DRY_RUN_STEPS))
     # the kernels training will use (measured on this machine, or recalled), before anything is traced
-    kernels = choose_kernels(model, lengths, cfg.train.batch_size, runtime)
+    kernels = choose_kernels(model, *pass_shape(objective, items[0], cfg.train.batch_size), runtime)
     with tempfile.TemporaryDirectory(prefix="tunesmith-plan-") as tmp:
         checkpointing = cfg.train.gradient_checkpointing is True
         costs, cached = _row_costs(cfg, method, objective, model, names, runtime, data, Path(tmp), checkpointing)

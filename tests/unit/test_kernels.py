@@ -828,3 +828,24 @@ def test_a_conv_net_trains_and_reloads_in_the_layout_its_probe_chose(
     assert plan["kernels"]["memory_format"]["choice"] == layout
     assert seen == [kernels.MEMORY_FORMATS[layout]]
     assert load_trained(result.run_dir).model.memory_format == kernels.MEMORY_FORMATS[layout]
+
+
+def test_the_probes_measure_at_the_rows_a_training_pass_runs_not_the_items_a_step_takes() -> None:
+    from tunesmith.tasks.base import BaseObjective
+    from tunesmith.tasks.dpo import DpoObjective
+    from tunesmith.tasks.reward import RewardObjective
+    from tunesmith.tasks.rl.objective import RlObjective
+
+    class Rows(BaseObjective):
+        @staticmethod
+        def length(item: dict) -> int:
+            return len(item["ids"])
+
+    items = [{"ids": [1] * 30}, {"ids": [1] * 500}]
+    assert kernels.pass_shape(Rows(None), items, 8) == ([30, 500], 8)
+    assert DpoObjective.rows_per_item == RewardObjective.rows_per_item == 2  # chosen and rejected rows
+    tokenizer = types.SimpleNamespace(pad_token_id=0, eos_token_id=0)
+    rl = RlObjective(tokenizer, 512, types.SimpleNamespace(group_size=4, max_new_tokens=32), reward=None)  # type: ignore[arg-type]
+    prompts = [{"prompt_ids": [1] * 480}, {"prompt_ids": [1] * 100}]
+    # 2 prompts a step, 4 samples each, up to 32 tokens longer than their prompt: passes of 8 rows
+    assert kernels.pass_shape(rl, prompts, 2) == ([512, 132], 8)

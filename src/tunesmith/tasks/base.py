@@ -101,11 +101,19 @@ class BaseObjective:
     # Batches are sampled from the model as it trains (RL): collating one has effects (a generation,
     # a reward call, random draws), so nothing probes a batch before training.
     samples_while_training = False
+    # Rows a training pass runs for each item (DPO and reward models: the chosen and the rejected
+    # response; RL: the group of samples of its prompt): the kernel probes measure at that many rows.
+    rows_per_item = 1
 
     def __init__(self, tokenizer: Any | None, labels: Sequence[str] = ()) -> None:
         self.tokenizer: Any = tokenizer  # None where inputs are not text
         self.labels = list(labels)
         self.counts: dict[str, dict[str, int]] = {}  # per split: rows read, kept, truncated, dropped
+
+    def row_length(self, item: Item) -> int:
+        """The length of the longest row a training pass runs for `item` (its `length`, unless the
+        rows grow as the run trains: RL's completions)."""
+        return int(self.length(item))  # type: ignore[attr-defined]
 
     @staticmethod
     def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -116,6 +116,7 @@ class DpoTask(BaseTask):
 
 class DpoObjective(BaseObjective):
     default_metric = "loss"
+    rows_per_item = 2  # the chosen and the rejected sequence
 
     def __init__(
         self, tokenizer: Any, max_length: int, cfg: DpoConfig, template: str = "auto", overlong: str = "truncate"

@@ -66,6 +66,7 @@ class RewardTask(BaseTask):
 
 class RewardObjective(BaseObjective):
     default_metric = "accuracy"
+    rows_per_item = 2  # the chosen and the rejected response
 
     def __init__(self, tokenizer: Any, max_length: int, overlong: str = "truncate") -> None:
         super().__init__(tokenizer)

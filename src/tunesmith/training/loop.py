@@ -32,7 +32,7 @@ from tunesmith.runtime import Runtime
 from tunesmith.training.batching import epoch_batches, total_steps
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_tensors
 from tunesmith.training.distributed import Processes, rank_share
-from tunesmith.training.kernels import choose_kernels
+from tunesmith.training.kernels import choose_kernels, pass_shape
 from tunesmith.training.lr_find import choose_lr, range_test, step_batches
 from tunesmith.training.memory import own_weights, release_free_memory, trim_between_blocks
 from tunesmith.training.optim import adamw
@@ -126,9 +126,8 @@ def train_loop(
     # Attention and dropout kernels measured on this machine at this run's shapes (or, resuming, as recorded).
     if kernels is None:  # else chosen and applied by the caller (api: before the task prepares its items)
         recorded = run.plan().get("kernels") if resume and main else None
-        kernels = choose_kernels(
-            model, lengths, cfg.batch_size, runtime, processes.broadcast(recorded), processes.broadcast
-        )
+        row_lengths, rows = pass_shape(objective, train_items, cfg.batch_size)
+        kernels = choose_kernels(model, row_lengths, rows, runtime, processes.broadcast(recorded), processes.broadcast)
     if main:
         run.update_plan({"kernels": kernels})
     started = time.perf_counter()

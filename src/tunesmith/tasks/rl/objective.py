@@ -56,6 +56,7 @@ class RlObjective(BaseObjective):
         self.invalid_rewards = 0  # completions whose reward was not a finite number (left out)
         self.last: dict[str, float] = {}
         self.last_samples: list[dict[str, Any]] = []  # a few completions of the last batch, logged at evaluations
+        self.rows_per_item = cfg.group_size  # a training pass runs every sample of each prompt
 
     def bind(self, model: Any, runtime: Runtime) -> None:
         """The policy that samples, the reward scoring on `runtime`, and the reference: the policy with
@@ -80,6 +81,10 @@ class RlObjective(BaseObjective):
     @staticmethod
     def length(item: Item) -> int:
         return len(item["prompt_ids"])
+
+    def row_length(self, item: Item) -> int:
+        """A sampled row's length at most: the prompt and `max_new_tokens` of completion."""
+        return len(item["prompt_ids"]) + int(self.cfg.max_new_tokens)
 
     def collate(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
         """Sample `group_size` completions per prompt, score them, and lay out (P*G, T) rows: ids,
