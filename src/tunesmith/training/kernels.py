@@ -38,13 +38,14 @@ torch's fused kernel get that kernel's unfused fallback, which keeps three (quer
 layer for the backward pass; the probe times it against the attention of training/attention.py,
 which keeps none, on the run's batch, heads, longest row and dropout, in the projections' dtype.
 
-Shape classes: attention by batch size, heads, key-value heads, head size, the longest training
-row rounded up to a power of two (where memory peaks; the probe weighs each kernel's saved bytes
-there) and the length below which half of the training tokens lie, rounded likewise (where the
-epoch's time goes; the probe times the kernels there too where it is shorter); the loss chunk by
-the output layer's shape, whether it trains, and the largest candidate that fits a micro-batch;
-the memory format by the backbone's class and size, the images probed and their size; dropout by
-the elements of one batch's hidden states, rounded up to a power of two.
+Shape classes (counted in the rows a training pass runs: `pass_shape`): attention by batch size,
+heads, key-value heads, head size, the longest training row rounded up to a power of two (where
+memory peaks; the probe weighs each kernel's saved bytes there) and the length below which half of
+the training tokens lie, rounded likewise (where the epoch's time goes; the probe times the kernels
+there too where it is shorter); the loss chunk by the output layer's shape, whether it trains, and
+the largest candidate that fits a micro-batch; the memory format by the backbone's class and size,
+the images probed and their size; dropout by the elements of one batch's hidden states, rounded up
+to a power of two.
 """
 
 from __future__ import annotations
