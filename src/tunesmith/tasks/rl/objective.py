@@ -56,7 +56,6 @@ class RlObjective(BaseObjective):
         self.invalid_rewards = 0  # completions whose reward was not a finite number (left out)
         self.last: dict[str, float] = {}
         self.last_samples: list[dict[str, Any]] = []  # a few completions of the last batch, logged at evaluations
-        self.rows_per_item = cfg.group_size  # a training pass runs every sample of each prompt
 
     def bind(self, model: Any, runtime: Runtime) -> None:
         """The policy that samples, the reward scoring on `runtime`, and the reference: the policy with
@@ -81,6 +80,11 @@ class RlObjective(BaseObjective):
     @staticmethod
     def length(item: Item) -> int:
         return len(item["prompt_ids"])
+
+    @property
+    def rows_per_item(self) -> int:  # type: ignore[override]
+        """A training pass runs every sample of each prompt."""
+        return int(self.cfg.group_size)
 
     def row_length(self, item: Item) -> int:
         """A sampled row's length at most: the prompt and `max_new_tokens` of completion."""
