@@ -22,7 +22,7 @@ from tunesmith.config import DataConfig, ModelConfig
 from tunesmith.data.transforms import Preprocessing
 from tunesmith.errors import ConfigError
 from tunesmith.models.efficientnet import INPUT_MEAN, INPUT_STD, EfficientNetLite0, load_efficientnet_lite0
-from tunesmith.models.lean_mbconv import all_blocks, lean_blocks, lean_features, lean_head, takes_lean_path
+from tunesmith.models.lean_mbconv import all_blocks, lean_blocks, lean_features, pooled_head, takes_lean_path
 
 __all__ = ["ImageClassifier", "build_image_classifier", "image_preprocessing"]
 
@@ -90,11 +90,11 @@ class ImageClassifier(nn.Module):
         net = _lite0(self.backbone)
         blocks = all_blocks(net, k)
         if takes_lean_path(net, blocks, hidden):
-            return lean_head(net, lean_blocks(blocks, hidden))
+            return pooled_head(net, lean_blocks(blocks, hidden))
         h = hidden
         for stage in net.stages[k:]:
             h = stage(h)
-        return lean_head(net, h)
+        return pooled_head(net, h)
 
     def forward(
         self,

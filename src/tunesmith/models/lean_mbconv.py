@@ -14,12 +14,15 @@ Writing this by hand rather than with `torch.utils.checkpoint`: checkpointing a 
 training mode runs it twice in the forward direction and so updates its running statistics twice,
 and the recomputation here must apply the forward pass's batch statistics, not measure them again.
 
-The forward pass runs the same kernels as the stock modules (`native_batch_norm`, the clamp,
-`F.pad`, `conv2d`), so the loss is bit for bit the same; gradients agree to float rounding (tested
+The forward pass runs the stock modules' kernels (`native_batch_norm`, the clamp, `conv2d`), except
+that the convolution pads the symmetric part of TF "SAME" padding inside its kernel instead of
+copying a padded input (only a stride-2 layer's extra bottom row and right column go through
+`F.pad`); the loss came out bit for bit the same, and gradients agree to float rounding (tested
 against the stock network). Only a training step in fp32 with batch norms in training mode takes
 this path; evaluation, autocast, frozen statistics and convolutions wrapped by an adapter (LoRA)
-run the stock modules. Measured on a 2-core AMD EPYC (EfficientNet-Lite0, 32 images of 64 x 64
-px, fp32, channels-last): see `lean_features`.
+run the stock modules. Measured on a 2-core AMD EPYC (32 images of 64 x 64 px, fp32,
+channels-last): 88 MB kept for the backward pass instead of 248 (weights included), and the step
+96 ms against 107-112 (the padding copy saved).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import nn
 
 from tunesmith.models.efficientnet_net import EfficientNetLite0, MBConv, SamePadConv2d, _same_pad
 
-__all__ = ["all_blocks", "bn_relu6_conv", "lean_blocks", "lean_features", "lean_head", "takes_lean_path"]
+__all__ = ["all_blocks", "bn_relu6_conv", "lean_blocks", "lean_features", "pooled_head", "takes_lean_path"]
 
 
 def takes_lean_path(net: EfficientNetLite0, blocks: list[MBConv], x: torch.Tensor) -> bool:
@@ -72,10 +75,10 @@ def lean_features(net: EfficientNetLite0, x: torch.Tensor) -> torch.Tensor:
         blocks = blocks[1:]
     else:
         h = F.relu6(net.stem_bn(h))
-    return lean_head(net, lean_blocks(blocks, h))
+    return pooled_head(net, lean_blocks(blocks, h))
 
 
-def lean_head(net: EfficientNetLite0, h: torch.Tensor) -> torch.Tensor:
+def pooled_head(net: EfficientNetLite0, h: torch.Tensor) -> torch.Tensor:
     """The head convolution, its norm and ReLU6, and the pooling: (B, 1280) features."""
     return F.relu6(net.head_bn(net.head_conv(h))).mean(dim=(2, 3))
 

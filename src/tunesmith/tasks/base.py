@@ -102,18 +102,15 @@ class BaseObjective:
     # a reward call, random draws), so nothing probes a batch before training.
     samples_while_training = False
     # Rows a training pass runs for each item (DPO and reward models: the chosen and the rejected
-    # response; RL: the group of samples of its prompt): the kernel probes measure at that many rows.
+    # response; RL: the group of samples of its prompt): the kernel probes measure at that many rows
+    # (training/kernels.py `pass_shape`, which also reads an optional `row_length(item)` where rows
+    # grow longer than `length` as the run trains: RL's completions).
     rows_per_item = 1
 
     def __init__(self, tokenizer: Any | None, labels: Sequence[str] = ()) -> None:
         self.tokenizer: Any = tokenizer  # None where inputs are not text
         self.labels = list(labels)
         self.counts: dict[str, dict[str, int]] = {}  # per split: rows read, kept, truncated, dropped
-
-    def row_length(self, item: Item) -> int:
-        """The length of the longest row a training pass runs for `item` (its `length`, unless the
-        rows grow as the run trains: RL's completions)."""
-        return int(self.length(item))  # type: ignore[attr-defined]
 
     @staticmethod
     def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
